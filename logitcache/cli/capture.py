@@ -1,0 +1,118 @@
+"""`logitcache capture`: flags -> CaptureJob -> run_capture -> summary."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .common import echo_json, handle_errors
+
+
+def _layers(ctx, param, value: str | None) -> list[int]:
+    if not value:
+        return []
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 4,12,-1") from None
+
+
+def _worker_default(names: tuple[str, ...], fallback: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            try:
+                return int(os.environ[name])
+            except ValueError:
+                raise click.UsageError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+    return fallback
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("cache")
+@click.option("--teacher", default="smollm2-135m", show_default=True,
+              help="Embedded teacher name, local Hugging Face model directory, or hub id.")
+@click.option("--backend", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="Inference engine. 'hf' = transformers.")
+@click.option("--mode", type=click.Choice(["generate", "score"]), default="generate", show_default=True,
+              help="generate: the teacher writes responses (response / chain-of-thought distillation). "
+                   "score: teacher forcing over given text or prompt+response pairs.")
+@click.option("--input", "source", default="builtin", show_default=True,
+              help="jsonl/json/parquet/csv file, a `datasets` name, or 'builtin' (300 shipped prompts).")
+@click.option("--split", default="train", show_default=True, help="Dataset split (datasets names only).")
+@click.option("--prompt-column", default=None, help="Column with the user prompt (default: 'prompt').")
+@click.option("--messages-column", default=None, help="Column with chat messages [{role, content}, ...].")
+@click.option("--text-column", default=None, help="Score mode: column with plain text (default: 'text').")
+@click.option("--response-column", default=None, help="Score mode: column with the response to score after the prompt.")
+@click.option("--source-name", default=None,
+              help="Name sample ids are derived from (default: the file name or dataset name).")
+@click.option("--limit", type=int, default=None, help="Use only the first N rows.")
+@click.option("--top-k", type=int, default=64, show_default=True, help="Log-probabilities kept per token.")
+@click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--with-prompt", is_flag=True, help="Generate mode: store distributions over prompt tokens too.")
+@click.option("--hidden-layers", callback=_layers, default=None,
+              help="Hidden states to store, e.g. 4,12,-1 (0 = embeddings, -1 = final layer after its norm).")
+@click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True)
+@click.option("--system-prompt", default=None, help="System message for generate mode (default: the template's).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy decoding.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (each shard derives its own).")
+@click.option("--num-samples", "-n", type=int, default=1, show_default=True, help="Responses per prompt.")
+@click.option("--max-length", type=int, default=None, help="Context limit in tokens (default: the teacher's).")
+@click.option("--truncate", is_flag=True, help="Cut over-long sequences instead of skipping them (recorded).")
+@click.option("--samples-per-shard", type=int, default=256, show_default=True,
+              help="Input rows per shard: the unit of commit, resume and work split.")
+@click.option("--num-workers", type=int, default=None,
+              help="Workers sharing this input [default: $WORLD_SIZE, $SLURM_NTASKS or 1].")
+@click.option("--worker-index", type=int, default=None,
+              help="This worker's index [default: $RANK, $SLURM_PROCID or 0].")
+@click.option("--dtype", default="auto", show_default=True, help="Teacher compute dtype: auto, float32, bfloat16, float16.")
+@click.option("--device", default="auto", show_default=True, help="hf backend device: auto, cpu, cuda, cuda:1, ...")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True,
+              help="hf backend: padded tokens per forward pass.")
+@click.option("--codec", type=click.Choice(["blosc-zstd-shuffle", "blosc-zstd-bitshuffle", "zstd"]),
+              default="blosc-zstd-shuffle", show_default=True, help="Compression of the arrays.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def capture(cache, as_json, no_progress, num_workers, worker_index, **opts):
+    """Capture a teacher's per-token statistics into CACHE (a directory or fsspec URL).
+
+    For every scored token: the top-k token ids and log-probabilities (log-softmax over the full
+    vocabulary at T=1), the exact entropy, the actual next token's log-probability and, with
+    --hidden-layers, hidden states.
+
+    Re-running the same command resumes: committed shards are skipped. Many workers (nodes, GPUs)
+    can write one cache: each takes the shards j with j % num_workers == worker_index, and the last
+    one to finish writes manifest.json.
+
+    \b
+    Examples:
+      logitcache capture ./cache --limit 50
+      logitcache capture ./cache --mode score --input corpus.parquet --text-column text --hidden-layers -1
+      srun logitcache capture s3://bucket/cache --input prompts.jsonl   # workers from $SLURM_*
+    """
+    from ..teacher.capture import CaptureJob, run_capture
+
+    job = CaptureJob(
+        cache=cache, progress=not no_progress,
+        num_workers=num_workers if num_workers is not None else _worker_default(("WORLD_SIZE", "SLURM_NTASKS"), 1),
+        worker_index=worker_index if worker_index is not None else _worker_default(("RANK", "SLURM_PROCID"), 0),
+        **opts)
+    summary = run_capture(job)
+    if as_json:
+        echo_json(summary.to_dict())
+        return
+    s = summary
+    click.echo(f"worker {s.worker_index}/{s.num_workers}: wrote {s.shards_written} shard(s), "
+               f"{s.shards_already_committed} already committed; {s.samples} samples, {s.tokens} tokens "
+               f"({s.scored_tokens} scored), {s.skipped} skipped, {s.wall_seconds:.1f} s, "
+               f"{s.tokens_per_second:.0f} tokens/s")
+    if s.complete:
+        click.echo(f"cache complete: {s.cache}")
+        click.echo("bytes/token: " + ", ".join(f"{k} {v:.1f}" for k, v in s.bytes_per_token.items()))
+    else:
+        click.echo("cache not complete yet: other workers still have shards to write "
+                   "(the last one writes manifest.json; or run `logitcache finalize`)")

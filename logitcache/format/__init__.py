@@ -1,0 +1,15 @@
+"""The cache format: the public contract. Imports nothing else of logitcache (numpy, pyarrow only)."""
+
+from .arrays import ArraySpec, array_specs, bf16_bits_to_float32, id_dtype
+from .errors import ConfigMismatchError, CorruptShardError, FormatError, InputError, LogitcacheError
+from .manifest import (CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, SkipRecord, TeacherInfo,
+                       TokenizerInfo)
+from .samples import SAMPLE_COLUMNS, SAMPLES_SCHEMA, sample_id
+from .version import FORMAT_NAME, FORMAT_VERSION
+
+__all__ = [
+    "ArraySpec", "array_specs", "bf16_bits_to_float32", "id_dtype", "ConfigMismatchError", "CorruptShardError",
+    "FormatError", "InputError", "LogitcacheError", "CaptureConfig", "InputSpec", "Manifest", "PartInfo",
+    "ShardRecord", "SkipRecord", "TeacherInfo", "TokenizerInfo", "SAMPLE_COLUMNS", "SAMPLES_SCHEMA", "sample_id",
+    "FORMAT_NAME", "FORMAT_VERSION",
+]

@@ -1,0 +1,121 @@
+"""The token-major arrays of a shard: names, dtypes, fill values, chunking.
+
+Row ``j`` of every array describes the teacher *after reading* ``tokens[j]`` of a sample
+(position-aligned): ``topk_*``, ``entropy`` and ``target_logprob`` are about the distribution of the
+*next* token, ``hidden/<layer>`` is the hidden state at position ``j``. Rows whose next-token
+distribution was not captured (prompt rows without ``--with-prompt``, the last row of a sample) hold
+the fill value, so every array has exactly one row per token and one ``token_offset`` serves all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TOKENS = "tokens"
+TOPK_IDS = "topk_ids"
+TOPK_LOGPROBS = "topk_logprobs"
+ENTROPY = "entropy"
+TARGET_LOGPROB = "target_logprob"
+HIDDEN_GROUP = "hidden"
+
+LOGPROB_DTYPES = ("float16", "float32")
+HIDDEN_DTYPES = ("bfloat16", "float16", "float32")
+
+# Raw bytes aimed at per compressed chunk: big enough for good compression and few requests,
+# small enough that reading one sample does not decode megabytes it does not need.
+TARGET_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_ROWS = 1024
+MAX_CHUNK_ROWS = 1 << 16
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """How one logical array is stored. ``dtype`` is the logical dtype a reader gets back;
+    ``storage_dtype`` is what zarr holds (they differ only for bfloat16, kept as uint16 bits)."""
+
+    name: str
+    dtype: str
+    storage_dtype: str
+    row_shape: tuple[int, ...]
+    fill: float | int
+    exact: bool
+    meaning: str
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.dtype(self.storage_dtype).itemsize * np.prod(self.row_shape, dtype=np.int64))
+
+    def to_dict(self) -> dict:
+        return {
+            "dtype": self.dtype,
+            "storage_dtype": self.storage_dtype,
+            "row_shape": list(self.row_shape),
+            "fill": None if isinstance(self.fill, float) and np.isnan(self.fill) else self.fill,
+            "exact": self.exact,
+            "meaning": self.meaning,
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> "ArraySpec":
+        fill = float("nan") if d["fill"] is None else d["fill"]
+        return cls(name, d["dtype"], d["storage_dtype"], tuple(d["row_shape"]), fill, d["exact"], d["meaning"])
+
+
+def id_dtype(vocab_size: int) -> str:
+    """Narrowest unsigned integer type that holds every token id of the vocabulary."""
+    if vocab_size <= 1 << 8:
+        return "uint8"
+    if vocab_size <= 1 << 16:
+        return "uint16"
+    return "uint32"
+
+
+def hidden_name(layer: int) -> str:
+    return f"{HIDDEN_GROUP}/{layer}"
+
+
+def array_specs(vocab_size: int, top_k: int, logprob_dtype: str, hidden_layers: list[int],
+                hidden_size: int, hidden_dtype: str) -> dict[str, ArraySpec]:
+    """The arrays a capture with these settings writes, in storage order."""
+    ids = id_dtype(vocab_size)
+    nan = float("nan")
+    specs = [
+        ArraySpec(TOKENS, ids, ids, (), 0, True, "token id at this position"),
+        ArraySpec(TOPK_IDS, ids, ids, (top_k,), 0, True,
+                  "ids of the k most probable next tokens, by descending log-probability"),
+        ArraySpec(TOPK_LOGPROBS, logprob_dtype, logprob_dtype, (top_k,), nan, logprob_dtype == "float32",
+                  "log-softmax (T=1, full vocabulary) of those ids"),
+        ArraySpec(ENTROPY, "float32", "float32", (), nan, True,
+                  "exact entropy in nats of the full-vocabulary next-token distribution"),
+        ArraySpec(TARGET_LOGPROB, "float32", "float32", (), nan, True,
+                  "log-probability of the actual next token tokens[j+1]"),
+    ]
+    for layer in hidden_layers:
+        storage = "uint16" if hidden_dtype == "bfloat16" else hidden_dtype
+        specs.append(ArraySpec(hidden_name(layer), hidden_dtype, storage, (hidden_size,), 0, hidden_dtype == "float32",
+                               f"hidden state at this position, layer index {layer} (0 = embeddings)"))
+    return {s.name: s for s in specs}
+
+
+def chunk_rows(spec: ArraySpec) -> int:
+    """Rows per compressed chunk: a power of two near TARGET_CHUNK_BYTES of raw data."""
+    rows = TARGET_CHUNK_BYTES // max(spec.row_bytes, 1)
+    rows = 1 << max(int(rows).bit_length() - 1, 0)
+    return int(min(max(rows, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS))
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values stored as their uint16 bit patterns -> float32 (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounding to nearest even (NaN stays NaN)."""
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(values)
+    out = rounded.astype(np.uint16)
+    out[nan] = 0x7FC0
+    return out

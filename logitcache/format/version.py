@@ -1,0 +1,30 @@
+"""The format's name and version, and the rule for which versions a reader accepts.
+
+Policy (docs/format.md, "Versioning"): a MINOR bump only adds (new optional arrays, columns or
+manifest fields that old readers may ignore); a MAJOR bump changes the meaning or layout of
+something that exists. Readers accept every minor version of their own major.
+"""
+
+from .errors import FormatError
+
+FORMAT_NAME = "logitcache"
+FORMAT_VERSION = "1.0"
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    try:
+        major, minor = text.split(".")
+        return int(major), int(minor)
+    except (AttributeError, ValueError):
+        raise FormatError(f"format_version {text!r} is not of the form MAJOR.MINOR") from None
+
+
+def check_readable(text: str, where: str) -> None:
+    """Refuse a cache whose major version this code does not know."""
+    major, _ = parse_version(text)
+    ours, _ = parse_version(FORMAT_VERSION)
+    if major != ours:
+        raise FormatError(
+            f"{where}: format_version {text} is not readable by this logitcache "
+            f"(reads {ours}.x); install a logitcache release that reads {major}.x"
+        )

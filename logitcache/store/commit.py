@@ -1,0 +1,108 @@
+"""Part manifests, their merge, and ``finalize``.
+
+Each worker rewrites only its own part after every shard it commits, so workers never contend for a
+file. ``manifest.json`` is the merge of all parts, written when every planned shard is committed
+(by whichever worker finishes last, or by ``logitcache finalize``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..format import layout
+from ..format.errors import FormatError, LogitcacheError
+from ..format.manifest import Manifest, check_same_header
+from .fs import CacheFS
+
+log = logging.getLogger(__name__)
+
+
+def save_part(cfs: CacheFS, part: Manifest) -> None:
+    assert part.part is not None
+    cfs.write_atomic(layout.part_path(part.part.worker_index), part.to_json().encode())
+
+
+def load_parts(cfs: CacheFS) -> list[Manifest]:
+    parts = []
+    for name in cfs.listdir(layout.PARTS_DIR):
+        if name.startswith("worker-") and name.endswith(".json"):
+            rel = f"{layout.PARTS_DIR}/{name}"
+            parts.append(Manifest.from_json(cfs.read_bytes(rel), f"{cfs.url}/{rel}"))
+    return parts
+
+
+def load_manifest(cfs: CacheFS) -> Manifest | None:
+    if not cfs.exists(layout.MANIFEST):
+        return None
+    return Manifest.from_json(cfs.read_bytes(layout.MANIFEST), f"{cfs.url}/{layout.MANIFEST}")
+
+
+def planned_shards(manifest: Manifest) -> list[str]:
+    return [layout.shard_name(i.key, j) for i in manifest.inputs for j in range(i.num_shards)]
+
+
+def merge(manifests: list[Manifest], where: str) -> Manifest:
+    """Union of committed shards, skipped rows and inputs; headers must agree."""
+    if not manifests:
+        raise FormatError(f"{where}: no manifest and no part manifests: not a logitcache cache")
+    first = manifests[0]
+    for m in manifests[1:]:
+        check_same_header(first, m, where)
+    inputs = {i.key: i for m in manifests for i in m.inputs}
+    order = {key: n for n, key in enumerate(inputs)}
+    shards = {s.name: s for m in manifests for s in m.shards}
+    skipped = {(s.input_key, s.row, s.sample_id): s for m in manifests for s in m.skipped}
+    merged = Manifest(
+        teacher=first.teacher, tokenizer=first.tokenizer, capture=first.capture, arrays=first.arrays,
+        codecs=first.codecs, inputs=list(inputs.values()),
+        shards=sorted(shards.values(), key=lambda s: (order.get(s.input_key, 0), s.index)),
+        skipped=sorted(skipped.values(), key=lambda s: (order.get(s.input_key, 0), s.row, s.sample_id)),
+        created_by=first.created_by,
+    )
+    merged.complete = set(planned_shards(merged)) <= set(shards)
+    return merged
+
+
+def current_state(cfs: CacheFS) -> Manifest | None:
+    """Everything committed so far: manifest.json merged with any newer parts."""
+    found = load_parts(cfs)
+    top = load_manifest(cfs)
+    if top is not None:
+        found.insert(0, top)
+    return merge(found, cfs.url) if found else None
+
+
+def finalize(cfs: CacheFS, allow_incomplete: bool = False) -> Manifest:
+    """Merge the parts into manifest.json and remove leftovers of crashed writers."""
+    merged = current_state(cfs)
+    if merged is None:
+        raise FormatError(f"{cfs.url}: no manifest and no part manifests: not a logitcache cache")
+    if not merged.complete and not allow_incomplete:
+        committed = {s.name for s in merged.shards}
+        missing = [n for n in planned_shards(merged) if n not in committed]
+        raise LogitcacheError(
+            f"{cfs.url}: {len(missing)} planned shard(s) not committed yet (first: {', '.join(missing[:5])}); "
+            "re-run the capture (it resumes) or finalize with --allow-incomplete"
+        )
+    cfs.write_atomic(layout.MANIFEST, merged.to_json().encode())
+    if merged.complete:
+        remove_orphans(cfs, merged)
+    return merged
+
+
+def remove_orphans(cfs: CacheFS, manifest: Manifest, only: set[str] | None = None) -> list[str]:
+    """Delete shard directories no manifest lists and temporary directories (of ``only`` shards if
+    given: other workers may be writing theirs right now)."""
+    committed = {s.name for s in manifest.shards} if manifest else set()
+    removed = []
+    for name in cfs.listdir(layout.SHARDS_DIR):
+        if name not in committed and (only is None or name in only):
+            cfs.remove(layout.shard_dir(name))
+            removed.append(layout.shard_dir(name))
+    for name in cfs.listdir(layout.TMP_DIR):
+        if only is None or name.rsplit("-", 1)[0] in only:
+            cfs.remove(f"{layout.TMP_DIR}/{name}")
+            removed.append(f"{layout.TMP_DIR}/{name}")
+    if removed:
+        log.info("removed %d leftover(s) of an interrupted capture: %s", len(removed), ", ".join(removed[:5]))
+    return removed

@@ -1,0 +1,353 @@
+"""The capture job: plan shards, skip what is committed, run the teacher, write, commit, finalize.
+
+The input's rows are cut into shards of ``samples_per_shard`` rows; shard j belongs to worker
+``j % num_workers``. The plan depends only on the input and the settings, so a re-run skips what is
+committed and produces the same cache, and N workers produce the same cache as one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from .. import __version__
+from ..format import layout
+from ..format.arrays import ENTROPY, TARGET_LOGPROB, TOKENS, TOPK_IDS, TOPK_LOGPROBS, array_specs, hidden_name
+from ..format.errors import ConfigMismatchError, LogitcacheError
+from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
+from ..format.samples import SAMPLES_SCHEMA
+from ..store import codecs as codec_lib
+from ..store.commit import current_state, finalize, remove_orphans, save_part
+from ..store.fs import CacheFS
+from ..store.shard_writer import write_shard
+from .backend import CapturedSequence, GenerationSettings
+from .embedded import DEFAULT_TEACHER
+from .inputs import InputTable, load_input
+from .prepare import PreparedSample, Tokenize, prepare_rows
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("hf",)
+
+
+@dataclass
+class CaptureJob:
+    """Everything a capture needs, as data (the CLI fills it from flags; Python users directly)."""
+
+    cache: str
+    teacher: str = DEFAULT_TEACHER
+    backend: str = "hf"
+    mode: str = "generate"
+    source: str = "builtin"
+    split: str = "train"
+    prompt_column: str | None = None
+    messages_column: str | None = None
+    text_column: str | None = None
+    response_column: str | None = None
+    source_name: str | None = None
+    limit: int | None = None
+    top_k: int = 64
+    logprob_dtype: str = "float16"
+    with_prompt: bool = False
+    hidden_layers: list[int] = field(default_factory=list)
+    hidden_dtype: str = "bfloat16"
+    system_prompt: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    num_samples: int = 1
+    max_length: int | None = None
+    truncate: bool = False
+    samples_per_shard: int = 256
+    num_workers: int = 1
+    worker_index: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_tokens: int = 8192
+    codec: str = codec_lib.DEFAULT_CODEC
+    storage_options: dict | None = None
+    progress: bool = True
+
+
+@dataclass
+class CaptureSummary:
+    cache: str
+    worker_index: int
+    num_workers: int
+    shards_planned: int
+    shards_written: int
+    shards_already_committed: int
+    samples: int
+    tokens: int
+    scored_tokens: int
+    skipped: int
+    wall_seconds: float
+    tokens_per_second: float
+    complete: bool
+    bytes_per_token: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validate(job: CaptureJob) -> None:
+    """Flag errors that need no model or data, so they come before any loading."""
+    def bad(flag: str, msg: str) -> None:
+        raise LogitcacheError(f"{flag}: {msg}")
+
+    if job.mode not in ("generate", "score"):
+        bad("--mode", f"{job.mode!r} is not 'generate' or 'score'")
+    if job.backend not in BACKENDS:
+        bad("--backend", f"{job.backend!r} is not one of {', '.join(BACKENDS)}")
+    if job.top_k < 1:
+        bad("--top-k", f"must be >= 1, got {job.top_k}")
+    if job.logprob_dtype not in ("float16", "float32"):
+        bad("--logprob-dtype", f"{job.logprob_dtype!r}: choose float16 or float32")
+    if job.hidden_dtype not in ("bfloat16", "float16", "float32"):
+        bad("--hidden-dtype", f"{job.hidden_dtype!r}: choose bfloat16, float16 or float32")
+    if job.samples_per_shard < 1:
+        bad("--samples-per-shard", f"must be >= 1, got {job.samples_per_shard}")
+    if job.num_workers < 1 or not 0 <= job.worker_index < job.num_workers:
+        bad("--worker-index", f"{job.worker_index} is not in [0, --num-workers={job.num_workers})")
+    if job.num_samples < 1:
+        bad("--num-samples", f"must be >= 1, got {job.num_samples}")
+    if job.num_samples > 1 and job.temperature == 0:
+        bad("--num-samples", f"{job.num_samples} samples of greedy decoding would be identical; set --temperature > 0")
+    if job.temperature < 0 or not 0 < job.top_p <= 1:
+        bad("--temperature/--top-p", "need temperature >= 0 and 0 < top-p <= 1")
+    if job.mode == "generate" and job.max_new_tokens < 1:
+        bad("--max-new-tokens", f"must be >= 1, got {job.max_new_tokens}")
+    if job.codec not in codec_lib.CODEC_CHOICES:
+        bad("--codec", f"{job.codec!r}: choose one of {', '.join(codec_lib.CODEC_CHOICES)}")
+
+
+def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
+    """-1 is the final layer (after the final norm, what the LM head reads): index num_layers."""
+    out = []
+    for layer in layers:
+        resolved = layer + num_layers + 1 if layer < 0 else layer
+        if not 0 <= resolved <= num_layers:
+            raise LogitcacheError(f"--hidden-layers: layer {layer} is out of range for a teacher with {num_layers} "
+                                  f"layers (use 0..{num_layers} or -1..-{num_layers + 1})")
+        if resolved not in out:
+            out.append(resolved)
+    return out
+
+
+def input_key(table: InputTable, limit: int | None) -> str:
+    ident = json.dumps([table.source_name, table.split, table.columns, limit], sort_keys=True)
+    return "i" + hashlib.blake2b(ident.encode(), digest_size=4).hexdigest()
+
+
+def shard_seed(seed: int, name: str) -> int:
+    return int(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=4).hexdigest(), 16) & 0x7FFFFFFF
+
+
+def _percentile90(x: np.ndarray) -> float:
+    return float(np.percentile(x, 90)) if x.size else float("nan")
+
+
+def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence], specs, shard: str,
+                table: InputTable, decode) -> tuple[dict[str, np.ndarray], pa.Table, int]:
+    """Concatenate per-sequence results into token-major arrays and the shard's samples rows."""
+    arrays: dict[str, np.ndarray] = {}
+    parts = {TOKENS: [c.tokens for c in captured], TOPK_IDS: [c.topk_ids for c in captured],
+             TOPK_LOGPROBS: [c.topk_logprobs for c in captured], ENTROPY: [c.entropy for c in captured],
+             TARGET_LOGPROB: [c.target_logprob for c in captured]}
+    for name, spec in specs.items():
+        if name.startswith("hidden/"):
+            layer = int(name.split("/")[1])
+            chunks = [c.hidden[layer] for c in captured]
+        else:
+            chunks = parts[name]
+        empty = np.zeros((0, *spec.row_shape), dtype=np.float32)
+        arrays[name] = np.concatenate(chunks) if chunks else empty
+    lengths = np.array([len(c.tokens) for c in captured], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(captured) else np.zeros(0, np.int64)
+    cols: dict[str, list] = {name: [] for name in SAMPLES_SCHEMA.names}
+    scored_total = 0
+    for s, c, off in zip(samples, captured, offsets):
+        ent = c.entropy[c.score_from:c.score_to]
+        tgt = c.target_logprob[c.score_from:c.score_to]
+        scored_total += len(ent)
+        reason = c.finish_reason if not s.truncated else ("truncated" if c.finish_reason == "scored" else c.finish_reason)
+        response = s.response_text if s.request.response_ids is not None else decode(c.tokens[c.prompt_len:].tolist())
+        row = dict(sample_id=s.sample_id, shard=shard, token_offset=int(off), num_tokens=len(c.tokens),
+                   prompt_tokens=c.prompt_len, response_tokens=len(c.tokens) - c.prompt_len,
+                   scored_start=c.score_from, scored_end=c.score_to,
+                   mean_entropy=float(ent.mean()) if ent.size else float("nan"),
+                   max_entropy=float(ent.max()) if ent.size else float("nan"),
+                   p90_entropy=_percentile90(ent), teacher_logprob_sum=float(tgt.astype(np.float64).sum()),
+                   finish_reason=reason, source=table.source_name, split=table.split, row=s.row,
+                   sample_index=s.sample_index, prompt=s.prompt_text, response=response)
+        for k, v in row.items():
+            cols[k].append(v)
+    return arrays, pa.table(cols, schema=SAMPLES_SCHEMA), scored_total
+
+
+def run_capture(job: CaptureJob) -> CaptureSummary:
+    from transformers import AutoTokenizer
+
+    from .identity import describe_teacher, resolve_teacher, tokenizer_info
+
+    validate(job)
+    t0 = time.perf_counter()
+    cfs = CacheFS(job.cache, job.storage_options)
+    table = load_input(job.source, job.split, {"prompt": job.prompt_column, "messages": job.messages_column,
+                                               "text": job.text_column, "response": job.response_column},
+                       job.mode, job.limit, job.source_name)
+    resolved = resolve_teacher(job.teacher)
+    dtype = _resolve_dtype(job.dtype, job.device)
+    teacher = describe_teacher(resolved, job.backend, dtype, job.max_length)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    gen_eos = _generation_eos(resolved.path)
+    tok_info = tokenizer_info(tokenizer, gen_eos)
+    if job.top_k > teacher.vocab_size:
+        raise LogitcacheError(f"--top-k {job.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+    layers = resolve_layers(job.hidden_layers, teacher.num_layers)
+    cfg = CaptureConfig(
+        mode=job.mode, top_k=job.top_k, logprob_dtype=job.logprob_dtype, with_prompt=job.with_prompt,
+        hidden_layers=layers, hidden_dtype=job.hidden_dtype, max_length=teacher.max_length, truncate=job.truncate,
+        samples_per_shard=job.samples_per_shard, system_prompt=job.system_prompt,
+        max_new_tokens=job.max_new_tokens if job.mode == "generate" else 0,
+        temperature=job.temperature if job.mode == "generate" else 0.0,
+        top_p=job.top_p if job.mode == "generate" else 1.0, seed=job.seed,
+        num_samples=job.num_samples if job.mode == "generate" else 1)
+    specs = array_specs(teacher.vocab_size, job.top_k, job.logprob_dtype, layers, teacher.hidden_size, job.hidden_dtype)
+    header = Manifest(teacher=teacher, tokenizer=tok_info, capture=cfg, arrays=specs,
+                      codecs=codec_lib.describe(specs, job.codec), created_by=f"logitcache {__version__}")
+
+    key = input_key(table, job.limit)
+    spec = InputSpec(key=key, source=table.source, source_name=table.source_name, split=table.split,
+                     columns=table.columns, limit=job.limit, num_rows=table.num_rows,
+                     num_shards=math.ceil(table.num_rows / job.samples_per_shard))
+    existing = current_state(cfs)
+    if existing is not None:
+        check_same_header(existing, header, cfs.url)
+        for other in existing.inputs:
+            if other.key != key and (other.source_name, other.split) == (spec.source_name, spec.split):
+                raise ConfigMismatchError(
+                    f"{cfs.url} already holds {other.source_name!r} (split {other.split!r}) captured with columns "
+                    f"{other.columns} and limit {other.limit}; this run asks for columns {spec.columns} and limit "
+                    f"{spec.limit}; the same rows would appear twice: use a new cache or the same flags")
+    committed = {s.name for s in existing.shards} if existing else set()
+
+    part = _load_or_new_part(cfs, header, job)
+    if all(i.key != key for i in part.inputs):
+        part.inputs.append(spec)
+    save_part(cfs, part)
+
+    mine = [j for j in range(spec.num_shards) if j % job.num_workers == job.worker_index]
+    todo = [j for j in mine if layout.shard_name(key, j) not in committed]
+    remove_orphans(cfs, existing or part, only={layout.shard_name(key, j) for j in todo})
+    log.info("worker %d/%d: %d shard(s) planned, %d already committed", job.worker_index, job.num_workers,
+             len(mine), len(mine) - len(todo))
+
+    written = samples_n = tokens_n = scored_n = skipped_n = 0
+    if todo:
+        backend = _make_backend(job, resolved, dtype, teacher.max_length)
+        tk = Tokenize(tokenizer, job.system_prompt)
+        bar = _progress(job.progress, f"worker {job.worker_index}")
+        try:
+            for j in todo:
+                name = layout.shard_name(key, j)
+                start = j * job.samples_per_shard
+                rows = table.rows(start, min(start + job.samples_per_shard, table.num_rows))
+                prepared, skipped = prepare_rows(rows, start, key, table.source, table.source_name, table.split, cfg, tk)
+                gen = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                         shard_seed(cfg.seed, name), tok_info.eos_token_ids) \
+                    if job.mode == "generate" else None
+                captured = backend.run([p.request for p in prepared], job.top_k, layers, gen,
+                                       progress=bar.update if bar is not None else None) if prepared else []
+                arrays, samples, scored = build_shard(prepared, captured, specs, name, table,
+                                                      lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+                result = write_shard(cfs, name, arrays, specs, samples, job.codec)
+                n_tok = int(sum(len(c.tokens) for c in captured))
+                part.shards.append(ShardRecord(name=name, input_key=key, index=j, samples=len(prepared),
+                                               tokens=n_tok, scored_tokens=scored, bytes=result.bytes,
+                                               checksum=result.checksum, worker=job.worker_index))
+                part.skipped.extend(skipped)
+                save_part(cfs, part)                      # the commit point of this shard
+                written += 1
+                samples_n += len(prepared)
+                tokens_n += n_tok
+                scored_n += scored
+                skipped_n += len(skipped)
+                if bar is not None:
+                    bar.set_postfix(shards=f"{written}/{len(todo)}", samples=samples_n)
+        finally:
+            if bar is not None:
+                bar.close()
+            backend.close()
+
+    part.part.finished = True
+    save_part(cfs, part)
+    state = current_state(cfs)
+    if state.complete:
+        state = finalize(cfs)
+    wall = time.perf_counter() - t0
+    summary = CaptureSummary(
+        cache=cfs.url, worker_index=job.worker_index, num_workers=job.num_workers, shards_planned=len(mine),
+        shards_written=written, shards_already_committed=len(mine) - len(todo), samples=samples_n, tokens=tokens_n,
+        scored_tokens=scored_n, skipped=skipped_n, wall_seconds=wall,
+        tokens_per_second=tokens_n / wall if wall > 0 else 0.0, complete=state.complete)
+    if state.complete:
+        from ..store.reader import Cache
+
+        stored = Cache(cfs, state).stored_bytes()
+        summary.bytes_per_token = {k: v / max(state.num_tokens, 1) for k, v in stored.items()}
+    return summary
+
+
+def _load_or_new_part(cfs: CacheFS, header: Manifest, job: CaptureJob) -> Manifest:
+    rel = layout.part_path(job.worker_index)
+    if cfs.exists(rel):
+        part = Manifest.from_json(cfs.read_bytes(rel), f"{cfs.url}/{rel}")
+        check_same_header(part, header, f"{cfs.url}/{rel}")
+        part.part = PartInfo(job.worker_index, job.num_workers, False)
+        return part
+    return Manifest(teacher=header.teacher, tokenizer=header.tokenizer, capture=header.capture, arrays=header.arrays,
+                    codecs=header.codecs, created_by=header.created_by,
+                    part=PartInfo(job.worker_index, job.num_workers, False))
+
+
+def _resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "bfloat16" if on_gpu else "float32"
+
+
+def _generation_eos(path) -> list[int]:
+    cfg = os.path.join(path, "generation_config.json")
+    if not os.path.exists(cfg):
+        return []
+    eos = json.load(open(cfg)).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _make_backend(job: CaptureJob, resolved, dtype: str, max_length: int):
+    if job.backend == "hf":
+        from .hf_backend import HFBackend
+
+        return HFBackend(resolved, dtype=dtype, device=job.device, batch_tokens=job.batch_tokens, max_length=max_length)
+    raise LogitcacheError(f"--backend {job.backend!r} is not available")
+
+
+def _progress(enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True)

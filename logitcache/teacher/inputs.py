@@ -1,0 +1,136 @@
+"""Input rows for a capture: local jsonl/json/parquet/csv files, or a ``datasets`` dataset.
+
+Only the columns a capture needs are read, into one Arrow table that is sliced per shard. Column
+roles: ``prompt`` (a user message), ``messages`` (a chat: list of {role, content}), ``text`` (plain
+text to score) and ``response`` (an answer to score after ``prompt``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..format.errors import InputError
+
+BUILTIN_PROMPTS = "builtin:prompts"
+FILE_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
+                 ".pq": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class InputTable:
+    source: str          # as the user gave it
+    source_name: str     # what sample ids are derived from: file name or dataset name
+    split: str
+    table: pa.Table      # only the role columns, renamed to their roles
+    columns: dict[str, str]  # role -> column name in the source
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def rows(self, start: int, stop: int) -> list[dict]:
+        return self.table.slice(start, stop - start).to_pylist()
+
+
+def builtin_prompts_path() -> Path:
+    return Path(str(resources.files("logitcache") / "data" / "prompts.jsonl"))
+
+
+def _read_file(path: Path) -> pa.Table:
+    kind = FILE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise InputError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+            return pq.read_table(path)
+        if kind == "csv":
+            import pyarrow.csv as pcsv
+            return pcsv.read_csv(path)
+        lines = path.read_text(encoding="utf-8")
+        if kind == "json":
+            data = json.loads(lines)
+            if isinstance(data, dict):  # {"data": [...]} or column-oriented
+                data = next((v for v in data.values() if isinstance(v, list)), None)
+            if not isinstance(data, list):
+                raise InputError(f"{path}: a .json input must be a list of objects")
+            return pa.Table.from_pylist(data)
+        records = []
+        for n, line in enumerate(lines.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        return pa.Table.from_pylist(records)
+    except InputError:
+        raise
+    except (pa.ArrowInvalid, OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read it as {kind}: {e}") from None
+
+
+def _read_dataset(name: str, split: str) -> pa.Table:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise InputError(f"dataset {name!r} (split {split!r}): cannot load it: {e}") from None
+    return ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
+
+
+def load_input(source: str, split: str, roles: dict[str, str | None], mode: str, limit: int | None = None,
+               source_name: str | None = None) -> InputTable:
+    """Read ``source`` and resolve which columns play which role (explicit names win; otherwise the
+    usual names are looked for). Errors name the file and the columns it has."""
+    if source in ("builtin", BUILTIN_PROMPTS):
+        path = builtin_prompts_path()
+        table, name, split = _read_file(path), "logitcache-builtin-prompts", ""
+    elif Path(source).expanduser().exists():
+        path = Path(source).expanduser()
+        table, name, split = _read_file(path), path.name, ""
+    elif any(source.endswith(s) for s in FILE_SUFFIXES):
+        raise InputError(f"{source}: no such file")
+    else:
+        table, name = _read_dataset(source, split), source
+    columns = resolve_columns(table.column_names, roles, mode, source)
+    if limit is not None:
+        if limit < 0:
+            raise InputError(f"--limit must be >= 0, got {limit}")
+        table = table.slice(0, limit)
+    table = table.select(list(columns.values())).rename_columns(list(columns))
+    return InputTable(source, source_name or name, split, table, columns)
+
+
+def resolve_columns(available: list[str], roles: dict[str, str | None], mode: str, source: str) -> dict[str, str]:
+    explicit = {role: col for role, col in roles.items() if col}
+    for role, col in explicit.items():
+        if col not in available:
+            raise InputError(f"{source}: no column {col!r} (given as --{role}-column); "
+                             f"columns: {', '.join(available)}")
+    if explicit:
+        chosen = explicit
+    elif mode == "generate":
+        chosen = {"prompt": "prompt"} if "prompt" in available else (
+            {"messages": "messages"} if "messages" in available else {})
+    else:
+        if "text" in available:
+            chosen = {"text": "text"}
+        elif "prompt" in available and "response" in available:
+            chosen = {"prompt": "prompt", "response": "response"}
+        elif "messages" in available:
+            chosen = {"messages": "messages"}
+        else:
+            chosen = {}
+    valid = ({"prompt"}, {"messages"}) if mode == "generate" else ({"text"}, {"prompt", "response"}, {"messages"})
+    if set(chosen) not in [set(v) for v in valid]:
+        need = ("--prompt-column or --messages-column" if mode == "generate"
+                else "--text-column, --prompt-column with --response-column, or --messages-column")
+        found = f"given {', '.join('--' + r + '-column' for r in chosen)}; " if chosen else ""
+        raise InputError(f"{source}: {mode} mode needs {need} ({found}columns: {', '.join(available)})")
+    return chosen
