@@ -74,8 +74,12 @@ class CacheFS:
         self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
         if self.is_local:
             os.rename(src, dst)
-        else:
-            self.fs.mv(src, dst, recursive=True)
+            return
+        # Object stores have no directories and no rename: copy file by file (server-side where the
+        # store can), then delete. Not atomic, which is why the manifest, not the files, commits.
+        for rel in self.find(tmp_rel):
+            self.fs.cp_file(f"{src}/{rel}", f"{dst}/{rel}")
+        self.fs.rm(src, recursive=True)
 
     def zarr_store(self, rel: str, read_only: bool = False):
         """A zarr v3 store rooted at ``rel``: LocalStore on disk, FsspecStore elsewhere."""

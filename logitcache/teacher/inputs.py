@@ -59,7 +59,7 @@ def _read_file(path: Path) -> pa.Table:
                 data = next((v for v in data.values() if isinstance(v, list)), None)
             if not isinstance(data, list):
                 raise InputError(f"{path}: a .json input must be a list of objects")
-            return pa.Table.from_pylist(data)
+            return _table_from_records(path, data)
         records = []
         for n, line in enumerate(lines.splitlines(), start=1):
             if line.strip():
@@ -67,11 +67,30 @@ def _read_file(path: Path) -> pa.Table:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise InputError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        return pa.Table.from_pylist(records)
+        return _table_from_records(path, records)
     except InputError:
         raise
     except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read it as {kind}: {e}") from None
+
+
+def _table_from_records(path: Path, records: list) -> pa.Table:
+    try:
+        return pa.Table.from_pylist(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, AttributeError):
+        pass
+    first_type: dict[str, tuple[int, str]] = {}
+    for row, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}, row {row}: expected a JSON object, got {type(rec).__name__}")
+        for col, val in rec.items():
+            if val is None:
+                continue
+            kind = type(val).__name__
+            seen = first_type.setdefault(col, (row, kind))
+            if seen[1] != kind:
+                raise InputError(f"{path}, row {row}: column {col!r} holds {kind} where row {seen[0]} holds {seen[1]}")
+    raise InputError(f"{path}: rows do not form a table (nested values of different shapes)")
 
 
 def _read_dataset(name: str, split: str) -> pa.Table:

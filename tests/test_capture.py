@@ -1,0 +1,206 @@
+"""The capture job on a tiny random Llama (SmolLM2's tokenizer): stored numbers against a direct
+full-vocabulary computation, resume after a kill, workers + finalize, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache import open_cache
+from logitcache.format import ConfigMismatchError, InputError, LogitcacheError
+from logitcache.teacher.capture import CaptureJob, run_capture
+from tests.conftest import assert_caches_equal
+
+# fp16 storage of log-probs: relative precision 2^-11; entropy and target log-prob are float32.
+LOGPROB_ATOL, LOGPROB_RTOL = 2e-3, 1e-3
+ENTROPY_TOL = 1e-4
+
+
+def job(cache, teacher, **kw) -> CaptureJob:
+    base = dict(cache=str(cache), teacher=str(teacher), progress=False, top_k=8, samples_per_shard=3)
+    base.update(kw)
+    return CaptureJob(**base)
+
+
+def direct_stats(model, ids):
+    """Full-vocabulary log-softmax at every position of one unpadded sequence (float64)."""
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+    return torch.log_softmax(out.logits[0].double(), -1), out.hidden_states
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_teacher):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+
+
+def check_against_direct(cache, model, k):
+    for rec in cache.samples.to_pylist():
+        a = cache.sample(rec["sample_id"])
+        logp, hidden = direct_stats(model, a["tokens"].astype(np.int64).tolist())
+        s, e = rec["scored_start"], rec["scored_end"]
+        v, i = logp[s:e].topk(k, -1)
+        ids = a["topk_ids"][s:e].astype(np.int64)
+        same = ids == i.numpy()
+        # a swap is allowed only between (near-)equal log-probs
+        assert same.mean() > 0.99 and np.allclose(a["topk_logprobs"][s:e][~same].astype(np.float64),
+                                                  v.numpy()[~same], atol=LOGPROB_ATOL)
+        np.testing.assert_allclose(a["topk_logprobs"][s:e].astype(np.float64), v.numpy(),
+                                   atol=LOGPROB_ATOL, rtol=LOGPROB_RTOL)
+        p = logp[s:e].exp()
+        ent = -(p * logp[s:e]).nan_to_num().sum(-1)
+        np.testing.assert_allclose(a["entropy"][s:e], ent.numpy(), rtol=ENTROPY_TOL, atol=ENTROPY_TOL)
+        nxt = torch.tensor(a["tokens"][s + 1:e + 1].astype(np.int64))
+        np.testing.assert_allclose(a["target_logprob"][s:e], logp[s:e].gather(-1, nxt[:, None])[:, 0].numpy(),
+                                   atol=1e-4)
+        # outside the scored rows: fill values
+        assert np.isnan(a["entropy"][:s]).all() and np.isnan(a["entropy"][e:]).all()
+        assert (a["topk_ids"][e:] == 0).all()
+        assert rec["mean_entropy"] == pytest.approx(float(ent.mean()), rel=1e-4)
+        assert rec["teacher_logprob_sum"] == pytest.approx(float(a["target_logprob"][s:e].sum()), rel=1e-5)
+        for layer in cache.manifest.capture.hidden_layers:
+            want = hidden[layer][0].float().numpy()
+            np.testing.assert_allclose(a[f"hidden/{layer}"], want, rtol=1 / 128, atol=1e-2)  # bfloat16
+
+
+def test_score_mode_stores_what_a_direct_computation_gives(tmp_path, tiny_teacher, tiny_model, text_file):
+    run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file), hidden_layers=[1, -1],
+                    batch_tokens=64))
+    cache = open_cache(str(tmp_path / "c"), verify=True)
+    assert cache.manifest.complete and cache.manifest.num_samples == 8
+    assert cache.manifest.capture.hidden_layers == [1, 2]
+    assert set(cache.samples.column("scored_start").to_pylist()) == {0}
+    check_against_direct(cache, tiny_model, k=8)
+
+
+def test_generate_mode_greedy_matches_unbatched_generate(tmp_path, tiny_teacher, tiny_model):
+    from transformers import AutoTokenizer
+
+    run_capture(job(tmp_path / "c", tiny_teacher, limit=5, max_new_tokens=12, system_prompt="Be brief."))
+    cache = open_cache(str(tmp_path / "c"))
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    prompts = [json.loads(line)["prompt"] for line in open(os.path.join(
+        os.path.dirname(__import__("logitcache").__file__), "data", "prompts.jsonl"))][:5]
+    for rec, prompt in zip(cache.samples.to_pylist(), prompts):
+        text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}],
+                                       add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            ref = tiny_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=[2],
+                                      pad_token_id=2)[0, len(ids):].tolist()
+        stop = ref.index(2) + 1 if 2 in ref else len(ref)
+        tokens = cache.sample(rec["sample_id"])["tokens"].tolist()
+        assert tokens[:len(ids)] == ids and tokens[len(ids):] == ref[:stop]
+        assert rec["prompt_tokens"] == len(ids) and rec["scored_start"] == len(ids) - 1
+        assert rec["finish_reason"] == ("stop" if 2 in ref else "length")
+        assert rec["prompt"] == prompt
+    check_against_direct(cache, tiny_model, k=8)
+
+
+def test_with_prompt_scores_prompt_rows_too(tmp_path, tiny_teacher):
+    run_capture(job(tmp_path / "c", tiny_teacher, limit=2, max_new_tokens=4, with_prompt=True))
+    cache = open_cache(str(tmp_path / "c"))
+    for rec in cache.samples.to_pylist():
+        assert rec["scored_start"] == 0 and rec["scored_end"] == rec["num_tokens"] - 1
+        ent = cache.sample(rec["sample_id"])["entropy"]
+        assert np.isfinite(ent[:-1]).all() and np.isnan(ent[-1])
+
+
+def test_killed_capture_resumes_to_the_same_cache(tmp_path, tiny_teacher, text_file):
+    ref = tmp_path / "ref"
+    run_capture(job(ref, tiny_teacher, mode="score", source=str(text_file)))
+    names = [s.name for s in open_cache(str(ref)).shards]
+    assert len(names) == 3
+    code = ("from logitcache.teacher.capture import CaptureJob, run_capture\n"
+            f"run_capture(CaptureJob(cache={str(tmp_path / 'c')!r}, teacher={str(tiny_teacher)!r}, progress=False, "
+            f"top_k=8, samples_per_shard=3, mode='score', source={str(text_file)!r}))\n")
+    env = {**os.environ, "LOGITCACHE_FAULT": f"kill-before-publish:{names[1]}"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    partial = open_cache(str(tmp_path / "c"), allow_partial=True)
+    assert [s.name for s in partial.shards] == [names[0]] and not partial.manifest.complete
+    summary = run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file)))
+    assert (summary.shards_written, summary.shards_already_committed, summary.complete) == (2, 1, True)
+    assert not list((tmp_path / "c" / "_tmp").iterdir())
+    a, b = open_cache(str(ref), verify=True), open_cache(str(tmp_path / "c"), verify=True)
+    assert_caches_equal(a, b)
+    assert [s.checksum for s in a.shards] == [s.checksum for s in b.shards]
+    again = run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file)))
+    assert again.shards_written == 0 and again.shards_already_committed == 3
+
+
+def test_two_workers_then_finalize_equal_one_worker(tmp_path, tiny_teacher, text_file):
+    run_capture(job(tmp_path / "one", tiny_teacher, mode="score", source=str(text_file)))
+    first = run_capture(job(tmp_path / "two", tiny_teacher, mode="score", source=str(text_file),
+                            num_workers=2, worker_index=1))
+    assert not first.complete and not (tmp_path / "two" / "manifest.json").exists()
+    last = run_capture(job(tmp_path / "two", tiny_teacher, mode="score", source=str(text_file),
+                           num_workers=2, worker_index=0))
+    assert last.complete and last.shards_written == 2
+    one, two = open_cache(str(tmp_path / "one")), open_cache(str(tmp_path / "two"), verify=True)
+    assert_caches_equal(one, two)
+    assert sorted(s.worker for s in two.shards) == [0, 0, 1]
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, tiny_teacher, text_file):
+    with pytest.raises(InputError, match=r"texts.jsonl: no column 'body' \(given as --text-column\); columns: text, id"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file), text_column="body"))
+    with pytest.raises(InputError, match=r"generate mode needs --prompt-column or --messages-column .*columns: text, id"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="generate", source=str(text_file)))
+    with pytest.raises(InputError, match=r"missing.jsonl: no such file"):
+        run_capture(job(tmp_path / "c", tiny_teacher, source=str(tmp_path / "missing.jsonl")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 5}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl, row 1: column 'text' holds int where row 0 holds str"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(bad)))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(InputError, match=r"broken.jsonl, line 2: not valid JSON"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(broken)))
+    with pytest.raises(LogitcacheError, match=r"--hidden-layers: layer 7 is out of range for a teacher with 2 layers"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file), hidden_layers=[7]))
+    with pytest.raises(LogitcacheError, match=r"--num-samples: 2 samples of greedy decoding would be identical"):
+        run_capture(job(tmp_path / "c", tiny_teacher, num_samples=2))
+    with pytest.raises(LogitcacheError, match=r"--max-length 4096 exceeds the teacher's context of 256 tokens"):
+        run_capture(job(tmp_path / "c", tiny_teacher, max_length=4096))
+
+
+def test_empty_and_overlong_rows_are_skipped_and_recorded(tmp_path, tiny_teacher):
+    src = tmp_path / "rows.jsonl"
+    long_text = "word " * 400
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["hello there", "", "   ", long_text, "bye"]))
+    run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(src)))
+    cache = open_cache(str(tmp_path / "c"))
+    assert cache.samples.column("row").to_pylist() == [0, 4]
+    reasons = {s.row: s.reason for s in cache.manifest.skipped}
+    assert reasons[1] == reasons[2] == "empty text"
+    assert reasons[3].startswith("longer than the context (401 > 256 tokens)")
+    run_capture(job(tmp_path / "t", tiny_teacher, mode="score", source=str(src), truncate=True))
+    t = open_cache(str(tmp_path / "t"))
+    rec = t.samples.to_pylist()[1]
+    assert (rec["row"], rec["num_tokens"], rec["finish_reason"]) == (3, 256, "truncated")
+    assert sorted(s.row for s in t.manifest.skipped) == [1, 2]
+
+
+def test_appending_with_another_teacher_or_settings_is_refused(tmp_path, tiny_teacher, smollm2_dir, text_file):
+    run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file), limit=3))
+    with pytest.raises(ConfigMismatchError, match=r"was written with capture.top_k = 8, but this run has 4"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file), limit=3, top_k=4))
+    with pytest.raises(ConfigMismatchError, match=r"was written with teacher.(name|source|fingerprint|num_layers)"):
+        run_capture(job(tmp_path / "c", smollm2_dir, mode="score", source=str(text_file), limit=3))
+    with pytest.raises(ConfigMismatchError, match=r"already holds 'texts.jsonl'.*limit 3.*limit 5.*same rows would appear twice"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file), limit=5))
+    # a different input with the same settings appends: new shards, one cache
+    other = tmp_path / "more.jsonl"
+    other.write_text(json.dumps({"text": "another document"}) + "\n")
+    run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(other)))
+    cache = open_cache(str(tmp_path / "c"), verify=True)
+    assert cache.samples.column("source").to_pylist() == ["texts.jsonl"] * 3 + ["more.jsonl"]
+    assert len(cache.manifest.inputs) == 2

@@ -1,0 +1,112 @@
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from logitcache.format import FORMAT_VERSION, SAMPLE_COLUMNS, FormatError, Manifest, array_specs, sample_id
+from logitcache.format.arrays import bf16_bits_to_float32, chunk_rows, float32_to_bf16_bits, id_dtype
+from logitcache.format.manifest import (CaptureConfig, ConfigMismatchError, InputSpec, PartInfo, ShardRecord,
+                                        SkipRecord, TeacherInfo, TokenizerInfo, check_same_header)
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "format.md"
+
+
+def make_manifest(**capture_overrides) -> Manifest:
+    cap = dict(mode="score", top_k=8, logprob_dtype="float16", with_prompt=False, hidden_layers=[2],
+               hidden_dtype="bfloat16", max_length=128, truncate=False, samples_per_shard=4)
+    cap.update(capture_overrides)
+    return Manifest(
+        teacher=TeacherInfo("t", "/x", "", "sha256-edges:ab", "LlamaForCausalLM", 2, 32, 49152, 128, "float32", "hf"),
+        tokenizer=TokenizerInfo(49152, "cd" * 32, 1, [2], 2, ""),
+        capture=CaptureConfig(**cap),
+        arrays=array_specs(49152, cap["top_k"], "float16", cap["hidden_layers"], 32, "bfloat16"),
+        codecs={"tokens": {"codec": "zstd"}},
+        inputs=[InputSpec("i0", "a.jsonl", "a.jsonl", "", {"text": "text"}, None, 10, 3)],
+        shards=[ShardRecord("i0-000000", "i0", 0, 4, 100, 96, 1234, "sha256:00", 0)],
+        skipped=[SkipRecord("i0", 3, "abc", "empty text")],
+        part=PartInfo(0, 1, True),
+    )
+
+
+def test_manifest_round_trips_through_json():
+    m = make_manifest()
+    back = Manifest.from_json(m.to_json())
+    assert back.to_dict() == m.to_dict()
+    assert back.arrays["topk_logprobs"].row_shape == (8,)
+    assert np.isnan(back.arrays["entropy"].fill)
+    assert json.loads(m.to_json())["totals"] == {"samples": 4, "tokens": 100, "bytes": 1234, "skipped": 1}
+
+
+def test_reader_refuses_unknown_major_and_accepts_newer_minor():
+    d = make_manifest().to_dict()
+    d["format_version"] = "2.0"
+    with pytest.raises(FormatError, match=r"format_version 2.0 is not readable by this logitcache \(reads 1.x\)"):
+        Manifest.from_dict(d)
+    d["format_version"] = "1.7"
+    d["a_field_from_the_future"] = {"x": 1}
+    d["teacher"]["new_teacher_field"] = 3
+    assert Manifest.from_dict(d).format_version == "1.7"
+
+
+def test_manifest_errors_name_the_problem():
+    d = make_manifest().to_dict()
+    del d["teacher"]["fingerprint"]
+    with pytest.raises(FormatError, match=r"teacher: missing field 'fingerprint'"):
+        Manifest.from_dict(d)
+    with pytest.raises(FormatError, match="not valid JSON"):
+        Manifest.from_json("{nope")
+    with pytest.raises(FormatError, match="not a logitcache manifest"):
+        Manifest.from_dict({"format": "other"})
+
+
+def test_header_mismatch_names_the_field():
+    with pytest.raises(ConfigMismatchError, match=r"capture.top_k = 8, but this run has 16"):
+        check_same_header(make_manifest(), make_manifest(top_k=16), "cache")
+    check_same_header(make_manifest(), make_manifest(), "cache")  # identical: no error
+
+
+def test_id_dtype_is_the_narrowest_that_holds_the_vocabulary():
+    assert id_dtype(256) == "uint8"
+    assert id_dtype(257) == "uint16"
+    assert id_dtype(65536) == "uint16"
+    assert id_dtype(65537) == "uint32"
+    assert id_dtype(151936) == "uint32"
+
+
+def test_bfloat16_bits_round_trip_and_round_to_nearest_even():
+    import torch
+
+    x = np.array([0.0, -1.5, 3.140625, 1e-30, 65504.0, np.inf, -np.inf, 1.00390625, 1.01171875], dtype=np.float32)
+    bits = float32_to_bf16_bits(x)
+    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bits, ref)  # same rounding as torch
+    np.testing.assert_array_equal(bf16_bits_to_float32(bits), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+    assert np.isnan(bf16_bits_to_float32(float32_to_bf16_bits(np.array([np.nan], np.float32))))[0]
+
+
+def test_chunk_rows_aims_at_one_mebibyte():
+    specs = array_specs(49152, 64, "float16", [3], 576, "bfloat16")
+    assert chunk_rows(specs["topk_ids"]) == 8192            # 64 x 2 bytes per row
+    assert chunk_rows(specs["tokens"]) == 65536             # capped
+    assert chunk_rows(specs["hidden/3"]) == 1024            # 576 x 2 bytes: floor at 1024 rows
+
+
+def test_sample_id_depends_on_data_identity_only():
+    a = sample_id("data.jsonl", "", 7, 0)
+    assert a == sample_id("data.jsonl", "", 7, 0)
+    assert len(a) == 16 and re.fullmatch(r"[0-9a-f]{16}", a)
+    assert len({a, sample_id("data.jsonl", "", 8, 0), sample_id("data.jsonl", "", 7, 1),
+                sample_id("other.jsonl", "", 7, 0), sample_id("data.jsonl", "test", 7, 0)}) == 5
+    assert a == "d3ef15d094d2dce9"  # pinned: changing the derivation breaks joins across caches
+
+
+def test_docs_format_md_lists_every_column_array_and_the_version():
+    doc = DOC.read_text()
+    assert f"format_version: `{FORMAT_VERSION}`" in doc or f'"format_version": "{FORMAT_VERSION}"' in doc
+    for name, _, _ in SAMPLE_COLUMNS:
+        assert re.search(rf"^\| `{name}` \|", doc, re.M), f"docs/format.md lacks samples column {name}"
+    for name in array_specs(49152, 4, "float16", [1], 8, "bfloat16"):
+        shown = "hidden/<layer>" if name.startswith("hidden/") else name
+        assert f"| `{shown}` |" in doc, f"docs/format.md lacks array {shown}"

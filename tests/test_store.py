@@ -1,0 +1,161 @@
+"""Write/read round trips, checksums, crash safety and finalize on synthetic shards (no model)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from logitcache import open_cache
+from logitcache.format import CorruptShardError, FormatError, SAMPLES_SCHEMA, ShardRecord, layout
+from logitcache.format.arrays import array_specs, float32_to_bf16_bits, bf16_bits_to_float32
+from logitcache.format.errors import LogitcacheError
+from logitcache.store import codecs
+from logitcache.store.commit import finalize, save_part
+from logitcache.store.fs import CacheFS
+from logitcache.store.shard_writer import write_shard
+from tests.test_format import make_manifest
+
+
+def random_shard(rng, n_tokens, k=8, hidden_layers=(2,), d=32, hidden_dtype="bfloat16", vocab=49152):
+    specs = array_specs(vocab, k, "float16", list(hidden_layers), d, hidden_dtype)
+    arrays = {
+        "tokens": rng.integers(0, vocab, n_tokens).astype(np.uint16),
+        "topk_ids": rng.integers(0, vocab, (n_tokens, k)).astype(np.uint16),
+        "topk_logprobs": (-rng.exponential(2.0, (n_tokens, k))).astype(np.float16),
+        "entropy": rng.random(n_tokens).astype(np.float32) * 5,
+        "target_logprob": -rng.random(n_tokens).astype(np.float32),
+    }
+    arrays["entropy"][::7] = np.nan  # unscored rows hold the fill value
+    for layer in hidden_layers:
+        arrays[f"hidden/{layer}"] = rng.standard_normal((n_tokens, d)).astype(np.float32)
+    return specs, arrays
+
+
+def samples_for(shard, lengths):
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    rows = []
+    for i, (off, n) in enumerate(zip(offsets, lengths)):
+        rows.append(dict(sample_id=f"{i:016x}", shard=shard, token_offset=int(off), num_tokens=int(n),
+                         prompt_tokens=0, response_tokens=int(n), scored_start=0, scored_end=int(n) - 1,
+                         mean_entropy=1.0, max_entropy=2.0, p90_entropy=1.5, teacher_logprob_sum=-3.0,
+                         finish_reason="scored", source="s", split="", row=i, sample_index=0, prompt=None,
+                         response=f"text {i}"))
+    return pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
+
+
+def commit(cfs, name, specs, arrays, lengths, codec=codecs.DEFAULT_CODEC):
+    written = write_shard(cfs, name, arrays, specs, samples_for(name, lengths), codec)
+    m = make_manifest()
+    m.arrays = specs
+    m.inputs[0].num_shards = 1
+    m.shards = [ShardRecord(name, "i0", 0, len(lengths), int(sum(lengths)), 0, written.bytes, written.checksum, 0)]
+    m.skipped = []
+    save_part(cfs, m)
+    return finalize(cfs)
+
+
+@pytest.mark.parametrize("url_kind", ["local", "memory"])
+@pytest.mark.parametrize("hidden_dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("codec", codecs.CODEC_CHOICES)
+def test_write_read_round_trip_is_exact(tmp_path, url_kind, hidden_dtype, codec, request):
+    rng = np.random.default_rng(1)
+    url = str(tmp_path / "c") if url_kind == "local" else f"memory://{tmp_path.name}/c"
+    cfs = CacheFS(url)
+    lengths = [5, 17, 1, 9000, 40]   # 9000 rows: more than one chunk of topk (8192 rows at k=8? no: 65536)
+    specs, arrays = random_shard(rng, sum(lengths), hidden_dtype=hidden_dtype)
+    commit(cfs, "i0-000000", specs, arrays, lengths, codec)
+    cache = open_cache(url, verify=True)
+    got = cache.read_rows("i0-000000", 0, sum(lengths))
+    for name, want in arrays.items():
+        if name.startswith("hidden/") and hidden_dtype == "bfloat16":
+            want = bf16_bits_to_float32(float32_to_bf16_bits(want))       # the stored precision, exactly
+        elif name.startswith("hidden/"):
+            want = want.astype(hidden_dtype)
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+    assert got["tokens"].dtype == np.uint16 and got["topk_logprobs"].dtype == np.float16
+    # per-sample access and chunked iteration agree with the whole
+    one = cache.sample(3)
+    np.testing.assert_array_equal(one["topk_ids"], arrays["topk_ids"][5 + 17 + 1:5 + 17 + 1 + 9000])
+    np.testing.assert_array_equal(cache.sample(f"{1:016x}")["tokens"], arrays["tokens"][5:22])
+    chunks = list(cache.iter_token_chunks(["entropy"], chunk_tokens=1000))
+    assert [c.start for c in chunks] == list(range(0, sum(lengths), 1000))
+    np.testing.assert_array_equal(np.concatenate([c.arrays["entropy"] for c in chunks]), arrays["entropy"])
+
+
+def test_cache_is_readable_with_zarr_and_pyarrow_alone(tmp_path):
+    import pyarrow.parquet as pq
+    import zarr
+
+    rng = np.random.default_rng(2)
+    specs, arrays = random_shard(rng, 50)
+    commit(CacheFS(str(tmp_path)), "i0-000000", specs, arrays, [20, 30])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    shard = manifest["shards"][0]["name"]
+    g = zarr.open_group(str(tmp_path / "shards" / shard / "arrays.zarr"), mode="r")
+    np.testing.assert_array_equal(g["topk_ids"][:], arrays["topk_ids"])
+    bits = g["hidden/2"][:]
+    assert g["hidden/2"].attrs["logical_dtype"] == "bfloat16"
+    np.testing.assert_array_equal((bits.astype(np.uint32) << 16).view(np.float32),
+                                  bf16_bits_to_float32(float32_to_bf16_bits(arrays["hidden/2"])))
+    samples = pq.read_table(tmp_path / "shards" / shard / "samples.parquet")
+    assert samples.column("num_tokens").to_pylist() == [20, 30]
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    rng = np.random.default_rng(3)
+    specs, arrays = random_shard(rng, 100)
+    commit(CacheFS(str(tmp_path)), "i0-000000", specs, arrays, [100])
+    chunk = next((tmp_path / "shards" / "i0-000000" / "arrays.zarr" / "topk_logprobs").rglob("c/*/*"))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=r"shard 'i0-000000' is corrupt: checksum sha256:\w+ != manifest"):
+        open_cache(str(tmp_path), verify=True)
+    (tmp_path / "shards" / "i0-000000" / "samples.parquet").unlink()
+    with pytest.raises(CorruptShardError, match="i0-000000"):
+        open_cache(str(tmp_path)).verify()
+
+
+def test_open_cache_errors(tmp_path):
+    with pytest.raises(FormatError, match=r"no manifest.json here: not a logitcache cache"):
+        open_cache(str(tmp_path))
+    m = make_manifest()
+    m.shards = []
+    save_part(CacheFS(str(tmp_path)), m)
+    with pytest.raises(FormatError, match=r"has part manifests but no manifest.json: a capture is running"):
+        open_cache(str(tmp_path))
+    assert open_cache(str(tmp_path), allow_partial=True).manifest.complete is False
+
+
+def test_finalize_refuses_missing_shards_unless_allowed(tmp_path):
+    cfs = CacheFS(str(tmp_path))
+    m = make_manifest()
+    m.inputs[0].num_shards = 3
+    m.shards = []
+    save_part(cfs, m)
+    with pytest.raises(LogitcacheError, match=r"3 planned shard\(s\) not committed yet \(first: i0-000000, i0-000001"):
+        finalize(cfs)
+    assert finalize(cfs, allow_incomplete=True).complete is False
+    assert json.loads((tmp_path / "manifest.json").read_text())["complete"] is False
+
+
+def test_crash_before_publish_leaves_nothing_that_looks_committed(tmp_path):
+    """A writer killed (SIGKILL) after writing a shard's files but before publishing them: no reader
+    sees that shard, and the next writer cleans it up."""
+    code = f"""
+import numpy as np
+from tests.test_store import random_shard, samples_for
+from logitcache.store.fs import CacheFS
+from logitcache.store.shard_writer import write_shard
+specs, arrays = random_shard(np.random.default_rng(0), 30)
+write_shard(CacheFS({str(tmp_path)!r}), "i0-000000", arrays, specs, samples_for("i0-000000", [30]))
+"""
+    env = {"LOGITCACHE_FAULT": "kill-before-publish:i0-000000", "PYTHONPATH": "."}
+    proc = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, **env})
+    assert proc.returncode == -9
+    assert list((tmp_path / "_tmp").iterdir()), "the half-written shard stays in _tmp"
+    assert not (tmp_path / "shards").exists()
+    assert not (tmp_path / "manifest.json").exists()
