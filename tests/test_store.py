@@ -159,3 +159,23 @@ write_shard(CacheFS({str(tmp_path)!r}), "i0-000000", arrays, specs, samples_for(
     assert list((tmp_path / "_tmp").iterdir()), "the half-written shard stays in _tmp"
     assert not (tmp_path / "shards").exists()
     assert not (tmp_path / "manifest.json").exists()
+
+
+def _doc_block(heading: str, lang: str = "python") -> str:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text()
+    section = doc.split(heading, 1)[1]
+    return section.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
+def test_docs_reading_example_and_checksum_recipe_work(tmp_path):
+    rng = np.random.default_rng(4)
+    specs, arrays = random_shard(rng, 60)
+    m = commit(CacheFS(str(tmp_path)), "i0-000000", specs, arrays, [25, 35])
+    ns = {}
+    exec(_doc_block("## Reading without logitcache").replace('root = "cache"', f'root = {str(tmp_path)!r}'), ns)
+    np.testing.assert_array_equal(ns["ids"], arrays["topk_ids"][:25])
+    ns2 = {}
+    exec(_doc_block("### Shard checksum"), ns2)
+    assert ns2["shard_checksum"](str(tmp_path / "shards" / "i0-000000")) == m.shards[0].checksum

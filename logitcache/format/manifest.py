@@ -211,11 +211,18 @@ class Manifest:
         return cls.from_dict(d, where)
 
 
+# Where the teacher was loaded from differs between machines (and its name between spellings of
+# the same model); the fingerprint is what identifies it.
+NOT_IDENTITY = {"teacher.name", "teacher.source"}
+
+
 def check_same_header(existing: Manifest, new: Manifest, where: str) -> None:
     """Refuse to mix teachers, tokenizers or capture settings in one cache; name the first field
     that differs so the user knows what to change."""
     a, b = existing.header(), new.header()
     for path, va, vb in _diff(a, b):
+        if path in NOT_IDENTITY:
+            continue
         raise ConfigMismatchError(
             f"{where} was written with {path} = {va!r}, but this run has {vb!r}; "
             "write to a new cache, or run with the same teacher, tokenizer and settings"
