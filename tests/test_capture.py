@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from logitcache import open_cache
-from logitcache.format import ConfigMismatchError, InputError, LogitcacheError
+from logitcache.format import ConfigMismatchError, InputError, LogitcacheError, sample_id
 from logitcache.teacher.capture import CaptureJob, run_capture
 from tests.conftest import assert_caches_equal
 
@@ -204,3 +204,67 @@ def test_appending_with_another_teacher_or_settings_is_refused(tmp_path, tiny_te
     cache = open_cache(str(tmp_path / "c"), verify=True)
     assert cache.samples.column("source").to_pylist() == ["texts.jsonl"] * 3 + ["more.jsonl"]
     assert len(cache.manifest.inputs) == 2
+
+
+def test_inputs_from_parquet_csv_and_a_saved_dataset_give_the_same_samples(tmp_path, tiny_teacher, text_file):
+    import datasets
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from logitcache.teacher.inputs import load_input
+
+    table = load_input(str(text_file), "train", {"text": None}, "score").table
+    pq.write_table(table, tmp_path / "texts.parquet")
+    pcsv.write_csv(table, tmp_path / "texts.csv")
+    datasets.DatasetDict({"validation": datasets.Dataset(table)}).save_to_disk(str(tmp_path / "texts_ds"))
+    results = {}
+    for source, split in [(text_file, "train"), (tmp_path / "texts.parquet", "train"), (tmp_path / "texts.csv", "train"),
+                          (tmp_path / "texts_ds", "validation")]:
+        run_capture(job(tmp_path / source.name.replace(".", "_"), tiny_teacher, mode="score", source=str(source),
+                        split=split, source_name="texts"))
+        c = open_cache(str(tmp_path / source.name.replace(".", "_")))
+        results[source.name] = c.samples.select(["sample_id", "num_tokens", "response", "mean_entropy"]).to_pylist()
+    first = results.pop(text_file.name)
+    assert len(first) == 8
+    for name, rows in results.items():
+        if name == "texts_ds":  # the split is part of a sample's identity: same data, other ids
+            assert [r["sample_id"] for r in rows] == [sample_id("texts", "validation", i, 0) for i in range(8)]
+            rows = [{**r, "sample_id": f["sample_id"]} for r, f in zip(rows, first)]
+        assert rows == first, name
+    with pytest.raises(InputError, match=r"texts_ds'?: no split 'test'; splits: validation"):
+        load_input(str(tmp_path / "texts_ds"), "test", {"text": None}, "score")
+
+
+def test_chat_messages_and_prompt_response_pairs_in_score_mode(tmp_path, tiny_teacher):
+    rows = [{"prompt": "Say hi.", "response": "Hi!",
+             "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]}]
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps(rows[0]) + "\n")
+    run_capture(job(tmp_path / "a", tiny_teacher, mode="score", source=str(src), prompt_column="prompt",
+                    response_column="response"))
+    run_capture(job(tmp_path / "b", tiny_teacher, mode="score", source=str(src), messages_column="messages"))
+    a, b = open_cache(str(tmp_path / "a")), open_cache(str(tmp_path / "b"))
+    ra, rb = a.samples.to_pylist()[0], b.samples.to_pylist()[0]
+    np.testing.assert_array_equal(a.sample(0)["tokens"], b.sample(0)["tokens"])
+    assert ra["scored_start"] == ra["prompt_tokens"] - 1 and ra["response"] == "Hi!"
+    assert ra["response_tokens"] == rb["response_tokens"] == 4  # "Hi", "!", <|im_end|>, "\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl, row 0: score mode needs the conversation to end with an assistant"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(bad)))
+
+
+def test_capture_into_an_fsspec_url(tiny_teacher, text_file):
+    url = "memory://capture-test/cache"
+    run_capture(job(url, tiny_teacher, mode="score", source=str(text_file)))
+    cache = open_cache(url, verify=True)
+    assert cache.manifest.complete and cache.manifest.num_samples == 8
+    import fsspec
+
+    assert not fsspec.filesystem("memory").exists("/capture-test/cache/_tmp/" + cache.shards[0].name)
+
+
+def test_hub_teacher_offline_gives_a_clear_error(tmp_path, text_file, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LogitcacheError, match=r"teacher 'someorg/not-cached-model': could not get it from the Hugging Face hub"):
+        run_capture(job(tmp_path / "c", "someorg/not-cached-model", mode="score", source=str(text_file)))

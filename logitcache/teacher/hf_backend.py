@@ -104,7 +104,7 @@ class HFBackend:
         out: list[tuple[list[int], str] | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
         torch.manual_seed(gen.seed)
-        eos = set(gen.eos_token_ids)
+        eos_ids = np.array(gen.eos_token_ids, dtype=np.int64)
         for b in range(0, len(order), self.generate_batch_size):
             idx = order[b:b + self.generate_batch_size]
             width = max(len(requests[i].prompt_ids) for i in idx)
@@ -122,13 +122,14 @@ class HFBackend:
                 eos_token_id=list(gen.eos_token_ids), pad_token_id=pad)
             seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                        generation_config=config)[:, width:].cpu().numpy()   # (b, new)
+            is_eos = np.isin(seqs, eos_ids)                                   # (b, new)
+            first_eos = np.where(is_eos.any(1), is_eos.argmax(1), seqs.shape[1])
             for r, i in enumerate(idx):
-                resp = seqs[r, :requests[i].max_new_tokens].tolist()
-                stop = next((j for j, t in enumerate(resp) if t in eos), None)
-                if stop is not None:
-                    out[i] = (resp[:stop + 1], "stop")
+                cap = requests[i].max_new_tokens
+                if first_eos[r] < cap:
+                    out[i] = (seqs[r, :first_eos[r] + 1].tolist(), "stop")
                 else:
-                    out[i] = (resp, "length")
+                    out[i] = (seqs[r, :cap].tolist(), "length")
             if progress:
                 progress(sum(len(out[i][0]) for i in idx))
         return out  # type: ignore[return-value]

@@ -97,10 +97,19 @@ def _read_dataset(name: str, split: str) -> pa.Table:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:
+        if Path(name, "dataset_dict.json").is_file() or Path(name, "state.json").is_file():
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise InputError(f"dataset {name!r}: no split {split!r}; splits: {', '.join(ds)}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except InputError:
+        raise
+    except Exception as e:  # missing, offline, unknown split: say which dataset and why
         raise InputError(f"dataset {name!r} (split {split!r}): cannot load it: {e}") from None
-    return ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
+    return ds.with_format("arrow")[:]
 
 
 def load_input(source: str, split: str, roles: dict[str, str | None], mode: str, limit: int | None = None,
@@ -110,9 +119,12 @@ def load_input(source: str, split: str, roles: dict[str, str | None], mode: str,
     if source in ("builtin", BUILTIN_PROMPTS):
         path = builtin_prompts_path()
         table, name, split = _read_file(path), "logitcache-builtin-prompts", ""
-    elif Path(source).expanduser().exists():
+    elif Path(source).expanduser().is_file():
         path = Path(source).expanduser()
         table, name, split = _read_file(path), path.name, ""
+    elif Path(source).expanduser().is_dir():  # a dataset saved with save_to_disk, or data files
+        path = Path(source).expanduser()
+        table, name = _read_dataset(str(path), split), path.name
     elif any(source.endswith(s) for s in FILE_SUFFIXES):
         raise InputError(f"{source}: no such file")
     else:
