@@ -268,3 +268,21 @@ def test_hub_teacher_offline_gives_a_clear_error(tmp_path, text_file, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LogitcacheError, match=r"teacher 'someorg/not-cached-model': could not get it from the Hugging Face hub"):
         run_capture(job(tmp_path / "c", "someorg/not-cached-model", mode="score", source=str(text_file)))
+
+
+def test_unknown_logit_postprocessing_is_refused(tiny_teacher, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from logitcache.teacher.hf_backend import HFBackend
+    from logitcache.teacher.identity import resolve_teacher
+
+    original = LlamaForCausalLM.forward
+
+    def doubled(self, *args, **kwargs):  # an architecture that scales its logits after the LM head
+        out = original(self, *args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", doubled)
+    with pytest.raises(LogitcacheError, match=r"logits recomputed from the last hidden state differ from the model's own"):
+        HFBackend(resolve_teacher(str(tiny_teacher)))

@@ -2,9 +2,9 @@
 
 Generate mode runs ``model.generate`` for the token ids, then one teacher-forced pass over prompt +
 response for the statistics, the same pass that score mode runs: one code path computes every stored
-number. The pass returns only the final hidden states (``logits_to_keep=1``); our chunked head turns
-them into logits, checked once against the model's own logits so an architecture that changes its
-logits after the LM head cannot slip through.
+number. The pass runs the decoder alone (no [batch, seq, vocab] logits); our chunked head turns its
+final hidden states into logits, checked once against the model's own logits so an architecture that
+changes its logits after the LM head cannot slip through.
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ class HFBackend:
         self.batch_tokens = batch_tokens
         self.generate_batch_size = generate_batch_size
         self.chunk_rows = chunk_rows
-        self._head_checked = False
+        self._decoder = getattr(self.model, self.model.base_model_prefix)   # e.g. LlamaModel
         self._lm_head = self.model.get_output_embeddings()
         self.vocab_size = int(self._lm_head.weight.shape[0])
         if self.vocab_size != int(cfg.vocab_size):
             raise LogitcacheError(f"teacher {teacher.name}: LM head has {self.vocab_size} outputs but config.vocab_size "
                                   f"is {cfg.vocab_size}")
+        self._check_head()
 
     # ---- identity ---------------------------------------------------------------------------
     def teacher_info(self) -> TeacherInfo:
@@ -82,9 +83,13 @@ class HFBackend:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _check_head(self, final_h: torch.Tensor, model_logits: torch.Tensor) -> None:
-        ours = self._head(final_h).float()
-        theirs = model_logits.float()
+    @torch.no_grad()
+    def _check_head(self) -> None:
+        """Once per teacher: our head on the decoder's output must reproduce the model's logits, or an
+        architecture that post-processes its logits in an unknown way would slip through."""
+        probe = torch.arange(1, 9, device=self.device)[None, :] % self.vocab_size      # (1, 8)
+        theirs = self.model(input_ids=probe, use_cache=False).logits[0].float()
+        ours = self._head(self._decoder(input_ids=probe, use_cache=False).last_hidden_state[0]).float()
         err = (ours - theirs).abs().max().item()
         tol = 1e-3 * max(1.0, theirs.abs().max().item()) * (1 if self.dtype == "float32" else 20)
         if not err <= tol:
@@ -92,7 +97,6 @@ class HFBackend:
                 f"teacher {self.teacher.name}: logits recomputed from the last hidden state differ from the "
                 f"model's own by {err:.3g} (> {tol:.3g}); this architecture post-processes logits in a way the hf "
                 "backend does not know")
-        self._head_checked = True
 
     # ---- generation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,6 +157,7 @@ class HFBackend:
                progress: ProgressFn | None) -> list[dict]:
         results: list[dict | None] = [None] * len(seqs)
         lengths = [len(s) for s in seqs]
+        need_all = any(layer != self.num_layers for layer in hidden_layers)
         for batch in self._batches(lengths):
             width = max(lengths[i] for i in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -161,15 +166,11 @@ class HFBackend:
                 ids[r, :lengths[i]] = torch.from_numpy(seqs[i].astype(np.int64))
                 mask[r, :lengths[i]] = True
             ids, mask = ids.to(self.device), mask.to(self.device)
-            try:
-                out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True,
-                                 use_cache=False, logits_to_keep=1)
-            except TypeError:  # models without logits_to_keep
-                out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False)
-            final = out.hidden_states[-1]                                 # (b, T, d), after the final norm
-            if not self._head_checked:
-                longest = max(range(len(batch)), key=lambda r: lengths[batch[r]])
-                self._check_head(final[longest, width - 1], out.logits[longest, -1])
+            # The decoder alone: no logits for all positions, and intermediate layers only when asked
+            # (output_hidden_states keeps every layer alive; batch_tokens bounds that memory).
+            out = self._decoder(input_ids=ids, attention_mask=mask.long(), use_cache=False,
+                                output_hidden_states=need_all)
+            final = out.last_hidden_state                                 # (b, T, d), after the final norm
             # Which rows to score: position t predicts ids[t+1]; keep score_from <= t < len-1.
             pos = torch.arange(width, device=self.device)[None, :]
             lens = torch.tensor([lengths[i] for i in batch], device=self.device)[:, None]
@@ -187,7 +188,8 @@ class HFBackend:
             full_ids[scored], full_lp[scored], full_ent[scored], full_tgt[scored] = tk_ids, tk_lp, ent, tgt
             host = {"topk_ids": full_ids.cpu().numpy(), "topk_logprobs": full_lp.cpu().numpy(),
                     "entropy": full_ent.cpu().numpy(), "target_logprob": full_tgt.cpu().numpy()}
-            hid = {layer: out.hidden_states[layer].float().cpu().numpy() for layer in hidden_layers}
+            hid = {layer: (final if layer == self.num_layers else out.hidden_states[layer]).float().cpu().numpy()
+                   for layer in hidden_layers}
             for r, i in enumerate(batch):
                 n = lengths[i]
                 res = {k: v[r, :n] for k, v in host.items()}
