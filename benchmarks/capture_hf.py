@@ -244,7 +244,7 @@ def bench_codecs(cache_dir: str, work: Path, min_seconds: float) -> dict:
         n = arr.shape[0]
         mb = arr.nbytes / 1e6
         out[name] = {"raw_bytes": int(arr.nbytes), "rows": int(n), "chunk_rows": rows, "codecs": {}}
-        for choice in codec_lib.CODEC_CHOICES:
+        for choice in [c for c in codec_lib.CODEC_CHOICES if c != "auto"]:   # auto = a per-array pick of these
             path = work / choice / name.replace("/", "_")
 
             def write(path=path, choice=choice):
@@ -267,10 +267,11 @@ def bench_codecs(cache_dir: str, work: Path, min_seconds: float) -> dict:
             out[name]["codecs"][choice] = {
                 "bytes": nbytes, "metadata_bytes": meta, "per_scored_token": nbytes / max(scored, 1), "ratio": arr.nbytes / max(nbytes, 1),
                 "write_MBps": mb / t_write, "read_MBps": mb / t_read}
-    used = cache.manifest.codecs[next(iter(cache.array_names))]["codec"]
+    used = {name: cache.manifest.codecs[name]["codec"] for name in out}
     for name, r in out.items():                             # cross-check: our layout is write_shard's
         in_cache = sum(_dir_bytes(Path(cache_dir) / layout.shard_arrays(s.name) / name)[0] for s in cache.shards)
-        r["same_bytes_as_cache"] = r["codecs"][used]["bytes"] == in_cache
+        r["cache_codec"] = used[name]
+        r["same_bytes_as_cache"] = r["codecs"][used[name]]["bytes"] == in_cache
         c = r["codecs"]
         smallest = min(v["bytes"] for v in c.values())
         near = [k for k, v in c.items() if v["bytes"] <= smallest * 1.01]   # ties: within 1%
@@ -348,14 +349,15 @@ def to_markdown(r: dict) -> str:
                   f"Each array of the cache above written with each codec, laid out as write_shard lays it out. "
                   f"Note: {c['note']}; on arrays of a few hundred KB the speeds are mostly per-call overhead. "
                   f"Winner rule: {next(iter(c['arrays'].values()))['winner_rule']}. "
-                  f"Current default: `{c['default_codec']}`. Same bytes as the cache for its codec "
-                  f"`{c['cache_codec']}` (layout check): "
+                  f"Current default: `{c['default_codec']}` (per array: "
+                  + ", ".join(f"{k} `{v}`" for k, v in c["cache_codec"].items())
+                  + "). Same bytes as the cache for its codec (layout check): "
                   f"{all(a['same_bytes_as_cache'] for a in c['arrays'].values())}.", "",
                   "| array | raw KB | codec | bytes / scored token | ratio | write MB/s | read MB/s |",
                   "|---|---:|---|---:|---:|---:|---:|"])
     for name, a in c["arrays"].items():
         for choice, v in a["codecs"].items():
-            mark = " **(winner)**" if choice == a["winner"] else ""
+            mark = (" **(winner)**" if choice == a["winner"] else "") + (" (used)" if choice == a["cache_codec"] else "")
             lines.append(f"| {name} | {a['raw_bytes'] / 1e3:.1f} | {choice}{mark} | {v['per_scored_token']:.2f} | "
                          f"{v['ratio']:.2f} | {v['write_MBps']:.3g} | {v['read_MBps']:.3g} |")
     lines.extend(["", "Winner per array: " + ", ".join(f"{n}: `{a['winner']}`" for n, a in c["arrays"].items()) + ".",

@@ -50,6 +50,7 @@ def commit(cfs, name, specs, arrays, lengths, codec=codecs.DEFAULT_CODEC):
     written = write_shard(cfs, name, arrays, specs, samples_for(name, lengths), codec)
     m = make_manifest()
     m.arrays = specs
+    m.codecs = codecs.describe(specs, codec)
     m.inputs[0].num_shards = 1
     m.shards = [ShardRecord(name, "i0", 0, len(lengths), int(sum(lengths)), 0, written.bytes, written.checksum, 0)]
     m.skipped = []
@@ -179,3 +180,20 @@ def test_docs_reading_example_and_checksum_recipe_work(tmp_path):
     ns2 = {}
     exec(_doc_block("### Shard checksum"), ns2)
     assert ns2["shard_checksum"](str(tmp_path / "shards" / "i0-000000")) == m.shards[0].checksum
+
+
+def test_auto_codec_compresses_hidden_with_zstd_and_the_rest_with_shuffled_blosc(tmp_path):
+    import zarr
+
+    specs, arrays = random_shard(np.random.default_rng(5), 40)
+    commit(CacheFS(str(tmp_path)), "i0-000000", specs, arrays, [40])
+    g = zarr.open_group(str(tmp_path / "shards" / "i0-000000" / "arrays.zarr"), mode="r")
+
+    def inner(name):  # codecs inside the sharding codec
+        return [c["name"] for c in g[name].metadata.to_dict()["codecs"][0]["configuration"]["codecs"]]
+
+    assert inner("hidden/2") == ["bytes", "zstd"]
+    assert inner("topk_logprobs") == ["bytes", "blosc"]
+    assert g["topk_logprobs"].metadata.to_dict()["codecs"][0]["configuration"]["codecs"][1]["configuration"]["shuffle"] == "shuffle"
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert (m["codecs"]["hidden/2"]["codec"], m["codecs"]["topk_ids"]["codec"]) == ("zstd", "blosc-zstd-shuffle")

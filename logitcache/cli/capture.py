@@ -72,8 +72,9 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--device", default="auto", show_default=True, help="hf backend device: auto, cpu, cuda, cuda:1, ...")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True,
               help="hf backend: padded tokens per forward pass.")
-@click.option("--codec", type=click.Choice(["blosc-zstd-shuffle", "blosc-zstd-bitshuffle", "zstd"]),
-              default="blosc-zstd-shuffle", show_default=True, help="Compression of the arrays.")
+@click.option("--codec", type=click.Choice(["auto", "blosc-zstd-shuffle", "blosc-zstd-bitshuffle", "zstd"]),
+              default="auto", show_default=True,
+              help="Compression of the arrays; auto = the measured best per array (docs/format.md).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors

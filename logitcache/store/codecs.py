@@ -1,32 +1,45 @@
-"""Compression of each array. Chosen from measurements (benchmarks/capture_hf.py, "codecs" table):
-Blosc with byte-shuffle in front of zstd beats plain zstd on the float arrays (the exponent and
-mantissa bytes of fp16/fp32 compress very differently once separated) and ties on ids."""
+"""Compression of each array, chosen from measurements (benchmarks/results/capture_hf.md, "Codecs on
+the real arrays", SmolLM2 generate mode, top-64):
+
+- top-k log-probs: Blosc(zstd) with byte shuffle 72 B/scored token vs plain zstd 87 (fp16 exponent
+  and mantissa bytes compress very differently once separated); top-k ids: 109 vs 113.
+- hidden states (bfloat16 bits): plain zstd 1405 vs shuffled 1464, and 3x faster to write: their
+  low bytes are noise that shuffling cannot help.
+- scalars (entropy, target log-prob, tokens): within 2%, either way.
+
+``auto`` (the default) applies those choices per array; the others force one codec everywhere.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from ..format.arrays import ArraySpec
+from ..format.arrays import HIDDEN_GROUP, ArraySpec, chunk_rows
 
-CODEC_CHOICES = ("blosc-zstd-shuffle", "blosc-zstd-bitshuffle", "zstd")
-DEFAULT_CODEC = "blosc-zstd-shuffle"
+CODEC_CHOICES = ("auto", "blosc-zstd-shuffle", "blosc-zstd-bitshuffle", "zstd")
+DEFAULT_CODEC = "auto"
+LEVEL = 5
 
 
-def compressors(spec: ArraySpec, choice: str = DEFAULT_CODEC, level: int = 5):
-    typesize = np.dtype(spec.storage_dtype).itemsize
+def resolve(spec: ArraySpec, choice: str = DEFAULT_CODEC) -> str:
+    if choice != "auto":
+        return choice
+    return "zstd" if spec.name.startswith(HIDDEN_GROUP + "/") else "blosc-zstd-shuffle"
+
+
+def compressors(spec: ArraySpec, choice: str = DEFAULT_CODEC, level: int = LEVEL):
+    choice = resolve(spec, choice)
     if choice == "zstd":
         return [ZstdCodec(level=level)]
     shuffle = {"blosc-zstd-shuffle": "shuffle", "blosc-zstd-bitshuffle": "bitshuffle"}[choice]
-    return [BloscCodec(cname="zstd", clevel=level, shuffle=shuffle, typesize=typesize)]
+    return [BloscCodec(cname="zstd", clevel=level, shuffle=shuffle, typesize=np.dtype(spec.storage_dtype).itemsize)]
 
 
-def describe(specs: dict[str, ArraySpec], choice: str = DEFAULT_CODEC, level: int = 5) -> dict:
-    """What the manifest records per array: the codec chain inside each zarr shard and the chunking."""
-    from ..format.arrays import chunk_rows
-
+def describe(specs: dict[str, ArraySpec], choice: str = DEFAULT_CODEC, level: int = LEVEL) -> dict:
+    """What the manifest records per array: the codec inside each zarr shard and the chunking."""
     return {
-        name: {"codec": choice, "level": level, "chunk_rows": chunk_rows(spec),
+        name: {"codec": resolve(spec, choice), "level": level, "chunk_rows": chunk_rows(spec),
                "zarr_codecs": [c.to_dict() for c in compressors(spec, choice, level)]}
         for name, spec in specs.items()
     }

@@ -46,7 +46,8 @@ def to_storage(spec: ArraySpec, values: np.ndarray) -> np.ndarray:
 
 
 def write_shard(cfs: CacheFS, name: str, arrays: dict[str, np.ndarray], specs: dict[str, ArraySpec],
-                samples: pa.Table, codec: str = DEFAULT_CODEC) -> WrittenShard:
+                samples: pa.Table, codec: str | dict[str, str] = DEFAULT_CODEC) -> WrittenShard:
+    """``codec``: one choice for every array, or per array (as the manifest's ``codecs`` records it)."""
     num_rows = {a.shape[0] for a in arrays.values()}
     if len(num_rows) != 1 or set(arrays) != set(specs):
         raise ValueError(f"shard {name}: arrays must all have one row per token and match the specs")
@@ -60,7 +61,7 @@ def write_shard(cfs: CacheFS, name: str, arrays: dict[str, np.ndarray], specs: d
         shard_rows = max(math.ceil(n / rows), 1) * rows  # one storage object per array
         arr = group.create_array(
             key, shape=data.shape, dtype=spec.storage_dtype, chunks=(rows, *spec.row_shape),
-            shards=(shard_rows, *spec.row_shape), compressors=compressors(spec, codec),
+            shards=(shard_rows, *spec.row_shape), compressors=compressors(spec, codec[key] if isinstance(codec, dict) else codec),
             fill_value=spec.fill, attributes={"logical_dtype": spec.dtype, "meaning": spec.meaning},
             dimension_names=("token", *(["k"] if key.startswith("topk") else ["d"] if spec.row_shape else [])),
         )

@@ -20,16 +20,18 @@ import pyarrow as pa
 
 from .. import __version__
 from ..format import layout
-from ..format.arrays import ENTROPY, TARGET_LOGPROB, TOKENS, TOPK_IDS, TOPK_LOGPROBS, array_specs, hidden_name
+from ..format.arrays import ENTROPY, TARGET_LOGPROB, TOKENS, TOPK_IDS, TOPK_LOGPROBS, array_specs
 from ..format.errors import ConfigMismatchError, LogitcacheError
 from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
 from ..format.samples import SAMPLES_SCHEMA
 from ..store import codecs as codec_lib
 from ..store.commit import current_state, finalize, remove_orphans, save_part
 from ..store.fs import CacheFS
+from ..store.reader import Cache
 from ..store.shard_writer import write_shard
 from .backend import CapturedSequence, GenerationSettings
 from .embedded import DEFAULT_TEACHER
+from .identity import ResolvedTeacher, describe_teacher, resolve_teacher, tokenizer_info
 from .inputs import InputTable, load_input
 from .prepare import PreparedSample, Tokenize, prepare_rows
 
@@ -194,37 +196,48 @@ def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence],
     return arrays, pa.table(cols, schema=SAMPLES_SCHEMA), scored_total
 
 
-def run_capture(job: CaptureJob) -> CaptureSummary:
+@dataclass
+class CapturePlan:
+    """What a worker resolved before touching the teacher: inputs, identity, settings, its shards."""
+
+    cfs: CacheFS
+    table: InputTable
+    teacher: ResolvedTeacher
+    tokenizer: object
+    header: Manifest
+    input: InputSpec
+    part: Manifest
+    mine: list[int]
+    todo: list[int]
+
+
+def plan_capture(job: CaptureJob) -> CapturePlan:
+    """Read the input, identify teacher and tokenizer, check them against the cache, pick this worker's
+    shards. Everything here is cheap: no model weights are loaded."""
     from transformers import AutoTokenizer
 
-    from .identity import describe_teacher, resolve_teacher, tokenizer_info
-
     validate(job)
-    t0 = time.perf_counter()
     cfs = CacheFS(job.cache, job.storage_options)
     table = load_input(job.source, job.split, {"prompt": job.prompt_column, "messages": job.messages_column,
                                                "text": job.text_column, "response": job.response_column},
                        job.mode, job.limit, job.source_name)
     resolved = resolve_teacher(job.teacher)
-    dtype = _resolve_dtype(job.dtype, job.device)
-    teacher = describe_teacher(resolved, job.backend, dtype, job.max_length)
+    teacher = describe_teacher(resolved, job.backend, _resolve_dtype(job.dtype, job.device), job.max_length)
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-    gen_eos = _generation_eos(resolved.path)
-    tok_info = tokenizer_info(tokenizer, gen_eos)
     if job.top_k > teacher.vocab_size:
         raise LogitcacheError(f"--top-k {job.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
     layers = resolve_layers(job.hidden_layers, teacher.num_layers)
+    generate = job.mode == "generate"
     cfg = CaptureConfig(
         mode=job.mode, top_k=job.top_k, logprob_dtype=job.logprob_dtype, with_prompt=job.with_prompt,
         hidden_layers=layers, hidden_dtype=job.hidden_dtype, max_length=teacher.max_length, truncate=job.truncate,
         samples_per_shard=job.samples_per_shard, system_prompt=job.system_prompt,
-        max_new_tokens=job.max_new_tokens if job.mode == "generate" else 0,
-        temperature=job.temperature if job.mode == "generate" else 0.0,
-        top_p=job.top_p if job.mode == "generate" else 1.0, seed=job.seed,
-        num_samples=job.num_samples if job.mode == "generate" else 1)
+        max_new_tokens=job.max_new_tokens if generate else 0, temperature=job.temperature if generate else 0.0,
+        top_p=job.top_p if generate else 1.0, seed=job.seed, num_samples=job.num_samples if generate else 1)
     specs = array_specs(teacher.vocab_size, job.top_k, job.logprob_dtype, layers, teacher.hidden_size, job.hidden_dtype)
-    header = Manifest(teacher=teacher, tokenizer=tok_info, capture=cfg, arrays=specs,
-                      codecs=codec_lib.describe(specs, job.codec), created_by=f"logitcache {__version__}")
+    header = Manifest(teacher=teacher, tokenizer=tokenizer_info(tokenizer, _generation_eos(resolved.path)),
+                      capture=cfg, arrays=specs, codecs=codec_lib.describe(specs, job.codec),
+                      created_by=f"logitcache {__version__}")
 
     key = input_key(table, job.limit)
     spec = InputSpec(key=key, source=table.source, source_name=table.source_name, split=table.split,
@@ -240,50 +253,40 @@ def run_capture(job: CaptureJob) -> CaptureSummary:
                     f"{other.columns} and limit {other.limit}; this run asks for columns {spec.columns} and limit "
                     f"{spec.limit}; the same rows would appear twice: use a new cache or the same flags")
     committed = {s.name for s in existing.shards} if existing else set()
-
     part = _load_or_new_part(cfs, header, job)
     if all(i.key != key for i in part.inputs):
         part.inputs.append(spec)
-    save_part(cfs, part)
-
     mine = [j for j in range(spec.num_shards) if j % job.num_workers == job.worker_index]
     todo = [j for j in mine if layout.shard_name(key, j) not in committed]
-    remove_orphans(cfs, existing or part, only={layout.shard_name(key, j) for j in todo})
-    log.info("worker %d/%d: %d shard(s) planned, %d already committed", job.worker_index, job.num_workers,
-             len(mine), len(mine) - len(todo))
+    return CapturePlan(cfs, table, resolved, tokenizer, header, spec, part, mine, todo)
 
-    written = samples_n = tokens_n = scored_n = skipped_n = 0
-    if todo:
-        backend = _make_backend(job, resolved, dtype, teacher.max_length)
-        tk = Tokenize(tokenizer, job.system_prompt)
+
+def run_capture(job: CaptureJob) -> CaptureSummary:
+    """Capture this worker's shards of ``job`` into its cache; finalize if it is the last one."""
+    t0 = time.perf_counter()
+    plan = plan_capture(job)
+    cfs, part, cfg, key = plan.cfs, plan.part, plan.header.capture, plan.input.key
+    save_part(cfs, part)              # the planned shards are known to finalize from now on
+    remove_orphans(cfs, part, only={layout.shard_name(key, j) for j in plan.todo})
+    log.info("worker %d/%d: %d shard(s) planned, %d already committed", job.worker_index, job.num_workers,
+             len(plan.mine), len(plan.mine) - len(plan.todo))
+
+    totals = dict(samples=0, tokens=0, scored=0, skipped=0)
+    if plan.todo:
+        backend = _make_backend(job, plan.teacher, plan.header.teacher.dtype, plan.header.teacher.max_length)
+        tk = Tokenize(plan.tokenizer, cfg.system_prompt)
         bar = _progress(job.progress, f"worker {job.worker_index}")
         try:
-            for j in todo:
-                name = layout.shard_name(key, j)
-                start = j * job.samples_per_shard
-                rows = table.rows(start, min(start + job.samples_per_shard, table.num_rows))
-                prepared, skipped = prepare_rows(rows, start, key, table.source, table.source_name, table.split, cfg, tk)
-                gen = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                         shard_seed(cfg.seed, name), tok_info.eos_token_ids) \
-                    if job.mode == "generate" else None
-                captured = backend.run([p.request for p in prepared], job.top_k, layers, gen,
-                                       progress=bar.update if bar is not None else None) if prepared else []
-                arrays, samples, scored = build_shard(prepared, captured, specs, name, table,
-                                                      lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
-                result = write_shard(cfs, name, arrays, specs, samples, job.codec)
-                n_tok = int(sum(len(c.tokens) for c in captured))
-                part.shards.append(ShardRecord(name=name, input_key=key, index=j, samples=len(prepared),
-                                               tokens=n_tok, scored_tokens=scored, bytes=result.bytes,
-                                               checksum=result.checksum, worker=job.worker_index))
+            for n, j in enumerate(plan.todo, start=1):
+                record, skipped = capture_shard(plan, backend, tk, j, bar)
+                part.shards.append(record)
                 part.skipped.extend(skipped)
                 save_part(cfs, part)                      # the commit point of this shard
-                written += 1
-                samples_n += len(prepared)
-                tokens_n += n_tok
-                scored_n += scored
-                skipped_n += len(skipped)
+                for k, v in (("samples", record.samples), ("tokens", record.tokens),
+                             ("scored", record.scored_tokens), ("skipped", len(skipped))):
+                    totals[k] += v
                 if bar is not None:
-                    bar.set_postfix(shards=f"{written}/{len(todo)}", samples=samples_n)
+                    bar.set_postfix(shards=f"{n}/{len(plan.todo)}", samples=totals["samples"])
         finally:
             if bar is not None:
                 bar.close()
@@ -296,16 +299,38 @@ def run_capture(job: CaptureJob) -> CaptureSummary:
         state = finalize(cfs)
     wall = time.perf_counter() - t0
     summary = CaptureSummary(
-        cache=cfs.url, worker_index=job.worker_index, num_workers=job.num_workers, shards_planned=len(mine),
-        shards_written=written, shards_already_committed=len(mine) - len(todo), samples=samples_n, tokens=tokens_n,
-        scored_tokens=scored_n, skipped=skipped_n, wall_seconds=wall,
-        tokens_per_second=tokens_n / wall if wall > 0 else 0.0, complete=state.complete)
+        cache=cfs.url, worker_index=job.worker_index, num_workers=job.num_workers, shards_planned=len(plan.mine),
+        shards_written=len(plan.todo), shards_already_committed=len(plan.mine) - len(plan.todo),
+        samples=totals["samples"], tokens=totals["tokens"], scored_tokens=totals["scored"],
+        skipped=totals["skipped"], wall_seconds=wall, tokens_per_second=totals["tokens"] / wall if wall > 0 else 0.0,
+        complete=state.complete)
     if state.complete:
-        from ..store.reader import Cache
-
         stored = Cache(cfs, state).stored_bytes()
         summary.bytes_per_token = {k: v / max(state.num_tokens, 1) for k, v in stored.items()}
     return summary
+
+
+def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar) -> tuple[ShardRecord, list]:
+    """Prepare, run and write shard ``j``; returns its record (not yet committed) and skipped rows."""
+    cfg, table, key = plan.header.capture, plan.table, plan.input.key
+    name = layout.shard_name(key, j)
+    start = j * cfg.samples_per_shard
+    rows = table.rows(start, min(start + cfg.samples_per_shard, table.num_rows))
+    prepared, skipped = prepare_rows(rows, start, key, table.source, table.source_name, table.split, cfg, tk)
+    gen = None
+    if cfg.mode == "generate":
+        gen = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, shard_seed(cfg.seed, name),
+                                 plan.header.tokenizer.eos_token_ids)
+    captured = backend.run([p.request for p in prepared], cfg.top_k, cfg.hidden_layers, gen,
+                           progress=bar.update if bar is not None else None) if prepared else []
+    arrays, samples, scored = build_shard(prepared, captured, plan.header.arrays, name, table,
+                                          lambda ids: plan.tokenizer.decode(ids, skip_special_tokens=False))
+    written = write_shard(plan.cfs, name, arrays, plan.header.arrays, samples,
+                          codec={k: v["codec"] for k, v in plan.header.codecs.items()})
+    record = ShardRecord(name=name, input_key=key, index=j, samples=len(prepared),
+                         tokens=int(sum(len(c.tokens) for c in captured)), scored_tokens=scored,
+                         bytes=written.bytes, checksum=written.checksum, worker=plan.part.part.worker_index)
+    return record, skipped
 
 
 def _load_or_new_part(cfs: CacheFS, header: Manifest, job: CaptureJob) -> Manifest:
