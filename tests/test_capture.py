@@ -82,7 +82,8 @@ def test_score_mode_stores_what_a_direct_computation_gives(tmp_path, tiny_teache
 def test_generate_mode_greedy_matches_unbatched_generate(tmp_path, tiny_teacher, tiny_model):
     from transformers import AutoTokenizer
 
-    run_capture(job(tmp_path / "c", tiny_teacher, limit=5, max_new_tokens=12, system_prompt="Be brief."))
+    run_capture(job(tmp_path / "c", tiny_teacher, limit=5, max_new_tokens=12, system_prompt="Be brief.",
+                    hidden_layers=[0, 1, -1]))
     cache = open_cache(str(tmp_path / "c"))
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     prompts = [json.loads(line)["prompt"] for line in open(os.path.join(
@@ -103,13 +104,40 @@ def test_generate_mode_greedy_matches_unbatched_generate(tmp_path, tiny_teacher,
     check_against_direct(cache, tiny_model, k=8)
 
 
-def test_with_prompt_scores_prompt_rows_too(tmp_path, tiny_teacher):
-    run_capture(job(tmp_path / "c", tiny_teacher, limit=2, max_new_tokens=4, with_prompt=True))
+def test_with_prompt_scores_prompt_rows_too(tmp_path, tiny_teacher, tiny_model):
+    run_capture(job(tmp_path / "c", tiny_teacher, limit=3, max_new_tokens=4, with_prompt=True, hidden_layers=[1]))
     cache = open_cache(str(tmp_path / "c"))
     for rec in cache.samples.to_pylist():
         assert rec["scored_start"] == 0 and rec["scored_end"] == rec["num_tokens"] - 1
         ent = cache.sample(rec["sample_id"])["entropy"]
         assert np.isfinite(ent[:-1]).all() and np.isnan(ent[-1])
+    check_against_direct(cache, tiny_model, k=8)
+
+
+def test_sampling_is_seeded_per_shard_and_follows_the_distribution(tmp_path, tiny_teacher):
+    from logitcache.teacher.hf_backend import sample_next
+
+    # the tiny model is very peaked: a high temperature makes the draws differ
+    kw = dict(limit=4, max_new_tokens=6, temperature=8.0, top_p=0.99, num_samples=2, samples_per_shard=2)
+    run_capture(job(tmp_path / "a", tiny_teacher, **kw))
+    run_capture(job(tmp_path / "b", tiny_teacher, **kw))
+    a, b = open_cache(str(tmp_path / "a")), open_cache(str(tmp_path / "b"))
+    assert_caches_equal(a, b)                                  # same seed: same samples
+    responses = a.samples.column("response").to_pylist()
+    assert len(set(responses)) > len(responses) // 2           # but the draws differ from each other
+    run_capture(job(tmp_path / "c", tiny_teacher, **{**kw, "seed": 1}))
+    assert open_cache(str(tmp_path / "c")).samples.column("response").to_pylist() != responses
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().expand(40000, 4)
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(sample_next(logits, 1.0, 1.0, g), minlength=4) / 40000
+    torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)
+    nucleus = torch.bincount(sample_next(logits, 1.0, 0.75, g), minlength=4) / 40000   # keeps {0.5, 0.3}
+    torch.testing.assert_close(nucleus, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01, rtol=0)
+    hot = torch.bincount(sample_next(logits, 0.5, 1.0, g), minlength=4) / 40000       # p^2, renormalised
+    torch.testing.assert_close(hot, probs[0] ** 2 / (probs[0] ** 2).sum(), atol=0.01, rtol=0)
+    assert sample_next(logits[:3], 0.0, 1.0, g).tolist() == [0, 0, 0]
 
 
 def test_killed_capture_resumes_to_the_same_cache(tmp_path, tiny_teacher, text_file):

@@ -1,10 +1,12 @@
-"""Teacher backend on transformers: batched, length-sorted, chunked statistics on the device.
+"""Teacher backend on transformers: batched, length-sorted, statistics computed on the device.
 
-Generate mode runs ``model.generate`` for the token ids, then one teacher-forced pass over prompt +
-response for the statistics, the same pass that score mode runs: one code path computes every stored
-number. The pass runs the decoder alone (no [batch, seq, vocab] logits); our chunked head turns its
-final hidden states into logits, checked once against the model's own logits so an architecture that
+Both modes run the decoder alone (never [batch, seq, vocab] logits) and turn its final hidden states
+into logits with our own head, checked once against the model's logits so an architecture that
 changes its logits after the LM head cannot slip through.
+
+- score: one teacher-forced pass per length-sorted batch; statistics in row chunks.
+- generate: our own KV-cached decoding loop, so the statistics come from the logits each step computes
+  anyway (one pass; no second scoring pass over the response).
 """
 
 from __future__ import annotations
@@ -98,45 +100,102 @@ class HFBackend:
                 f"model's own by {err:.3g} (> {tol:.3g}); this architecture post-processes logits in a way the hf "
                 "backend does not know")
 
-    # ---- generation -------------------------------------------------------------------------
+    # ---- generation: one pass, statistics from the logits each decoding step computes anyway ----
     @torch.no_grad()
-    def _generate(self, requests: list[SequenceRequest], gen: GenerationSettings,
-                  progress: ProgressFn | None) -> list[tuple[list[int], str]]:
-        from transformers import GenerationConfig
-
-        pad = 0
-        out: list[tuple[list[int], str] | None] = [None] * len(requests)
+    def _generate(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
+                  gen: GenerationSettings, progress: ProgressFn | None) -> list[CapturedSequence]:
+        out: list[CapturedSequence | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
-        torch.manual_seed(gen.seed)
-        eos_ids = np.array(gen.eos_token_ids, dtype=np.int64)
+        rng = torch.Generator(device=self.device).manual_seed(gen.seed)
+        eos = torch.tensor(gen.eos_token_ids or [-1], device=self.device)
         for b in range(0, len(order), self.generate_batch_size):
             idx = order[b:b + self.generate_batch_size]
-            width = max(len(requests[i].prompt_ids) for i in idx)
-            max_new = max(requests[i].max_new_tokens for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):                                   # left padding
-                p = requests[i].prompt_ids
-                ids[r, width - len(p):] = torch.tensor(p)
-                mask[r, width - len(p):] = 1
-            config = GenerationConfig(
-                max_new_tokens=max_new, do_sample=gen.temperature > 0,
-                temperature=gen.temperature if gen.temperature > 0 else None,
-                top_p=gen.top_p if gen.temperature > 0 else None, top_k=0 if gen.temperature > 0 else None,
-                eos_token_id=list(gen.eos_token_ids), pad_token_id=pad)
-            seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                       generation_config=config)[:, width:].cpu().numpy()   # (b, new)
-            is_eos = np.isin(seqs, eos_ids)                                   # (b, new)
-            first_eos = np.where(is_eos.any(1), is_eos.argmax(1), seqs.shape[1])
-            for r, i in enumerate(idx):
-                cap = requests[i].max_new_tokens
-                if first_eos[r] < cap:
-                    out[i] = (seqs[r, :first_eos[r] + 1].tolist(), "stop")
-                else:
-                    out[i] = (seqs[r, :cap].tolist(), "length")
-            if progress:
-                progress(sum(len(out[i][0]) for i in idx))
+            batch = self._generate_batch([requests[i] for i in idx], top_k, hidden_layers, gen, eos, rng, progress)
+            for i, seq in zip(idx, batch):
+                out[i] = seq
         return out  # type: ignore[return-value]
+
+    def _layer(self, out, layer: int) -> torch.Tensor:
+        return out.last_hidden_state if layer == self.num_layers else out.hidden_states[layer]
+
+    def _generate_batch(self, reqs: list[SequenceRequest], top_k: int, layers: list[int], gen: GenerationSettings,
+                        eos: torch.Tensor, rng: torch.Generator, progress: ProgressFn | None) -> list[CapturedSequence]:
+        """Left-padded prefill, then a KV-cached decoding loop. Step t's distribution is row
+        ``prompt_len - 1 + t``; the token it yields is fed next, which also gives its hidden state."""
+        dev, b = self.device, len(reqs)
+        plen = [len(r.prompt_ids) for r in reqs]
+        width = max(plen)
+        ids = torch.zeros((b, width), dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for r, q in enumerate(reqs):
+            ids[r, width - plen[r]:] = torch.tensor(q.prompt_ids)
+            mask[r, width - plen[r]:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)                       # (b, P)
+        need_all = any(layer != self.num_layers for layer in layers)
+        out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            output_hidden_states=need_all)
+        prompt_hidden = {layer: self._layer(out, layer).float().cpu().numpy() for layer in layers}   # (b, P, d)
+        # Prompt rows (--with-prompt): teacher-forced statistics over the prefill's hidden states.
+        col = torch.arange(width, device=dev)[None, :]
+        j = col - (width - torch.tensor(plen, device=dev)[:, None])          # position within each prompt
+        starts = torch.tensor([q.score_from for q in reqs], device=dev)[:, None]
+        prompt_rows = (j >= starts) & (j < torch.tensor(plen, device=dev)[:, None] - 1)
+        prompt_stats = self._stats_grid(out.last_hidden_state, prompt_rows, torch.roll(ids, -1, 1), top_k)
+
+        caps = torch.tensor([q.max_new_tokens for q in reqs], device=dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        stopped = torch.zeros(b, dtype=torch.bool, device=dev)
+        n_new = torch.zeros(b, dtype=torch.long, device=dev)
+        last_pos = positions[:, -1]
+        h, past = out.last_hidden_state[:, -1], out.past_key_values
+        steps: list[tuple[torch.Tensor, ...]] = []                          # per step: ids, lp, ent, tgt, token
+        step_hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        for _ in range(int(caps.max())):
+            logits = self._head(h).float()                                  # (b, V)
+            logp = torch.log_softmax(logits, -1)
+            top_lp, top_ids = logp.topk(top_k, -1)
+            ent = torch.special.entr(logp.exp()).sum(-1)
+            token = sample_next(logits, gen.temperature, gen.top_p, rng)
+            steps.append((top_ids, top_lp, ent, logp.gather(-1, token[:, None])[:, 0], token))
+            active = ~done
+            n_new += active
+            hit = torch.isin(token, eos) & active
+            stopped |= hit
+            done |= hit | (n_new >= caps)
+            if progress:
+                progress(int(active.sum()))
+            if bool(done.all()) and not layers:
+                break                                                       # the last token need not be fed
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], 1)
+            last_pos = last_pos + 1
+            out = self._decoder(input_ids=token[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                                past_key_values=past, use_cache=True, output_hidden_states=need_all)
+            h, past = out.last_hidden_state[:, -1], out.past_key_values
+            for layer in layers:
+                step_hidden[layer].append(self._layer(out, layer)[:, -1])
+            if bool(done.all()):
+                break
+
+        s_ids, s_lp, s_ent, s_tgt, s_tok = (torch.stack(x, 1).cpu().numpy() for x in zip(*steps))   # (b, S, ...)
+        s_hid = {layer: torch.stack(v, 1).float().cpu().numpy() for layer, v in step_hidden.items()}
+        n_new, stopped = n_new.cpu().numpy(), stopped.cpu().numpy()
+        results = []
+        for r, q in enumerate(reqs):
+            p, R = plen[r], int(n_new[r])
+            seq = _empty_sequence(np.concatenate([q.prompt_ids, s_tok[r, :R]]).astype(np.int64), p, top_k,
+                                  score_from=min(q.score_from, p - 1) if p else 0)
+            seq.finish_reason = "stop" if stopped[r] else "length"
+            lo = width - p                                                   # left padding of this row
+            for name, grid in prompt_stats.items():
+                getattr(seq, name)[:p - 1] = grid[r, lo:width - 1]
+            rows = slice(p - 1, p - 1 + R)
+            seq.topk_ids[rows], seq.topk_logprobs[rows] = s_ids[r, :R], s_lp[r, :R]
+            seq.entropy[rows], seq.target_logprob[rows] = s_ent[r, :R], s_tgt[r, :R]
+            for layer in layers:
+                seq.hidden[layer] = np.concatenate([prompt_hidden[layer][r, lo:], s_hid[layer][r, :R]])
+            results.append(seq)
+        return results
 
     # ---- teacher-forced statistics ------------------------------------------------------------
     def _batches(self, lengths: list[int]) -> list[list[int]]:
@@ -152,10 +211,24 @@ class HFBackend:
             batches.append(cur)
         return batches
 
+    def _stats_grid(self, final: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, top_k: int) -> dict:
+        """Statistics of the ``rows`` (b, T) mask of ``final`` (b, T, d), scattered back into (b, T, ...)
+        host arrays holding fill values elsewhere."""
+        tk_ids, tk_lp, ent, tgt = next_token_stats(final[rows], self._head, targets[rows], top_k, self.chunk_rows)
+        b, T = rows.shape
+        grid = {"topk_ids": torch.zeros((b, T, top_k), dtype=torch.int64, device=self.device),
+                "topk_logprobs": torch.full((b, T, top_k), float("nan"), device=self.device),
+                "entropy": torch.full((b, T), float("nan"), device=self.device),
+                "target_logprob": torch.full((b, T), float("nan"), device=self.device)}
+        for (name, values) in zip(grid, (tk_ids, tk_lp, ent, tgt)):
+            grid[name][rows] = values
+        return {name: g.cpu().numpy() for name, g in grid.items()}
+
     @torch.no_grad()
-    def _score(self, seqs: list[np.ndarray], score_from: list[int], top_k: int, hidden_layers: list[int],
-               progress: ProgressFn | None) -> list[dict]:
-        results: list[dict | None] = [None] * len(seqs)
+    def _score(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
+               progress: ProgressFn | None) -> list[CapturedSequence]:
+        seqs = [np.asarray(r.prompt_ids + list(r.response_ids), dtype=np.int64) for r in requests]
+        results: list[CapturedSequence | None] = [None] * len(seqs)
         lengths = [len(s) for s in seqs]
         need_all = any(layer != self.num_layers for layer in hidden_layers)
         for batch in self._batches(lengths):
@@ -163,38 +236,27 @@ class HFBackend:
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.bool)
             for r, i in enumerate(batch):                                 # right padding
-                ids[r, :lengths[i]] = torch.from_numpy(seqs[i].astype(np.int64))
+                ids[r, :lengths[i]] = torch.from_numpy(seqs[i])
                 mask[r, :lengths[i]] = True
             ids, mask = ids.to(self.device), mask.to(self.device)
             # The decoder alone: no logits for all positions, and intermediate layers only when asked
             # (output_hidden_states keeps every layer alive; batch_tokens bounds that memory).
             out = self._decoder(input_ids=ids, attention_mask=mask.long(), use_cache=False,
                                 output_hidden_states=need_all)
-            final = out.last_hidden_state                                 # (b, T, d), after the final norm
-            # Which rows to score: position t predicts ids[t+1]; keep score_from <= t < len-1.
+            # Position t predicts ids[t+1]; keep score_from <= t < len-1.
             pos = torch.arange(width, device=self.device)[None, :]
             lens = torch.tensor([lengths[i] for i in batch], device=self.device)[:, None]
-            starts = torch.tensor([score_from[i] for i in batch], device=self.device)[:, None]
-            scored = (pos >= starts) & (pos < lens - 1)                     # (b, T)
-            targets = torch.roll(ids, -1, dims=1)
-            tk_ids, tk_lp, ent, tgt = next_token_stats(final[scored], self._head, targets[scored], top_k,
-                                                     self.chunk_rows)
-            # Scatter scored rows back into (b, T) buffers filled with fill values.
-            b, T = ids.shape
-            full_ids = torch.zeros((b, T, top_k), dtype=torch.int64, device=self.device)
-            full_lp = torch.full((b, T, top_k), float("nan"), device=self.device)
-            full_ent = torch.full((b, T), float("nan"), device=self.device)
-            full_tgt = torch.full((b, T), float("nan"), device=self.device)
-            full_ids[scored], full_lp[scored], full_ent[scored], full_tgt[scored] = tk_ids, tk_lp, ent, tgt
-            host = {"topk_ids": full_ids.cpu().numpy(), "topk_logprobs": full_lp.cpu().numpy(),
-                    "entropy": full_ent.cpu().numpy(), "target_logprob": full_tgt.cpu().numpy()}
-            hid = {layer: (final if layer == self.num_layers else out.hidden_states[layer]).float().cpu().numpy()
-                   for layer in hidden_layers}
+            starts = torch.tensor([requests[i].score_from for i in batch], device=self.device)[:, None]
+            grid = self._stats_grid(out.last_hidden_state, (pos >= starts) & (pos < lens - 1),
+                                    torch.roll(ids, -1, dims=1), top_k)
+            hid = {layer: self._layer(out, layer).float().cpu().numpy() for layer in hidden_layers}
             for r, i in enumerate(batch):
-                n = lengths[i]
-                res = {k: v[r, :n] for k, v in host.items()}
-                res["hidden"] = {layer: h[r, :n] for layer, h in hid.items()}
-                results[i] = res
+                n, q = lengths[i], requests[i]
+                seq = _empty_sequence(seqs[i], len(q.prompt_ids), top_k, score_from=min(q.score_from, max(n - 1, 0)))
+                for name, values in grid.items():
+                    getattr(seq, name)[:] = values[r, :n]
+                seq.hidden = {layer: h[r, :n] for layer, h in hid.items()}
+                results[i] = seq
             if progress:
                 progress(int(sum(lengths[i] for i in batch)))
         return results  # type: ignore[return-value]
@@ -203,23 +265,39 @@ class HFBackend:
             generation: GenerationSettings | None, progress: ProgressFn | None = None) -> list[CapturedSequence]:
         if top_k > self.vocab_size:
             raise LogitcacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({self.vocab_size})")
-        responses: list[tuple[list[int], str]] = []
-        need_gen = [i for i, r in enumerate(requests) if r.response_ids is None]
-        if need_gen:
+        to_generate = [i for i, r in enumerate(requests) if r.response_ids is None]
+        to_score = [i for i, r in enumerate(requests) if r.response_ids is not None]
+        out: list[CapturedSequence | None] = [None] * len(requests)
+        if to_generate:
             if generation is None:
                 raise ValueError("requests without response_ids need generation settings")
-            generated = self._generate([requests[i] for i in need_gen], generation, progress)
-        gen_iter = iter(generated) if need_gen else iter(())
-        for r in requests:
-            responses.append(next(gen_iter) if r.response_ids is None else (list(r.response_ids), "scored"))
-        seqs = [np.asarray(r.prompt_ids + resp, dtype=np.int64) for r, (resp, _) in zip(requests, responses)]
-        stats = self._score(seqs, [r.score_from for r in requests], top_k, hidden_layers, progress)
-        out = []
-        for r, seq, (resp, reason), st in zip(requests, seqs, responses, stats):
-            out.append(CapturedSequence(
-                tokens=seq, prompt_len=len(r.prompt_ids), score_from=min(r.score_from, max(len(seq) - 1, 0)),
-                score_to=max(len(seq) - 1, 0), topk_ids=st["topk_ids"], topk_logprobs=st["topk_logprobs"],
-                entropy=st["entropy"], target_logprob=st["target_logprob"], hidden=st["hidden"],
-                finish_reason=reason))
-        return out
+            for i, seq in zip(to_generate, self._generate([requests[i] for i in to_generate], top_k, hidden_layers,
+                                                          generation, progress)):
+                out[i] = seq
+        if to_score:
+            for i, seq in zip(to_score, self._score([requests[i] for i in to_score], top_k, hidden_layers, progress)):
+                out[i] = seq
+        return out  # type: ignore[return-value]
 
+
+def _empty_sequence(tokens: np.ndarray, prompt_len: int, top_k: int, score_from: int) -> CapturedSequence:
+    """A sequence whose rows all hold fill values, to be filled where scored."""
+    n = len(tokens)
+    return CapturedSequence(
+        tokens=tokens, prompt_len=prompt_len, score_from=score_from, score_to=max(n - 1, 0),
+        topk_ids=np.zeros((n, top_k), dtype=np.int64), topk_logprobs=np.full((n, top_k), np.nan, dtype=np.float32),
+        entropy=np.full(n, np.nan, dtype=np.float32), target_logprob=np.full(n, np.nan, dtype=np.float32))
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Next token per row of (b, V) logits: argmax at temperature 0, else a draw from softmax(logits / T)
+    restricted to the smallest set of most probable tokens whose mass reaches ``top_p``."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p                     # mass before this token < top_p
+        choice = torch.multinomial(sorted_p * keep, 1, generator=generator)
+        return order.gather(-1, choice)[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
