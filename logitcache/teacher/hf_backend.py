@@ -20,7 +20,7 @@ from ..format.errors import LogitcacheError
 from ..format.manifest import TeacherInfo
 from .backend import CapturedSequence, GenerationSettings, ProgressFn, SequenceRequest
 from .identity import ResolvedTeacher, describe_teacher
-from .token_stats import next_token_stats
+from .token_stats import distribution_stats, next_token_stats
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class HFBackend:
 
     def __init__(self, teacher: ResolvedTeacher, dtype: str = "auto", device: str = "auto",
                  batch_tokens: int = 8192, generate_batch_size: int = 32, max_length: int | None = None,
-                 chunk_rows: int = 512):
+                 chunk_rows: int | None = None):
         from transformers import AutoModelForCausalLM
 
         self.teacher = teacher
@@ -54,7 +54,8 @@ class HFBackend:
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 0) or 2048)
         self.batch_tokens = batch_tokens
         self.generate_batch_size = generate_batch_size
-        self.chunk_rows = chunk_rows
+        # rows of logits alive at once: small on CPU (cache-resident), large on GPU (fewer kernel launches)
+        self.chunk_rows = chunk_rows or (64 if self.device.type == "cpu" else 1024)
         self._decoder = getattr(self.model, self.model.base_model_prefix)   # e.g. LlamaModel
         self._lm_head = self.model.get_output_embeddings()
         self.vocab_size = int(self._lm_head.weight.shape[0])
@@ -154,8 +155,7 @@ class HFBackend:
         for _ in range(int(caps.max())):
             logits = self._head(h).float()                                  # (b, V)
             logp = torch.log_softmax(logits, -1)
-            top_lp, top_ids = logp.topk(top_k, -1)
-            ent = torch.special.entr(logp.exp()).sum(-1)
+            top_ids, top_lp, ent = distribution_stats(logp, top_k)
             token = sample_next(logits, gen.temperature, gen.top_p, rng)
             steps.append((top_ids, top_lp, ent, logp.gather(-1, token[:, None])[:, 0], token))
             active = ~done
