@@ -181,7 +181,7 @@ def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence],
         ent = c.entropy[c.score_from:c.score_to]
         tgt = c.target_logprob[c.score_from:c.score_to]
         scored_total += len(ent)
-        reason = c.finish_reason if not s.truncated else ("truncated" if c.finish_reason == "scored" else c.finish_reason)
+        reason = "truncated" if s.truncated and c.finish_reason == "scored" else c.finish_reason
         response = s.response_text if s.request.response_ids is not None else decode(c.tokens[c.prompt_len:].tolist())
         row = dict(sample_id=s.sample_id, shard=shard, token_offset=int(off), num_tokens=len(c.tokens),
                    prompt_tokens=c.prompt_len, response_tokens=len(c.tokens) - c.prompt_len,
