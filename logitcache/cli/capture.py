@@ -109,8 +109,8 @@ def capture(cache, as_json, no_progress, num_workers, worker_index, **opts):
     s = summary
     click.echo(f"worker {s.worker_index}/{s.num_workers}: wrote {s.shards_written} shard(s), "
                f"{s.shards_already_committed} already committed; {s.samples} samples, {s.tokens} tokens "
-               f"({s.scored_tokens} scored), {s.skipped} skipped, {s.wall_seconds:.1f} s, "
-               f"{s.tokens_per_second:.0f} tokens/s")
+               f"({s.scored_tokens} scored), {s.skipped} skipped; {s.wall_seconds:.1f} s: "
+               f"{s.tokens_per_second:.0f} tokens/s, {s.scored_tokens / max(s.wall_seconds, 1e-9):.0f} scored tokens/s")
     if s.complete:
         click.echo(f"cache complete: {s.cache}")
         click.echo("bytes/token: " + ", ".join(f"{k} {v:.1f}" for k, v in s.bytes_per_token.items()))
