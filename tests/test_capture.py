@@ -21,7 +21,7 @@ ENTROPY_TOL = 1e-4
 
 
 def job(cache, teacher, **kw) -> CaptureJob:
-    base = dict(cache=str(cache), teacher=str(teacher), progress=False, top_k=8, samples_per_shard=3)
+    base = dict(cache=str(cache), teacher=str(teacher), progress=False, top_k=8, samples_per_shard=3, backend="hf")
     base.update(kw)
     return CaptureJob(**base)
 
@@ -147,7 +147,7 @@ def test_killed_capture_resumes_to_the_same_cache(tmp_path, tiny_teacher, text_f
     assert len(names) == 3
     code = ("from logitcache.teacher.capture import CaptureJob, run_capture\n"
             f"run_capture(CaptureJob(cache={str(tmp_path / 'c')!r}, teacher={str(tiny_teacher)!r}, progress=False, "
-            f"top_k=8, samples_per_shard=3, mode='score', source={str(text_file)!r}))\n")
+            f"top_k=8, samples_per_shard=3, mode='score', backend='hf', source={str(text_file)!r}))\n")
     env = {**os.environ, "LOGITCACHE_FAULT": f"kill-before-publish:{names[1]}"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -198,6 +198,36 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_teacher, text_file):
         run_capture(job(tmp_path / "c", tiny_teacher, num_samples=2))
     with pytest.raises(LogitcacheError, match=r"--max-length 4096 exceeds the teacher's context of 256 tokens"):
         run_capture(job(tmp_path / "c", tiny_teacher, max_length=4096))
+    assert not (tmp_path / "c").exists()
+
+
+def test_engine_args_that_decide_the_stored_numbers_are_refused(tmp_path, tiny_teacher, text_file):
+    score = dict(mode="score", source=str(text_file), backend="vllm")
+    with pytest.raises(LogitcacheError, match=r"--engine-arg logprobs_mode: logitcache sets this itself \(raw log-probs "
+                                              r"at T=1 are what the cache stores\); leave it out"):
+        run_capture(job(tmp_path / "c", tiny_teacher, engine_args={"logprobs_mode": "processed_logprobs"}, **score))
+    with pytest.raises(LogitcacheError, match=r"--engine-arg max_model_len: logitcache sets this itself \(from "
+                                              r"--max-length\)"):
+        run_capture(job(tmp_path / "c", tiny_teacher, engine_args={"max_model_len": 64}, **score))
+    with pytest.raises(LogitcacheError, match=r"--engine-arg speculative_config: .*\(for --hidden-layers\)"):
+        run_capture(job(tmp_path / "c", tiny_teacher, engine_args={"speculative_config": {}}, hidden_layers=[-1],
+                        **score))
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_teacher_that_fails_to_load_pins_no_settings(tmp_path, tiny_teacher, text_file, monkeypatch):
+    from logitcache.teacher import capture
+
+    def fail(*args):
+        raise LogitcacheError("out of memory")
+
+    monkeypatch.setattr(capture, "_make_backend", fail)
+    with pytest.raises(LogitcacheError, match="out of memory"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file)))
+    monkeypatch.undo()
+    assert not (tmp_path / "c" / "parts").exists()
+    run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file), top_k=4))  # other settings
+    assert open_cache(str(tmp_path / "c")).manifest.capture.top_k == 4
 
 
 def test_empty_and_overlong_rows_are_skipped_and_recorded(tmp_path, tiny_teacher):

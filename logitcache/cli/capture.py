@@ -18,6 +18,21 @@ def _layers(ctx, param, value: str | None) -> list[int]:
         raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 4,12,-1") from None
 
 
+def _engine_args(ctx, param, values: tuple[str, ...]) -> dict:
+    import json
+
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
 def _worker_default(names: tuple[str, ...], fallback: int) -> int:
     for name in names:
         if os.environ.get(name, "").strip():
@@ -32,8 +47,8 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.argument("cache")
 @click.option("--teacher", default="smollm2-135m", show_default=True,
               help="Embedded teacher name, local Hugging Face model directory, or hub id.")
-@click.option("--backend", type=click.Choice(["hf"]), default="hf", show_default=True,
-              help="Inference engine. 'hf' = transformers.")
+@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
+              help="Inference engine: vllm (fast; the default when importable) or hf (transformers).")
 @click.option("--mode", type=click.Choice(["generate", "score"]), default="generate", show_default=True,
               help="generate: the teacher writes responses (response / chain-of-thought distillation). "
                    "score: teacher forcing over given text or prompt+response pairs.")
@@ -60,7 +75,7 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (each shard derives its own).")
 @click.option("--num-samples", "-n", type=int, default=1, show_default=True, help="Responses per prompt.")
-@click.option("--max-length", type=int, default=None, help="Context limit in tokens (default: the teacher's).")
+@click.option("--max-length", "--max-model-len", "max_length", type=int, default=None, help="Context limit in tokens (default: the teacher's).")
 @click.option("--truncate", is_flag=True, help="Cut over-long sequences instead of skipping them (recorded).")
 @click.option("--samples-per-shard", type=int, default=256, show_default=True,
               help="Input rows per shard: the unit of commit, resume and work split.")
@@ -72,6 +87,12 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--device", default="auto", show_default=True, help="hf backend device: auto, cpu, cuda, cuda:1, ...")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True,
               help="hf backend: padded tokens per forward pass.")
+@click.option("--tensor-parallel-size", "-tp", type=int, default=1, show_default=True,
+              help="vllm backend: GPUs per engine (tensor parallel).")
+@click.option("--gpu-memory-utilization", type=float, default=None, help="vllm backend: share of GPU memory to use.")
+@click.option("--engine-arg", "engine_args", multiple=True, callback=_engine_args, metavar="KEY=VALUE",
+              help="vllm backend: any vllm.LLM argument, repeatable (VALUE parsed as JSON when it can be), "
+                   "e.g. --engine-arg enforce_eager=true --engine-arg max_num_seqs=64.")
 @click.option("--codec", type=click.Choice(["auto", "blosc-zstd-shuffle", "blosc-zstd-bitshuffle", "zstd"]),
               default="auto", show_default=True,
               help="Compression of the arrays; auto = the measured best per array (docs/format.md).")

@@ -15,6 +15,9 @@ COMMANDS = {
     "capture": ("logitcache.cli.capture", "capture", "Run a teacher over prompts or text and write a cache."),
     "inspect": ("logitcache.cli.inspect", "inspect", "Summarise a cache: teacher, sizes, entropy; --plot, --json."),
     "finalize": ("logitcache.cli.finalize", "finalize", "Merge the workers' part manifests into manifest.json."),
+    "query": ("logitcache.cli.query", "query", "SQL over samples and token views; --out: a selection."),
+    "select": ("logitcache.cli.select", "select", "Select samples by entropy, perplexity, length."),
+    "export": ("logitcache.cli.export", "export", "Copy a selection into a new, smaller cache."),
 }
 
 
@@ -45,9 +48,15 @@ def cli(verbose):
       logitcache capture ./cache                      # builtin prompts, SmolLM2 teacher, generate mode
       logitcache capture ./cache2 --mode score --input data.jsonl --text-column text
       logitcache inspect ./cache --plot entropy.png
+      logitcache select ./cache --by mean_entropy --top-frac 0.3 --out hard.parquet
+      logitcache query ./cache "SELECT sample_id FROM samples WHERE mean_entropy > 1.5" --out hard.parquet
+      logitcache export ./cache --selection hard.parquet ./hard-cache
     """
     import logging
+    import os
 
+    if not verbose:   # vLLM's engine start-up chatter only with -v
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
 

@@ -37,7 +37,15 @@ from .prepare import PreparedSample, Tokenize, prepare_rows
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("hf",)
+BACKENDS = ("auto", "hf", "vllm")
+# vLLM engine arguments that decide what is stored, and the flag (or reason) that sets each one
+RESERVED_ENGINE_ARGS = {
+    "model": "from --teacher", "dtype": "from --dtype", "max_model_len": "from --max-length", "seed": "from --seed",
+    "max_logprobs": "from --top-k", "tensor_parallel_size": "from --tensor-parallel-size",
+    "logprobs_mode": "raw log-probs at T=1 are what the cache stores",
+    "worker_extension_cls": "the exact-entropy hook", "speculative_config": "for --hidden-layers",
+    "kv_transfer_config": "for --hidden-layers",
+}
 
 
 @dataclass
@@ -46,7 +54,7 @@ class CaptureJob:
 
     cache: str
     teacher: str = DEFAULT_TEACHER
-    backend: str = "hf"
+    backend: str = "auto"                 # vllm when importable, else hf
     mode: str = "generate"
     source: str = "builtin"
     split: str = "train"
@@ -75,6 +83,9 @@ class CaptureJob:
     dtype: str = "auto"
     device: str = "auto"
     batch_tokens: int = 8192
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    engine_args: dict = field(default_factory=dict)
     codec: str = codec_lib.DEFAULT_CODEC
     storage_options: dict | None = None
     progress: bool = True
@@ -130,6 +141,10 @@ def validate(job: CaptureJob) -> None:
         bad("--max-new-tokens", f"must be >= 1, got {job.max_new_tokens}")
     if job.codec not in codec_lib.CODEC_CHOICES:
         bad("--codec", f"{job.codec!r}: choose one of {', '.join(codec_lib.CODEC_CHOICES)}")
+    for key in job.engine_args:
+        owner = RESERVED_ENGINE_ARGS.get(key)
+        if owner and (job.hidden_layers or key not in ("speculative_config", "kv_transfer_config")):
+            bad(f"--engine-arg {key}", f"logitcache sets this itself ({owner}); leave it out")
 
 
 def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
@@ -222,7 +237,8 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
                                                "text": job.text_column, "response": job.response_column},
                        job.mode, job.limit, job.source_name)
     resolved = resolve_teacher(job.teacher)
-    teacher = describe_teacher(resolved, job.backend, _resolve_dtype(job.dtype, job.device), job.max_length)
+    teacher = describe_teacher(resolved, resolve_backend(job.backend), _resolve_dtype(job.dtype, job.device),
+                               job.max_length)
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     if job.top_k > teacher.vocab_size:
         raise LogitcacheError(f"--top-k {job.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
@@ -266,14 +282,16 @@ def run_capture(job: CaptureJob) -> CaptureSummary:
     t0 = time.perf_counter()
     plan = plan_capture(job)
     cfs, part, cfg, key = plan.cfs, plan.part, plan.header.capture, plan.input.key
+    # the engine loads before anything is written, so a teacher that fails to load pins no settings
+    backend = _make_backend(job, plan.teacher, plan.header.teacher.dtype, plan.header.teacher.max_length,
+                            cfg.hidden_layers) if plan.todo else None
     save_part(cfs, part)              # the planned shards are known to finalize from now on
     remove_orphans(cfs, part, only={layout.shard_name(key, j) for j in plan.todo})
     log.info("worker %d/%d: %d shard(s) planned, %d already committed", job.worker_index, job.num_workers,
              len(plan.mine), len(plan.mine) - len(plan.todo))
 
     totals = dict(samples=0, tokens=0, scored=0, skipped=0)
-    if plan.todo:
-        backend = _make_backend(job, plan.teacher, plan.header.teacher.dtype, plan.header.teacher.max_length)
+    if backend is not None:
         tk = Tokenize(plan.tokenizer, cfg.system_prompt)
         bar = _progress(job.progress, f"worker {job.worker_index}")
         try:
@@ -362,12 +380,24 @@ def _generation_eos(path) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def _make_backend(job: CaptureJob, resolved, dtype: str, max_length: int):
-    if job.backend == "hf":
-        from .hf_backend import HFBackend
+def resolve_backend(name: str) -> str:
+    if name != "auto":
+        return name
+    from .vllm_backend import vllm_available
 
-        return HFBackend(resolved, dtype=dtype, device=job.device, batch_tokens=job.batch_tokens, max_length=max_length)
-    raise LogitcacheError(f"--backend {job.backend!r} is not available")
+    return "vllm" if vllm_available() else "hf"
+
+
+def _make_backend(job: CaptureJob, resolved, dtype: str, max_length: int, hidden_layers: list[int]):
+    if resolve_backend(job.backend) == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend(resolved, dtype=dtype, max_length=max_length, top_k=job.top_k, seed=job.seed,
+                           hidden_layers=hidden_layers, tensor_parallel_size=job.tensor_parallel_size,
+                           gpu_memory_utilization=job.gpu_memory_utilization, engine_args=job.engine_args)
+    from .hf_backend import HFBackend
+
+    return HFBackend(resolved, dtype=dtype, device=job.device, batch_tokens=job.batch_tokens, max_length=max_length)
 
 
 def _progress(enabled: bool, desc: str):
