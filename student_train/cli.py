@@ -1,21 +1,139 @@
-"""student-train: distil a student from a logitcache cache.
+"""`student-train`: distil a student from a logitcache cache. Thin: flags -> TrainConfig -> train()."""
 
-The trainer arrives with the student-trainer issue; until then the command explains itself and
-exits with status 2 instead of pretending to train.
-"""
+from __future__ import annotations
 
+import functools
+import json
 import sys
 
 import click
 
+EXIT_INPUT = 1
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+
+def _handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from logitcache.format.errors import LogitcacheError
+
+        try:
+            return fn(*args, **kwargs)
+        except LogitcacheError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_INPUT)
+    return wrapper
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("cache", required=False)
-def cli(cache):
-    """Train a student on CACHE (a logitcache directory or fsspec URL).
+@click.option("--out", "-o", help="Run directory: checkpoint/, log.jsonl, tensorboard/, student/, report.json, curves.png.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="A JSON TrainConfig (every setting below by its long name); flags given override it.")
+@click.option("--student", help="Student: a Hugging Face id, a local model directory, or a config.json (random init).")
+@click.option("--keep-layers", help="Or derive the student from the cache's teacher, keeping these decoder layers: "
+                                    "'0,2,4,...' or 'every:2' (weights copied).")
+@click.option("--selection", type=click.Path(dir_okay=False),
+              help="Train only on the samples of this selection file (logitcache select / query --out).")
+@click.option("--where", help="Train only on samples matching this filter, e.g. 'mean_entropy > 1.5 and response_tokens > 20'.")
+@click.option("--seq-len", type=int, help="Tokens per packed row (documents never cross rows).  [default: 512]")
+@click.option("--batch-size", type=int, help="Rows per micro-batch per process.  [default: 8]")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.  [default: 1]")
+@click.option("--max-steps", type=int, help="Optimizer steps (default: --epochs over the data).")
+@click.option("--epochs", type=int, help="[default: 1]")
+@click.option("--lr", type=float, help="Peak AdamW learning rate; warmup then cosine.  [default: 3e-4]")
+@click.option("--warmup-steps", type=int, help="[default: 10]")
+@click.option("--weight-decay", type=float)
+@click.option("--clip", type=float, help="Gradient norm clip.  [default: 1.0]")
+@click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl",
+                                           "generalized_jsd", "total_variation"]),
+              help="forward_kl = KL(p_teacher||q_student), mode-covering (default); reverse_kl = KL(q||p), "
+                   "mode-seeking; skew KLs (DistiLLM, --loss-arg alpha=0.1); generalized_jsd (GKD, "
+                   "--loss-arg beta=0.5); total_variation.")
+@click.option("--loss-arg", "loss_args", multiple=True, metavar="KEY=VALUE", help="Argument of the divergence.")
+@click.option("--tail", type=click.Choice(["bucket", "renormalize"]),
+              help="bucket: the teacher's mass outside the stored top-k is one extra outcome (default); "
+                   "renormalize: compare on the top-k only (biased).")
+@click.option("--temperature", type=float, help="T (loss times T^2).  [default: 1]")
+@click.option("--ce-alpha", type=float, help="Weight of hard-label cross-entropy: alpha*CE + (1-alpha)*KD.  [default: 0]")
+@click.option("--entropy-above", type=float, help="Distil only tokens whose teacher entropy (nats) is above this.")
+@click.option("--entropy-below", type=float, help="... or below this.")
+@click.option("--entropy-top-frac", type=float, help="... or only the top fraction of each batch's tokens by entropy.")
+@click.option("--entropy-bottom-frac", type=float, help="... or the bottom fraction.")
+@click.option("--layer-map", help="Feature distillation: student:teacher layer pairs, e.g. 2:12,5:-1 "
+                                  "(the cache must hold those teacher layers).")
+@click.option("--hidden-loss", type=click.Choice(["cosine", "mse"]))
+@click.option("--hidden-weight", type=float)
+@click.option("--eval-frac", type=float, help="Held-out share of the cache, chosen by sample id.  [default: 0.05]")
+@click.option("--eval-every", type=int, help="Evaluate every N steps (0: at start and end).")
+@click.option("--save-every", type=int, help="Checkpoint every N steps.  [default: 50]")
+@click.option("--seed", type=int)
+@click.option("--num-workers", type=int, help="DataLoader worker processes.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto: bf16 autocast on CUDA.")
+@click.option("--resume/--no-resume", default=None, help="Continue from OUT/checkpoint if present (default) or start over.")
+@click.option("--no-progress", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
+@_handle_errors
+def cli(cache, out, config_file, loss_args, layer_map, no_progress, as_json, **flags):
+    """Distil a student from CACHE (a logitcache directory or fsspec URL) without loading the teacher.
 
-    Not implemented in this release: the cache format and `logitcache capture` / `inspect` are.
+    Streams the cache's top-k log-probs (and hidden states with --layer-map), trains with an explicit
+    loop (AdamW, warmup + cosine, accumulation, clipping), checkpoints every --save-every steps and
+    resumes exactly when run again. Under torchrun each process is one DDP rank.
+
+    \b
+    Examples:
+      student-train ./cache --out run1 --keep-layers every:2 --max-steps 200
+      student-train ./cache --out run2 --student HuggingFaceTB/SmolLM2-135M --loss reverse_kl
+      student-train ./cache --out run3 --keep-layers every:2 --selection hard.parquet
+      torchrun --nproc-per-node 8 $(which student-train) s3://bucket/cache --out run4 --student ./student
     """
-    click.echo("student-train: the student trainer is not part of this release yet "
-               "(see the README's roadmap); nothing was done.", err=True)
-    sys.exit(2)
+    from logitcache.format.errors import LogitcacheError
+
+    from .config import TrainConfig, parse_layer_map
+    from .train import train
+
+    base = {}
+    if config_file:
+        base = TrainConfig.load(config_file).to_dict()
+    if cache:
+        base["cache"] = cache
+    if out:
+        base["out"] = out
+    for key, value in flags.items():
+        if value is not None:
+            base[key] = value
+    if loss_args:
+        base["loss_args"] = dict(_loss_arg(a) for a in loss_args)
+    if layer_map:
+        base["layer_map"] = parse_layer_map(layer_map)
+    for required in ("cache", "out"):
+        if not base.get(required):
+            raise LogitcacheError(f"missing {'CACHE' if required == 'cache' else '--out'} (or give it in --config)")
+    report = train(TrainConfig.from_dict(base), progress=not no_progress)
+    if not report:
+        return                                   # not the main process
+    if as_json:
+        click.echo(json.dumps(report, indent=1, default=str))
+        return
+    start, end = report["eval_start"] or {}, report["eval_end"] or {}
+    click.echo(f"trained {report['steps']} steps on {report['train_samples']} samples: "
+               f"{report['tokens_per_second']:.0f} tokens/s, peak memory {report['peak_memory_mb']:.0f} MB")
+    if "kl_forward" in end:
+        click.echo(f"held-out ({report['eval_samples']} samples): KL(teacher||student) "
+                   f"{start.get('kl_forward', float('nan')):.3f} -> {end['kl_forward']:.3f} nats, "
+                   f"perplexity {start.get('perplexity', float('nan')):.2f} -> {end['perplexity']:.2f}, "
+                   f"top-1 agreement {start.get('top1_agreement', float('nan')):.3f} -> {end['top1_agreement']:.3f}")
+    click.echo(f"student: {report['student_dir']} ({report['parameters'] / 1e6:.1f} M parameters); "
+               f"curves: {report['plot']}")
+
+
+def _loss_arg(item: str) -> tuple[str, float]:
+    key, sep, value = item.partition("=")
+    try:
+        return key.strip(), float(value)
+    except ValueError:
+        raise click.BadParameter(f"{item!r}: expected KEY=NUMBER, e.g. alpha=0.1", param_hint="--loss-arg") from None
+
+
+if __name__ == "__main__":
+    cli()

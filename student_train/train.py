@@ -1,0 +1,469 @@
+"""The training loop: setup -> (evaluate) -> train -> evaluate -> save, in one readable function.
+
+One process per device; under torchrun/accelerate the ranks form a DDP group (NCCL on GPUs, gloo
+on the CPU) and the stream gives each rank its own rows, the same number on every rank. A
+checkpoint (model, projector, optimizer, scheduler, loader position, RNG states) is written
+atomically every ``save_every`` optimizer steps; re-running the same command continues from it and
+reaches the same weights as a run that was never interrupted.
+
+Loss per micro-batch: ``ce_alpha * CE + (1 - ce_alpha) * KD + hidden_weight * feature loss``, each a
+token-weighted mean over the micro-batch's loss tokens (``student_train.losses``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import time
+
+import numpy as np
+import torch
+
+from logitcache.format.errors import LogitcacheError
+from logitcache.store.reader import open_cache
+
+from . import losses
+from .config import TrainConfig
+from .data import CacheStream, block_causal_mask, check_student_vocab, make_dataloader
+from .model import build_student, count_parameters
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+# settings that may change between a run and its resumption (they do not change the numbers)
+RESUMABLE_CHANGES = {"resume", "eval_every", "eval_batches", "log_every", "save_every", "num_workers"}
+
+
+# ---- setup ----------------------------------------------------------------------------------------
+def split_ids(sample_ids: list[str], eval_frac: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) by a hash of each sample id: the same split for any selection or run order."""
+    def u(sid: str) -> float:
+        return int(hashlib.blake2b(sid.encode(), digest_size=8).hexdigest(), 16) / 2.0 ** 64
+
+    held = [s for s in sample_ids if u(s) < eval_frac]
+    held_set = set(held)
+    return [s for s in sample_ids if s not in held_set], held
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def teacher_layer(layer: int, num_layers: int) -> int:
+    return layer if layer >= 0 else num_layers + 1 + layer
+
+
+def selected_ids(cfg: TrainConfig, cache) -> list[str] | None:
+    if not cfg.selection:
+        return None
+    from logitcache.query.selection import read_selection
+
+    return read_selection(cfg.selection, cache)
+
+
+# ---- one step's loss --------------------------------------------------------------------------------
+def forward(model, batch: dict, need_hidden: bool):
+    mask = block_causal_mask(batch["document_ids"])[:, None]              # (B, 1, T, T)
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                 output_hidden_states=need_hidden, use_cache=False)
+
+
+def token_weights(cfg: TrainConfig, batch: dict) -> torch.Tensor:
+    mask = batch["loss_mask"]
+    if all(v is None for v in (cfg.entropy_above, cfg.entropy_below, cfg.entropy_top_frac, cfg.entropy_bottom_frac)):
+        return mask.float()
+    return losses.entropy_token_weights(batch["teacher_entropy"], mask, above=cfg.entropy_above,
+                                        below=cfg.entropy_below, top_frac=cfg.entropy_top_frac,
+                                        bottom_frac=cfg.entropy_bottom_frac)
+
+
+def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: dict, projector,
+                 hidden_names: list[str]) -> tuple[torch.Tensor, dict]:
+    out = forward(model, batch, bool(hidden_names))
+    logits = out.logits                                                    # (B, T, V)
+    kd_loss = losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"],
+                                       token_weights(cfg, batch), **kd.kd_kwargs())
+    parts = {"kd": kd_loss.detach()}
+    loss = kd_loss
+    if cfg.ce_alpha > 0:
+        ce = losses.hard_label_cross_entropy(logits, batch["labels"], chunk_rows=kd.chunk_rows)
+        loss = losses.mix_ce_and_kd(ce, kd_loss, cfg.ce_alpha)
+        parts["ce"] = ce.detach()
+    if hidden_names:
+        real = batch["document_ids"] != 0
+        feat = sum(losses.hidden_state_loss(out.hidden_states[s], batch[name], real, kind=cfg.hidden_loss,
+                                            projector=projector, pair=i)
+                   for i, ((s, _), name) in enumerate(zip(cfg.layer_map, hidden_names)))
+        loss = loss + cfg.hidden_weight * feat
+        parts["hidden"] = feat.detach()
+    parts["loss"] = loss.detach()
+    return loss, parts
+
+
+@torch.no_grad()
+def evaluate(model, stream: CacheStream, device, amp_dtype, max_batches: int | None = None) -> dict:
+    """Against the cached teacher on held-out samples: forward KL(p_teacher || q_student) over the
+    stored top-k + tail bucket, the student's perplexity on the tokens, top-1 agreement."""
+    was_training = model.training
+    model.eval()
+    kl_sum = nll_sum = agree = n = 0.0
+    for i, batch in enumerate(stream):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = forward(model, batch, False).logits
+        mask = batch["loss_mask"]
+        count = float(mask.sum())
+        if count == 0:
+            continue
+        kl_sum += float(losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"], mask)) * count
+        nll_sum += float(losses.hard_label_cross_entropy(logits, batch["labels"])) * count
+        agree += float(((logits.argmax(-1) == batch["teacher_ids"][..., 0]) & mask).sum())
+        n += count
+    model.train(was_training)
+    if n == 0:
+        return {"tokens": 0}
+    return {"tokens": int(n), "kl_forward": kl_sum / n, "perplexity": math.exp(nll_sum / n), "top1_agreement": agree / n}
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+def save_checkpoint(out: str, state: dict, cfg: TrainConfig) -> None:
+    """Write to a temporary directory, then swap it in: a crash leaves the previous checkpoint whole."""
+    final, tmp, old = os.path.join(out, CHECKPOINT), os.path.join(out, CHECKPOINT + ".tmp"), \
+        os.path.join(out, CHECKPOINT + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: str, cfg: TrainConfig) -> dict | None:
+    path = os.path.join(out, CHECKPOINT)
+    if not os.path.exists(os.path.join(path, "state.pt")):
+        old = os.path.join(out, CHECKPOINT + ".old")     # crash between the two renames
+        if not os.path.exists(os.path.join(old, "state.pt")):
+            return None
+        path = old
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    now = cfg.to_dict()
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        k = changed[0]
+        raise LogitcacheError(f"{out} holds a checkpoint made with {k} = {saved.get(k)!r}, but this run has "
+                              f"{now[k]!r}; use another --out, or --no-resume to start over")
+    return torch.load(os.path.join(path, "state.pt"), weights_only=False)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _fault_after(step: int) -> None:
+    """Test hook: STUDENT_TRAIN_FAULT=kill-after-step:N kills this process after optimizer step N."""
+    fault = os.environ.get("STUDENT_TRAIN_FAULT", "")
+    if fault.startswith("kill-after-step:") and int(fault.split(":")[1]) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _record_samples(stream: CacheStream, batch: dict, rank: int) -> None:
+    """Test hook: STUDENT_TRAIN_RECORD_SAMPLES=PATH appends the sample ids each rank trains on to PATH.<rank>."""
+    path = os.environ.get("STUDENT_TRAIN_RECORD_SAMPLES")
+    if path:
+        idx = batch["sample_index"].unique().tolist()
+        with open(f"{path}.{rank}", "a") as f:
+            f.writelines(stream.sample_id(i) + "\n" for i in idx if i >= 0)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    rank, world, device = setup_distributed()
+    main_process = rank == 0
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    if not cfg.resume and main_process:
+        shutil.rmtree(os.path.join(cfg.out, CHECKPOINT), ignore_errors=True)
+
+    # -- setup: data
+    cache = open_cache(cfg.cache)
+    manifest = cache.manifest
+    chosen = selected_ids(cfg, cache)
+    all_ids = cache.samples.column("sample_id").to_pylist()
+    train_ids, eval_ids = split_ids(all_ids, cfg.eval_frac)
+    if chosen is not None:
+        keep = set(chosen)
+        train_ids = [s for s in train_ids if s in keep]
+        if not train_ids:
+            raise LogitcacheError(f"--selection {cfg.selection}: every selected sample is in the held-out split")
+    hidden_names = [f"hidden.{teacher_layer(t, manifest.teacher.num_layers)}" for _, t in cfg.layer_map]
+    teacher_layers = [t for _, t in cfg.layer_map]
+    stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, seed=cfg.seed, sample_ids=train_ids,
+                         where=cfg.where, hidden_layers=teacher_layers, rank=rank, world_size=world)
+    loader = make_dataloader(stream, num_workers=cfg.num_workers)
+    eval_stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, shuffle=False, sample_ids=eval_ids,
+                              rank=0, world_size=1) if eval_ids else None
+
+    # -- setup: model
+    model, tokenizer_dir = build_student(cfg.student, cfg.keep_layers, manifest, cfg.seed)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    check_student_vocab(cache, tokenizer)
+    width = model.get_output_embeddings().weight.shape[0]
+    if width != manifest.teacher.vocab_size:
+        raise LogitcacheError(f"the student's logits have {width} entries but the teacher's have "
+                              f"{manifest.teacher.vocab_size}; distillation needs the same vocabulary")
+    n_student_layers = model.config.num_hidden_layers
+    for s, t in cfg.layer_map:
+        if not -n_student_layers - 1 <= s <= n_student_layers:
+            raise LogitcacheError(f"--layer-map {s}:{t}: the student has layers 0..{n_student_layers}")
+    projector = losses.HiddenStateProjector([model.config.hidden_size] * len(cfg.layer_map),
+                                            [manifest.teacher.hidden_size] * len(cfg.layer_map)) \
+        if cfg.layer_map else None
+    model.to(device).train()
+    if projector is not None:
+        projector.to(device)
+    kd = losses.DistillationConfig(kind=cfg.loss, tail=cfg.tail, temperature=cfg.temperature,
+                                   ce_alpha=cfg.ce_alpha, kind_kwargs=dict(cfg.loss_args))
+    params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(stream.batches_per_rank / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                               else None)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+
+    step, epoch, history = 0, 0, {"train": [], "eval": []}
+    state = load_checkpoint(cfg.out, cfg) if cfg.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if projector is not None:
+            projector.load_state_dict(state["projector"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        step, epoch, history = state["step"], state["epoch"], state["history"]
+        set_rng_state(state["rng"])
+        if main_process:
+            log.warning("resuming %s at step %d of %d", cfg.out, step, total_steps)
+    elif eval_stream is not None and main_process:
+        history["eval"].append({"step": 0, **evaluate(model, eval_stream, device, amp_dtype, cfg.eval_batches)})
+
+    writer = _tensorboard(cfg.out) if main_process else None
+    bar = _bar(progress and main_process, total_steps, step)
+    t0, tokens_seen, tokens_at_start = time.perf_counter(), 0, 0
+    while step < total_steps:
+        if state is None or epoch != state["epoch"]:
+            loader.set_epoch(epoch)                     # a fresh epoch from its start
+        state = {"epoch": epoch}                        # later epochs always start fresh
+        group, parts_sum = 0, {}
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            last_of_epoch = stream.rows_consumed >= stream.batches_per_rank * cfg.batch_size
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, parts = compute_loss(cfg, kd, ddp_model, batch, projector, hidden_names)
+            (loss / cfg.grad_accum).backward()
+            group += 1
+            tokens_seen += int((batch["document_ids"] != 0).sum())
+            _record_samples(stream, batch, rank)
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+            if group < cfg.grad_accum and not last_of_epoch:
+                continue
+            if group < cfg.grad_accum:                  # the epoch's last, partial group
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(cfg.grad_accum / group)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      **{k: v / group for k, v in parts_sum.items()}}
+            group, parts_sum = 0, {}
+            history["train"].append(record)
+            if main_process:
+                _log(cfg, writer, record, step)
+                if bar is not None:
+                    rate = (tokens_seen - tokens_at_start) / max(time.perf_counter() - t0, 1e-9)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate * world:.0f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and eval_stream is not None and main_process:
+                history["eval"].append({"step": step, **evaluate(model, eval_stream, device, amp_dtype,
+                                                                 cfg.eval_batches)})
+                _log(cfg, writer, {"eval": history["eval"][-1]}, step)
+            if step % cfg.save_every == 0 or step == total_steps:
+                _save(cfg, main_process, world, model, projector, optimizer, scheduler, loader, step, epoch, history)
+            _fault_after(step)
+            if step >= total_steps:
+                break
+        else:
+            epoch += 1
+    train_seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+
+    report = {}
+    if main_process:
+        if eval_stream is not None and (not history["eval"] or history["eval"][-1]["step"] != step):
+            history["eval"].append({"step": step, **evaluate(model, eval_stream, device, amp_dtype, cfg.eval_batches)})
+        report = _finish(cfg, model, projector, tokenizer_dir, history, dict(
+            steps=step, total_steps=total_steps, world_size=world, train_samples=stream.num_samples,
+            eval_samples=len(eval_ids), tokens_this_run=tokens_seen * world, seconds_this_run=train_seconds,
+            tokens_per_second=tokens_seen * world / max(train_seconds, 1e-9),
+            parameters=count_parameters(model), peak_memory_mb=peak_memory_mb(device)))
+        if writer is not None:
+            writer.close()
+    if world > 1:
+        torch.distributed.barrier()
+    return report
+
+
+# ---- small helpers of the loop ----------------------------------------------------------------------
+def _save(cfg, main_process, world, model, projector, optimizer, scheduler, loader, step, epoch, history):
+    if main_process:
+        save_checkpoint(cfg.out, {"model": model.state_dict(),
+                                  "projector": projector.state_dict() if projector is not None else None,
+                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "loader": loader.state_dict(), "step": step, "epoch": epoch, "history": history,
+                                  "rng": rng_state()}, cfg)
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _log(cfg, writer, record: dict, step: int) -> None:
+    with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        flat = record.get("eval", record)
+        prefix = "eval/" if "eval" in record else "train/"
+        for k, v in flat.items():
+            if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                writer.add_scalar(prefix + k, v, step)
+
+
+def _tensorboard(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:            # tensorboard not installed: JSONL only
+        return None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def _bar(enabled: bool, total: int, start: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step")
+
+
+def _finish(cfg, model, projector, tokenizer_dir, history, stats) -> dict:
+    """Save the student (Hugging Face layout + projector) and write report.json and curves.png."""
+    from transformers import AutoTokenizer
+
+    student_dir = os.path.join(cfg.out, "student")
+    model.save_pretrained(student_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(student_dir)
+    if projector is not None:
+        torch.save({"layer_map": cfg.layer_map, "state": projector.state_dict()},
+                   os.path.join(student_dir, "hidden_projector.pt"))
+    size = sum(os.path.getsize(os.path.join(student_dir, f)) for f in os.listdir(student_dir))
+    report = {"config": cfg.to_dict(), **stats, "student_dir": student_dir, "student_disk_bytes": size,
+              "eval_start": history["eval"][0] if history["eval"] else None,
+              "eval_end": history["eval"][-1] if history["eval"] else None,
+              "final_train": history["train"][-1] if history["train"] else None}
+    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    plot_curves(history, os.path.join(cfg.out, "curves.png"))
+    report["plot"] = os.path.join(cfg.out, "curves.png")
+    return report
+
+
+def plot_curves(history: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    tr = history["train"]
+    if tr:
+        axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
+        if "kd" in tr[0] and any("ce" in r or "hidden" in r for r in tr):
+            axes[0].plot([r["step"] for r in tr], [r["kd"] for r in tr], label="KD part", alpha=0.7)
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_title("training loss")
+    axes[0].legend()
+    ev = [e for e in history["eval"] if "kl_forward" in e]
+    if ev:
+        axes[1].plot([e["step"] for e in ev], [e["kl_forward"] for e in ev], "o-", label="KL(teacher||student)")
+        ax2 = axes[1].twinx()
+        ax2.plot([e["step"] for e in ev], [e["top1_agreement"] for e in ev], "s--", color="tab:green",
+                 label="top-1 agreement")
+        ax2.set_ylabel("top-1 agreement")
+        axes[1].legend(loc="upper right")
+    axes[1].set_xlabel("optimizer step")
+    axes[1].set_title("held-out, against the cached teacher")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

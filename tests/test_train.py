@@ -1,0 +1,182 @@
+"""The student trainer end to end on a tiny cache: it learns, resumes exactly after a kill, runs as
+two DDP ranks that see every sample once, trains on a selection only, and refuses bad setups."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from logitcache import open_cache
+from logitcache.format import LogitcacheError
+from logitcache.teacher.capture import CaptureJob, run_capture
+from student_train.config import TrainConfig
+from student_train.train import split_ids, train
+
+WORDS = ("river stone light garden number seven quiet engine paper window market summer code list table "
+         "function value cloud north simple").split()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_teacher):
+    d = tmp_path_factory.mktemp("train-cache")
+    src = d / "texts.jsonl"
+    rows = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(5 + i % 11)) for i in range(36)]
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    run_capture(CaptureJob(cache=str(d / "c"), teacher=str(tiny_teacher), backend="hf", mode="score", source=str(src),
+                           top_k=8, samples_per_shard=8, hidden_layers=[-1], progress=False))
+    return str(d / "c")
+
+
+@pytest.fixture(scope="module")
+def random_student(tmp_path_factory) -> str:
+    """A 1-layer Llama config with the teacher's vocabulary (and a wider hidden state than its 32):
+    random init, far from the teacher."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("student") / "student.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    return str(path)
+
+
+def config(cache, out, **kw) -> TrainConfig:
+    base = dict(cache=cache, out=str(out), keep_layers="0", seq_len=48, batch_size=2, max_steps=6, lr=3e-3,
+                warmup_steps=1, eval_frac=0.2, save_every=2, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def cli(*args, env=None):
+    cmd = [sys.executable, "-c", "from student_train.cli import cli; cli()", *map(str, args), "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def student_weights(out) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "student", "model.safetensors"))
+
+
+def test_training_lowers_the_held_out_kl_and_writes_its_report(cache, tmp_path, random_student):
+    report = train(config(cache, tmp_path / "run", keep_layers=None, student=random_student, max_steps=12,
+                          lr=1e-2, layer_map=[[1, -1]]), progress=False)
+    start, end = report["eval_start"], report["eval_end"]
+    assert report["steps"] == 12 and start["tokens"] == end["tokens"] > 0
+    assert end["kl_forward"] < 0.8 * start["kl_forward"]
+    assert 0 <= end["top1_agreement"] <= 1 and end["perplexity"] > 1
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "step" in r and "eval" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 13)) and all("hidden" in r for r in steps)
+    proj = torch.load(tmp_path / "run" / "student" / "hidden_projector.pt")
+    assert proj["layer_map"] == [[1, -1]] and proj["state"]["maps.0.weight"].shape == (32, 48)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "hidden_projector.pt"} <= \
+        set(os.listdir(tmp_path / "run" / "student"))
+    assert os.path.getsize(tmp_path / "run" / "curves.png") > 10_000
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["eval_end"] == pytest.approx(end) and saved["parameters"] == report["parameters"]
+
+
+def test_held_out_split_is_stable_and_disjoint(cache):
+    ids = open_cache(cache).samples.column("sample_id").to_pylist()
+    tr, ev = split_ids(ids, 0.2)
+    assert set(tr).isdisjoint(ev) and sorted(tr + ev) == sorted(ids) and 0 < len(ev) < len(ids)
+    assert split_ids(list(reversed(ids)), 0.2)[1] == list(reversed(ev))
+
+
+def test_a_killed_run_resumes_to_the_same_weights(cache, tmp_path):
+    args = [cache, "--out", None, "--keep-layers", "0", "--seq-len", 48, "--batch-size", 2, "--max-steps", 7,
+            "--lr", 3e-3, "--warmup-steps", 1, "--save-every", 2, "--seed", 3, "--grad-accum", 2]
+    whole = cli(*[tmp_path / "whole" if a is None else a for a in args])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = cli(*[tmp_path / "resumed" if a is None else a for a in args], env={"STUDENT_TRAIN_FAULT": "kill-after-step:5"})
+    assert killed.returncode == -9 and not (tmp_path / "resumed" / "student").exists()
+    resumed = cli(*[tmp_path / "resumed" if a is None else a for a in args])   # continues from step 4
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = student_weights(tmp_path / "whole"), student_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:   # same seed, same data order, same float operations: equal to 1e-6
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    log = [json.loads(x) for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    # the killed run logged steps 1-5; the resumed one restarted from the step-4 checkpoint
+    assert [r["step"] for r in log if "eval" not in r] == [1, 2, 3, 4, 5, 5, 6, 7]
+
+
+def test_two_ddp_ranks_see_every_sample_exactly_once(cache, tmp_path):
+    record = tmp_path / "seen"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "student_train.cli", cache, "--out", tmp_path / "ddp", "--keep-layers", "0", "--seq-len", 48,
+           "--batch-size", 2, "--epochs", 1, "--eval-frac", 0.2, "--no-progress"]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "STUDENT_TRAIN_RECORD_SAMPLES": str(record), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = [(record.parent / f"seen.{rank}").read_text().split() for rank in (0, 1)]
+    ids = open_cache(cache).samples.column("sample_id").to_pylist()
+    train_ids, _ = split_ids(ids, 0.2)
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(train_ids)
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["train_samples"] == len(train_ids)
+
+
+def test_training_on_a_filter_sees_only_the_selected_samples(cache, tmp_path, monkeypatch):
+    record = tmp_path / "seen"
+    monkeypatch.setenv("STUDENT_TRAIN_RECORD_SAMPLES", str(record))
+    train(config(cache, tmp_path / "sel", where="response_tokens > 9", max_steps=None, epochs=1, eval_frac=0.0),
+          progress=False)
+    table = open_cache(cache).samples
+    wanted = sorted(r["sample_id"] for r in table.to_pylist() if r["response_tokens"] > 9)
+    assert 0 < len(wanted) < table.num_rows and sorted((record.parent / "seen.0").read_text().split()) == wanted
+
+
+def test_bad_setups_are_refused_with_the_setting_named(cache, tmp_path, tiny_teacher):
+    with pytest.raises(LogitcacheError, match=r"give exactly one of --student .* and --keep-layers"):
+        train(config(cache, tmp_path / "a", keep_layers=None), progress=False)
+    with pytest.raises(LogitcacheError, match=r"--keep-layers '0,5': need increasing, distinct indices in \[0, 2\)"):
+        train(config(cache, tmp_path / "b", keep_layers="0,5"), progress=False)
+    with pytest.raises(LogitcacheError, match=r"hidden layer 1 is not in the cache .*; it holds layers 2"):
+        train(config(cache, tmp_path / "c", layer_map=[[0, 1]]), progress=False)
+    with pytest.raises(LogitcacheError, match=r"--seq-len: must be >= 1, got 0"):
+        config(cache, tmp_path / "d", seq_len=0)
+    with pytest.raises(LogitcacheError, match=r"unknown training setting\(s\) lr_max"):
+        TrainConfig.from_dict({"cache": cache, "out": "x", "lr_max": 1})
+    # a student with another vocabulary
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    path = tmp_path / "student.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    with pytest.raises(LogitcacheError, match=r"the student's logits have 1000 entries but the teacher's have 49152"):
+        train(config(cache, tmp_path / "e", keep_layers=None, student=str(path)), progress=False)
+    # resuming with other settings
+    train(config(cache, tmp_path / "f", max_steps=2), progress=False)
+    with pytest.raises(LogitcacheError, match=r"holds a checkpoint made with lr = 0.003, but this run has 0.01"):
+        train(config(cache, tmp_path / "f", max_steps=2, lr=1e-2), progress=False)
+
+
+def test_transformers_trainer_adapter_trains_with_our_loss(cache, tmp_path, random_student):
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+
+    from student_train import losses
+    from student_train.data import CacheStream, block_causal_mask
+    from student_train.hf_trainer import DistillationTrainer, distillation_collator
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**json.loads(open(random_student).read())))
+    stream = CacheStream(cache, seq_len=48, batch_size=1, seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, max_steps=3,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = DistillationTrainer(model=model, args=args, train_dataset=stream,
+                                  distillation=losses.DistillationConfig(kind="forward_kl"))
+    batch = distillation_collator([b for b, _ in zip(stream, range(2))])
+    mask = block_causal_mask(batch["document_ids"])[:, None]
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
+    direct = losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"], batch["loss_mask"])
+    torch.testing.assert_close(trainer.compute_loss(model, batch), direct)
+    out = trainer.train()
+    losses_logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert out.global_step == 3 and len(losses_logged) == 3 and losses_logged[-1] < losses_logged[0]
