@@ -59,6 +59,9 @@ def _handle_errors(fn):
 @click.option("--entropy-below", type=float, help="... or below this.")
 @click.option("--entropy-top-frac", type=float, help="... or only the top fraction of each batch's tokens by entropy.")
 @click.option("--entropy-bottom-frac", type=float, help="... or the bottom fraction.")
+@click.option("--teacher", "teachers", multiple=True,
+              help="Multi-teacher: another cache over the same samples (same tokenizer), repeatable.")
+@click.option("--teacher-weights", help="Comma-separated loss weights, main cache first (default: equal).")
 @click.option("--layer-map", help="Feature distillation: student:teacher layer pairs, e.g. 2:12,5:-1 "
                                   "(the cache must hold those teacher layers).")
 @click.option("--hidden-loss", type=click.Choice(["cosine", "mse"]))
@@ -73,7 +76,7 @@ def _handle_errors(fn):
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @_handle_errors
-def cli(cache, out, config_file, loss_args, layer_map, no_progress, as_json, **flags):
+def cli(cache, out, config_file, loss_args, layer_map, teachers, teacher_weights, no_progress, as_json, **flags):
     """Distil a student from CACHE (a logitcache directory or fsspec URL) without loading the teacher.
 
     Streams the cache's top-k log-probs (and hidden states with --layer-map), trains with an explicit
@@ -106,6 +109,13 @@ def cli(cache, out, config_file, loss_args, layer_map, no_progress, as_json, **f
         base["loss_args"] = dict(_loss_arg(a) for a in loss_args)
     if layer_map:
         base["layer_map"] = parse_layer_map(layer_map)
+    if teachers:
+        base["teachers"] = list(teachers)
+    if teacher_weights:
+        try:
+            base["teacher_weights"] = [float(w) for w in teacher_weights.split(",")]
+        except ValueError:
+            raise LogitcacheError(f"--teacher-weights {teacher_weights!r}: expected numbers such as 0.7,0.3") from None
     for required in ("cache", "out"):
         if not base.get(required):
             raise LogitcacheError(f"missing {'CACHE' if required == 'cache' else '--out'} (or give it in --config)")

@@ -37,6 +37,8 @@ class TrainConfig:
     entropy_below: float | None = None
     entropy_top_frac: float | None = None       # ... or the top / bottom fraction of a batch's tokens
     entropy_bottom_frac: float | None = None
+    teachers: list = field(default_factory=list)    # more caches over the same samples (multi-teacher)
+    teacher_weights: list = field(default_factory=list)  # one per teacher, main cache first (default equal)
     layer_map: list = field(default_factory=list)   # [[student_layer, teacher_layer], ...]
     hidden_loss: str = "cosine"                 # cosine | mse
     hidden_weight: float = 1.0
@@ -66,6 +68,9 @@ class TrainConfig:
         if self.hidden_loss not in ("cosine", "mse"):
             bad("hidden_loss", f"{self.hidden_loss!r}: choose cosine or mse")
         self.layer_map = [[int(s), int(t)] for s, t in self.layer_map]
+        if self.teacher_weights and len(self.teacher_weights) != 1 + len(self.teachers):
+            bad("teacher_weights", f"{len(self.teacher_weights)} weight(s) for {1 + len(self.teachers)} teacher caches "
+                                   "(the main cache and each --teacher)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -32,6 +32,7 @@ from . import losses
 from .config import TrainConfig
 from .data import CacheStream, block_causal_mask, check_student_vocab, make_dataloader
 from .model import build_student, count_parameters
+from .multi_teacher import TeacherJoin
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,17 @@ def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: 
                  hidden_names: list[str]) -> tuple[torch.Tensor, dict]:
     out = forward(model, batch, bool(hidden_names))
     logits = out.logits                                                    # (B, T, V)
-    kd_loss = losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"],
-                                       token_weights(cfg, batch), **kd.kd_kwargs())
+    weights = token_weights(cfg, batch)
+    kd_loss = losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"], weights,
+                                       **kd.kd_kwargs())
     parts = {"kd": kd_loss.detach()}
+    if cfg.teachers:          # other teachers' rows, joined by sample id (multi_teacher.TeacherJoin)
+        each = [kd_loss] + [losses.distillation_loss(logits, batch[f"teacher{j}_ids"], batch[f"teacher{j}_logprobs"],
+                                                     weights * batch[f"teacher{j}_mask"], **kd.kd_kwargs())
+                            for j in range(1, len(cfg.teachers) + 1)]
+        kd_loss = losses.combine_teacher_losses(each, cfg.teacher_weights or [1.0] * len(each))
+        parts.update({f"kd_teacher{j}": v.detach() for j, v in enumerate(each)})
+        parts["kd"] = kd_loss.detach()
     loss = kd_loss
     if cfg.ce_alpha > 0:
         ce = losses.hard_label_cross_entropy(logits, batch["labels"], chunk_rows=kd.chunk_rows)
@@ -255,6 +264,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, seed=cfg.seed, sample_ids=train_ids,
                          where=cfg.where, hidden_layers=teacher_layers, rank=rank, world_size=world)
     loader = make_dataloader(stream, num_workers=cfg.num_workers)
+    joins = [TeacherJoin(url, stream) for url in cfg.teachers]
     eval_stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, shuffle=False, sample_ids=eval_ids,
                               rank=0, world_size=1) if eval_ids else None
 
@@ -316,6 +326,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         state = {"epoch": epoch}                        # later epochs always start fresh
         group, parts_sum = 0, {}
         for batch in loader:
+            for j, join in enumerate(joins, start=1):
+                batch[f"teacher{j}_ids"], batch[f"teacher{j}_logprobs"], batch[f"teacher{j}_mask"] = join(batch)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             last_of_epoch = stream.rows_consumed >= stream.batches_per_rank * cfg.batch_size
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,60 @@ def test_transformers_trainer_adapter_trains_with_our_loss(cache, tmp_path, rand
     out = trainer.train()
     losses_logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert out.global_step == 3 and len(losses_logged) == 3 and losses_logged[-1] < losses_logged[0]
+
+
+@pytest.fixture(scope="module")
+def second_teacher_cache(tmp_path_factory, tiny_teacher, cache):
+    """The same texts under another random teacher (same tokenizer), in shards of another size."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("teacher2")
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(d / "t2")
+    for f in os.listdir(tiny_teacher):
+        if f.startswith(("tokenizer", "chat_template", "generation")):
+            shutil.copy(os.path.join(tiny_teacher, f), d / "t2" / f)
+    src = os.path.join(os.path.dirname(cache), "texts.jsonl")
+    run_capture(CaptureJob(cache=str(d / "c2"), teacher=str(d / "t2"), backend="hf", mode="score", source=src,
+                           top_k=4, samples_per_shard=5, progress=False))
+    return str(d / "c2")
+
+
+def test_second_teacher_rows_are_joined_by_sample_id(cache, second_teacher_cache):
+    from student_train.data import CacheStream
+    from student_train.multi_teacher import TeacherJoin
+
+    stream = CacheStream(cache, seq_len=48, batch_size=3, seed=1)
+    join = TeacherJoin(second_teacher_cache, stream)
+    other = open_cache(second_teacher_cache)
+    checked = 0
+    for batch in stream:
+        ids, lps, mask = join(batch)
+        assert ids.shape[-1] == 4 and not (mask & ~batch["loss_mask"]).any()
+        for b, t in zip(*torch.nonzero((batch["position_ids"] == 0) & (batch["document_ids"] != 0), as_tuple=True)):
+            sid = stream.sample_id(int(batch["sample_index"][b, t]))
+            want = other.sample(sid, ["topk_ids", "topk_logprobs"])
+            n = int((batch["document_ids"][b] == batch["document_ids"][b, t]).sum())
+            m = mask[b, t:t + n].numpy()
+            assert m.sum() == min(n, len(want["topk_ids"])) - 1          # score mode: all rows but the last
+            assert (ids[b, t:t + n].numpy()[m] == want["topk_ids"][:n][m]).all()
+            assert (lps[b, t:t + n].numpy()[m] == want["topk_logprobs"][:n][m].astype(np.float32)).all()
+            checked += 1
+    assert checked == stream.num_samples
+
+
+def test_multi_teacher_training_combines_the_losses(cache, second_teacher_cache, tmp_path, random_student):
+    report = train(config(cache, tmp_path / "mt", keep_layers=None, student=random_student, max_steps=3,
+                          teachers=[second_teacher_cache], teacher_weights=[0.25, 0.75]), progress=False)
+    log = [json.loads(x) for x in (tmp_path / "mt" / "log.jsonl").read_text().splitlines() if '"eval"' not in x]
+    for r in log:
+        assert r["kd"] == pytest.approx(0.25 * r["kd_teacher0"] + 0.75 * r["kd_teacher1"], rel=1e-5)
+    assert report["steps"] == 3
+    with pytest.raises(LogitcacheError, match=r"--teacher-weights: 1 weight\(s\) for 2 teacher caches"):
+        config(cache, tmp_path / "x", teachers=[second_teacher_cache], teacher_weights=[1.0])
