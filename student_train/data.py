@@ -83,7 +83,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from logitcache.format import CorruptShardError, LogitcacheError, layout
+from logitcache.format import LogitcacheError
 from logitcache.store.reader import Cache, open_cache
 
 STATE_VERSION = 1
@@ -431,7 +431,6 @@ class CacheStream(IterableDataset):
 
         self.epoch, self.rows_consumed = 0, 0
         self._plan_cache: EpochPlan | None = None
-        self._checked: set[tuple[str, str]] = set()
 
     # ---- selection and plan --------------------------------------------------------------------
     @property
@@ -550,7 +549,6 @@ class CacheStream(IterableDataset):
         if self._cache is None or self._pid != os.getpid():
             self._cache = open_cache(self.url, allow_partial=self._allow_partial, storage_options=self._storage_options)
             self._pid = os.getpid()
-            self._checked = set()
         return self._cache
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -679,20 +677,8 @@ class CacheStream(IterableDataset):
         return {name: torch.from_numpy(a) for name, a in out.items()}
 
     def _read(self, cache: Cache, shard: str, start: int, stop: int, names: list[str]) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of a shard. Zarr returns fill values for a missing data object, so
-        a shard's objects are checked to exist before its first read in this process."""
-        for name in names:
-            if (shard, name) in self._checked:
-                continue
-            spec = cache.manifest.arrays[name]
-            key = f"{layout.shard_arrays(shard)}/{name}/c/" + "/".join(["0"] * (1 + len(spec.row_shape)))
-            try:
-                exists = cache.cfs.exists(key)
-            except Exception as e:
-                raise CorruptShardError(shard, f"cannot check {key} in {cache.url}: {e}") from e
-            if not exists:
-                raise CorruptShardError(shard, f"{key} is missing in {cache.url}")
-            self._checked.add((shard, name))
+        """Rows [start, stop) of a shard; the reader refuses a shard with a missing or truncated file
+        (``CorruptShardError``), and any other failure is re-raised naming the shard and rows."""
         try:
             return cache.read_rows(shard, start, stop, names)
         except LogitcacheError:

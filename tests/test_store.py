@@ -120,6 +120,19 @@ def test_corrupt_shard_is_named(tmp_path):
         open_cache(str(tmp_path)).verify()
 
 
+def test_a_missing_chunk_file_is_an_error_not_fill_values(tmp_path):
+    rng = np.random.default_rng(4)
+    specs, arrays = random_shard(rng, 100)
+    commit(CacheFS(str(tmp_path)), "i0-000000", specs, arrays, [100])
+    np.testing.assert_array_equal(open_cache(str(tmp_path)).read_rows("i0-000000", 0, 100, ["entropy"])["entropy"],
+                                  arrays["entropy"])
+    next(p for p in (tmp_path / "shards" / "i0-000000" / "arrays.zarr" / "entropy" / "c").rglob("*")
+         if p.is_file()).unlink()
+    with pytest.raises(CorruptShardError, match=r"shard 'i0-000000' is corrupt: \d+ bytes on storage, the manifest "
+                                                r"records \d+: a file is missing or truncated"):
+        open_cache(str(tmp_path)).read_rows("i0-000000", 0, 10, ["entropy"])
+
+
 def test_open_cache_errors(tmp_path):
     with pytest.raises(FormatError, match=r"no manifest.json here: not a logitcache cache"):
         open_cache(str(tmp_path))

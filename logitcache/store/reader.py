@@ -77,9 +77,21 @@ class Cache:
     # ---- arrays ---------------------------------------------------------------------------
     def group(self, shard: str) -> zarr.Group:
         if shard not in self._groups:
+            self._check_size(shard)
             store = self.cfs.zarr_store(layout.shard_arrays(shard), read_only=True)
             self._groups[shard] = zarr.open_group(store, mode="r", zarr_format=3)
         return self._groups[shard]
+
+    def _check_size(self, shard: str) -> None:
+        """Zarr reads a missing chunk file as fill values; one listing per shard catches a missing or
+        truncated file before any value is read (``verify`` checks the content)."""
+        record = next((s for s in self.shards if s.name == shard), None)
+        if record is None:
+            raise KeyError(f"{self.url}: no shard {shard!r}")
+        found = self.cfs.total_size(layout.shard_dir(shard))
+        if found != record.bytes:
+            raise CorruptShardError(shard, f"{found} bytes on storage, the manifest records {record.bytes}: "
+                                           "a file is missing or truncated")
 
     def _decode(self, name: str, raw: np.ndarray) -> np.ndarray:
         return bf16_bits_to_float32(raw) if self.manifest.arrays[name].dtype == "bfloat16" else raw
