@@ -67,8 +67,8 @@ def worker(config: str, teacher: str, limit: int, max_new_tokens: int, repeats: 
         reqs = [SequenceRequest(prompt_ids=p, response_ids=None, score_from=len(p) - 1, max_new_tokens=max_new_tokens)
                 for p in ids]
 
-        def run():
-            out = backend.run(reqs, TOP_K, backend.hidden_layers, gen)
+        def run(n=None):
+            out = backend.run(reqs[:n], TOP_K, backend.hidden_layers, gen)
             return [c.tokens[c.prompt_len:].tolist() for c in out]
     else:
         from vllm import LLM, SamplingParams
@@ -82,10 +82,10 @@ def worker(config: str, teacher: str, limit: int, max_new_tokens: int, repeats: 
                                 **extra)
         prompts = [TokensPrompt(prompt_token_ids=p) for p in ids]
 
-        def run():
-            return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        def run(n=None):
+            return [list(o.outputs[0].token_ids) for o in llm.generate(prompts[:n], params, use_tqdm=False)]
     load_s = time.perf_counter() - t0
-    run()                                                    # warm-up: first-call allocations
+    run(2)                                                   # warm-up: first-call allocations
     times, responses = [], None
     for _ in range(repeats):
         t = time.perf_counter()

@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
-
 import click
 
-EXIT_INPUT = 1
-
-
-def _handle_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from logitcache.format.errors import LogitcacheError
-
-        try:
-            return fn(*args, **kwargs)
-        except LogitcacheError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_INPUT)
-    return wrapper
+from logitcache.cli.common import echo_json, handle_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -75,7 +58,7 @@ def _handle_errors(fn):
 @click.option("--resume/--no-resume", default=None, help="Continue from OUT/checkpoint if present (default) or start over.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
-@_handle_errors
+@handle_errors
 def cli(cache, out, config_file, loss_args, layer_map, teachers, teacher_weights, no_progress, as_json, **flags):
     """Distil a student from CACHE (a logitcache directory or fsspec URL) without loading the teacher.
 
@@ -123,7 +106,7 @@ def cli(cache, out, config_file, loss_args, layer_map, teachers, teacher_weights
     if not report:
         return                                   # not the main process
     if as_json:
-        click.echo(json.dumps(report, indent=1, default=str))
+        echo_json(report)
         return
     start, end = report["eval_start"] or {}, report["eval_end"] or {}
     click.echo(f"trained {report['steps']} steps on {report['train_samples']} samples: "

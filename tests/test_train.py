@@ -238,3 +238,18 @@ def test_multi_teacher_training_combines_the_losses(cache, second_teacher_cache,
     assert report["steps"] == 3
     with pytest.raises(LogitcacheError, match=r"--teacher-weights: 1 weight\(s\) for 2 teacher caches"):
         config(cache, tmp_path / "x", teachers=[second_teacher_cache], teacher_weights=[1.0])
+
+
+def test_cli_teaches_and_names_what_is_missing(cache):
+    from click.testing import CliRunner
+
+    from student_train.cli import cli as train_cli
+
+    r = CliRunner().invoke(train_cli, ["--help"])
+    for flag in ("--keep-layers", "--selection", "--loss", "KL(p_teacher||q_student)", "--layer-map", "--teacher",
+                 "--resume"):
+        assert flag in r.output
+    r = CliRunner().invoke(train_cli, [cache])
+    assert r.exit_code == 1 and "error: missing --out (or give it in --config)" in r.output
+    r = CliRunner().invoke(train_cli, [cache, "--out", "x", "--loss-arg", "alpha"])
+    assert r.exit_code == 2 and "'alpha': expected KEY=NUMBER" in r.output
