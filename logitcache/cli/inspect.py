@@ -11,19 +11,28 @@ from .common import echo_json, handle_errors
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the entropy histogram and top-k mass curve to this PNG.")
+              help="Write the entropy histogram, top-k mass curve and entropy by position to this PNG.")
+@click.option("--selection", default=None, metavar="FILE.parquet",
+              help="Summarise this selection file against CACHE (checked: made from CACHE); --plot overlays it.")
 @click.option("--verify", is_flag=True, help="Recompute every shard checksum (exit code 3 names a corrupt shard).")
 @click.option("--partial", is_flag=True, help="Read a cache whose capture is running or was never finalized.")
 @click.option("--no-token-stats", is_flag=True, help="Skip the token-level pass (entropy, top-k mass).")
 @handle_errors
-def inspect(cache, as_json, plot, verify, partial, no_token_stats):
+def inspect(cache, as_json, plot, verify, partial, no_token_stats, selection):
     """Summarise CACHE: teacher, tokenizer, capture settings, sizes (bytes/token per array) and the
-    distribution of the teacher's entropy."""
+    distribution of the teacher's entropy.
+
+    \b
+    Examples:
+      logitcache inspect ./cache --verify
+      logitcache inspect ./cache --plot entropy.png
+      logitcache inspect ./cache --selection hard.parquet --plot hard.png   # selection vs cache
+    """
     from ..report.summary import plot as draw, render_text, summarize
     from ..store.reader import open_cache
 
     c = open_cache(cache, verify=verify, allow_partial=partial)
-    s = summarize(c, token_stats=not no_token_stats or bool(plot))
+    s = summarize(c, token_stats=not no_token_stats or bool(plot), selection=selection)
     if verify:
         s["verified_shards"] = len(c.shards)
     if plot:

@@ -2,8 +2,9 @@
 
 from .arrays import ArraySpec, array_specs, bf16_bits_to_float32, id_dtype
 from .errors import ConfigMismatchError, CorruptShardError, FormatError, InputError, LogitcacheError
-from .manifest import (CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, SkipRecord, TeacherInfo,
-                       TokenizerInfo)
+from .fingerprint import cache_fingerprint
+from .manifest import (CaptureConfig, DerivedFile, DerivedTable, InputSpec, Manifest, PartInfo, Provenance,
+                       ShardRecord, SkipRecord, TeacherInfo, TokenizerInfo)
 from .samples import SAMPLE_COLUMNS, SAMPLES_SCHEMA, sample_id
 from .version import FORMAT_NAME, FORMAT_VERSION
 
@@ -11,5 +12,5 @@ __all__ = [
     "ArraySpec", "array_specs", "bf16_bits_to_float32", "id_dtype", "ConfigMismatchError", "CorruptShardError",
     "FormatError", "InputError", "LogitcacheError", "CaptureConfig", "InputSpec", "Manifest", "PartInfo",
     "ShardRecord", "SkipRecord", "TeacherInfo", "TokenizerInfo", "SAMPLE_COLUMNS", "SAMPLES_SCHEMA", "sample_id",
-    "FORMAT_NAME", "FORMAT_VERSION",
+    "FORMAT_NAME", "FORMAT_VERSION", "cache_fingerprint", "DerivedFile", "DerivedTable", "Provenance",
 ]

@@ -6,6 +6,8 @@
       shards/<name>/arrays.zarr/         one Zarr v3 group: token-major arrays
       shards/<name>/samples.parquet      the shard's rows of the samples table
       _tmp/                              shards being written; never read
+      derived/                           tables computed from the shards (format 1.1; listed under
+                                         "derived" in the manifest; never part of a shard)
 """
 
 MANIFEST = "manifest.json"
@@ -14,6 +16,7 @@ SHARDS_DIR = "shards"
 TMP_DIR = "_tmp"
 ARRAYS = "arrays.zarr"
 SAMPLES = "samples.parquet"
+DERIVED_DIR = "derived"
 
 
 def part_path(worker_index: int) -> str:

@@ -127,6 +127,48 @@ class PartInfo:
 
 
 @dataclass
+class DerivedFile:
+    path: str                 # relative to the cache root, under derived/
+    rows: int
+    bytes: int
+    checksum: str             # "sha256:<hex>" of the file's bytes
+
+
+@dataclass
+class DerivedTable:
+    """A table computed from the committed shards and stored beside them (format 1.1, optional).
+
+    Valid only while ``cache_fingerprint`` equals the cache's current fingerprint; a reader that
+    finds another fingerprint must ignore it (it was computed before shards were added).
+    """
+
+    name: str                 # "token_stats", "tokens" or "samples_index" (docs/format.md, "Derived tables")
+    params: dict[str, Any]    # what decides its values, e.g. {"entropy_threshold": 1.0}
+    columns: list[str]
+    cache_fingerprint: str
+    files: list[DerivedFile]
+    created_by: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "DerivedTable":
+        t = _from_dict(cls, d, where)
+        t.files = [_from_dict(DerivedFile, f, f"{where}: files") for f in t.files]
+        return t
+
+
+@dataclass
+class Provenance:
+    """Where an exported cache came from (format 1.1, optional)."""
+
+    source_cache: str         # URL of the cache the samples were copied from
+    source_fingerprint: str   # its cache fingerprint at the time
+    selection_query: str      # the query (or select shortcut) that made the selection
+    selection_count: int      # samples selected (= samples of this cache)
+    selection_file: str = ""
+    source_shards: dict[str, str] = field(default_factory=dict)  # this cache's shard -> the source's shard
+
+
+@dataclass
 class Manifest:
     teacher: TeacherInfo
     tokenizer: TokenizerInfo
@@ -141,6 +183,8 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
     part: PartInfo | None = None
+    derived: list[DerivedTable] = field(default_factory=list)   # 1.1
+    provenance: Provenance | None = None                        # 1.1
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -173,6 +217,10 @@ class Manifest:
         d["complete"] = self.complete
         if self.part is not None:
             d["part"] = asdict(self.part)
+        if self.derived:  # written only when present: a manifest without them is a valid 1.0 one
+            d["derived"] = [asdict(t) for t in self.derived]
+        if self.provenance is not None:
+            d["provenance"] = asdict(self.provenance)
         return d
 
     def to_json(self) -> str:
@@ -200,6 +248,8 @@ class Manifest:
             format=d["format"],
             format_version=d["format_version"],
             part=_from_dict(PartInfo, d["part"], f"{where}: part") if d.get("part") else None,
+            derived=[DerivedTable.from_dict(x, f"{where}: derived") for x in d.get("derived") or []],
+            provenance=_from_dict(Provenance, d["provenance"], f"{where}: provenance") if d.get("provenance") else None,
         )
 
     @classmethod

@@ -8,7 +8,14 @@ something that exists. Readers accept every minor version of their own major.
 from .errors import FormatError
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
+
+# What each minor version added (docs/format.md, "Versioning"). 1.0 readers read 1.1 caches: they
+# ignore the manifest sections below and never look under derived/.
+MINOR_ADDITIONS = {
+    "1.1": "manifest sections `derived` (materialised per-sample and per-token tables under derived/) "
+           "and `provenance` (where an exported cache came from); cache fingerprint; selection files",
+}
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -17,6 +24,11 @@ def parse_version(text: str) -> tuple[int, int]:
         return int(major), int(minor)
     except (AttributeError, ValueError):
         raise FormatError(f"format_version {text!r} is not of the form MAJOR.MINOR") from None
+
+
+def at_least(text: str, minimum: str) -> str:
+    """The later of two versions of one major (a manifest that gains a 1.1 section becomes 1.1)."""
+    return max(text, minimum, key=parse_version)
 
 
 def check_readable(text: str, where: str) -> None:

@@ -1,7 +1,8 @@
 """What a cache holds, in numbers and pictures: ``logitcache inspect``.
 
 Token-level figures stream the entropy and top-k arrays chunk by chunk, so memory stays flat on any
-cache size. Unscored rows hold NaN entropy by contract, which is how they are told apart.
+cache size. Unscored rows hold NaN entropy by contract, which is how they are told apart. With a
+selection file, the same pass also gathers the selected samples' entropy, to compare with the cache.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from ..format.arrays import ENTROPY, TOPK_LOGPROBS
 from ..store.reader import Cache
 
 HIST_BINS = 2000  # quantiles below are read from this histogram: resolution log(V)/2000 nats
+POSITION_BINS = 128  # entropy by position: at most this many bins of equal width
+SELECTION_COLUMNS = ["mean_entropy", "max_entropy", "p90_entropy", "teacher_logprob_mean", "perplexity",
+                     "response_tokens", "num_tokens"]
 
 
-def summarize(cache: Cache, token_stats: bool = True) -> dict:
+def summarize(cache: Cache, token_stats: bool = True, selection: str | None = None) -> dict:
     m = cache.manifest
     stored = cache.stored_bytes()
     tokens = max(m.num_tokens, 1)
@@ -44,48 +48,131 @@ def summarize(cache: Cache, token_stats: bool = True) -> dict:
                   "per_token": {k: v / tokens for k, v in stored.items()},
                   "per_scored_token": {k: v / max(scored, 1) for k, v in stored.items()}},
     }
+    selected = None
+    if selection is not None:
+        out["selection"], selected = selection_summary(cache, selection)
     if token_stats and scored:
-        out["token_stats"] = token_statistics(cache)
+        out["token_stats"] = token_statistics(cache, selected)
+        if selected is not None:
+            out["selection"]["token_stats"] = out["token_stats"].pop("selection")
     return out
 
 
-def token_statistics(cache: Cache) -> dict:
-    """Entropy histogram and quantiles, and the mean cumulative probability of the top-k ranks."""
+def selection_summary(cache: Cache, path: str) -> tuple[dict, list[str]]:
+    """A selection file against its cache (checked: same fingerprint, known ids): its record, and
+    per-sample means over the selection and over the whole cache."""
+    from ..query.engine import Engine
+    from ..query.selection import check_selection, load_selection
+
+    table, info = load_selection(path)
+    check_selection(table, info, cache, str(path))
+    avgs = ", ".join(f"avg({c}) AS {c}" for c in SELECTION_COLUMNS)
+    rows = Engine(cache, persist=False).run(
+        f"SELECT 'selection' AS part, {avgs} FROM samples WHERE sample_id IN (SELECT sample_id FROM _selection) "
+        f"UNION ALL SELECT 'cache' AS part, {avgs} FROM samples",
+        extra={"_selection": table.select(["sample_id"])}).table.to_pylist()
+    by_part = {r.pop("part"): r for r in rows}
+    n = cache.manifest.num_samples
+    summary = {"file": str(path), "count": info.count, "of_samples": n, "share": info.count / max(n, 1),
+               "query": info.query, "shortcut": info.shortcut, "entropy_threshold": info.entropy_threshold,
+               "made_from": info.cache, "cache_fingerprint": info.cache_fingerprint, "fingerprint_matches": True,
+               "per_sample": {c: {"selection": by_part["selection"][c], "cache": by_part["cache"][c]}
+                              for c in SELECTION_COLUMNS}}
+    return summary, table.column("sample_id").to_pylist()
+
+
+def _quantile(c, e, q):
+    idx = int(np.searchsorted(np.cumsum(c), q * c.sum()))
+    return float((e[idx] + e[idx + 1]) / 2)
+
+
+def _entropy_summary(counts: np.ndarray, edges: np.ndarray, ent_sum: float, n: int) -> dict:
+    return {
+        "scored_tokens": int(n),
+        "entropy_mean": ent_sum / n if n else None,
+        "entropy_quantiles": ({f"p{int(q * 100)}": _quantile(counts, edges, q) for q in (0.1, 0.5, 0.9, 0.99)}
+                              if n else {}),
+        "entropy_histogram": {"edges": [float(x) for x in edges[::20]],
+                              "counts": [int(x) for x in counts.reshape(-1, 20).sum(1)]},
+    }
+
+
+def _by_position(sums: np.ndarray, counts: np.ndarray) -> dict:
+    """Mean entropy per scored position (0 = first scored row), in at most POSITION_BINS equal bins."""
+    width = max(1, math.ceil(len(counts) / POSITION_BINS))
+    pad = (-len(counts)) % width
+    s = np.pad(sums, (0, pad)).reshape(-1, width).sum(1)
+    c = np.pad(counts, (0, pad)).reshape(-1, width).sum(1)
+    return {"width": width, "start": [int(i * width) for i in range(len(c))],
+            "mean": [float(a / b) if b else None for a, b in zip(s, c)], "tokens": [int(x) for x in c]}
+
+
+def _add_at(acc: np.ndarray, pos: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    got = np.bincount(pos, weights=weights, minlength=len(acc))
+    if len(got) > len(acc):
+        acc = np.pad(acc, (0, len(got) - len(acc)))
+    acc[:len(got)] += got
+    return acc
+
+
+def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
+    """Entropy histogram and quantiles, mean entropy by position, and the mean cumulative probability
+    of the top-k ranks; with ``selected`` sample ids, the entropy figures of those samples too."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ..query.token_stats import iter_sample_rows
+
     vocab = cache.manifest.teacher.vocab_size
     k = cache.manifest.capture.top_k
     hi = math.log(vocab)
     counts = np.zeros(HIST_BINS, dtype=np.int64)
+    sel_counts = np.zeros(HIST_BINS, dtype=np.int64)
     mass_sum = np.zeros(k, dtype=np.float64)
     tail = np.zeros(HIST_BINS, dtype=np.int64)
-    n = 0
-    ent_sum = 0.0
-    for chunk in cache.iter_token_chunks([ENTROPY, TOPK_LOGPROBS]):
+    pos_sum, pos_n = np.zeros(0), np.zeros(0)
+    sel_pos_sum, sel_pos_n = np.zeros(0), np.zeros(0)
+    n = sel_n = 0
+    ent_sum = sel_sum = 0.0
+    wanted = pa.array(selected if selected is not None else [], pa.string())
+    shard, is_selected = None, None
+    for chunk in iter_sample_rows(cache, [ENTROPY, TOPK_LOGPROBS]):
         ent = chunk.arrays[ENTROPY]
-        ok = ~np.isnan(ent)
+        ok = chunk.scored & ~np.isnan(ent)
         if not ok.any():
             continue
         e = ent[ok].astype(np.float64)
-        counts += np.histogram(np.clip(e, 0, hi), bins=HIST_BINS, range=(0, hi))[0]
+        binned = np.histogram(np.clip(e, 0, hi), bins=HIST_BINS, range=(0, hi))[0]
+        counts += binned
         cum = np.cumsum(np.exp(chunk.arrays[TOPK_LOGPROBS][ok].astype(np.float64)), axis=1)   # (rows, k)
         mass_sum += cum.sum(0)
         tail += np.histogram(np.clip(1 - cum[:, -1], 0, 1), bins=HIST_BINS, range=(0, 1))[0]
         ent_sum += e.sum()
         n += e.size
+        pos = chunk.scored_position[ok]
+        pos_sum, pos_n = _add_at(pos_sum, pos, e), _add_at(pos_n, pos)
+        if selected is not None:
+            if chunk.shard != shard:
+                shard = chunk.shard
+                is_selected = pc.is_in(chunk.index.column("sample_id"), value_set=wanted).to_numpy(zero_copy_only=False)
+            mine = is_selected[chunk.sample[ok]]                                   # (scored rows,)
+            sel_counts += np.histogram(np.clip(e[mine], 0, hi), bins=HIST_BINS, range=(0, hi))[0]
+            sel_sum += e[mine].sum()
+            sel_n += int(mine.sum())
+            sel_pos_sum, sel_pos_n = _add_at(sel_pos_sum, pos[mine], e[mine]), _add_at(sel_pos_n, pos[mine])
     edges = np.linspace(0, hi, HIST_BINS + 1)
     tail_edges = np.linspace(0, 1, HIST_BINS + 1)
-
-    def quantile(c, e, q):
-        idx = int(np.searchsorted(np.cumsum(c), q * c.sum()))
-        return float((e[idx] + e[idx + 1]) / 2)
-
-    return {
-        "entropy_mean": ent_sum / n,
-        "entropy_quantiles": {f"p{int(q * 100)}": quantile(counts, edges, q) for q in (0.1, 0.5, 0.9, 0.99)},
-        "entropy_histogram": {"edges": [float(x) for x in edges[::20]],
-                              "counts": [int(x) for x in counts.reshape(-1, 20).sum(1)]},
+    out = _entropy_summary(counts, edges, ent_sum, n)
+    del out["scored_tokens"]
+    out.update({
+        "entropy_by_position": _by_position(pos_sum, pos_n),
         "topk_mass_mean": [float(x) for x in mass_sum / n],
-        "tail_mass_quantiles": {f"p{int(q * 100)}": quantile(tail, tail_edges, q) for q in (0.5, 0.9, 0.99)},
-    }
+        "tail_mass_quantiles": {f"p{int(q * 100)}": _quantile(tail, tail_edges, q) for q in (0.5, 0.9, 0.99)},
+    })
+    if selected is not None:
+        out["selection"] = _entropy_summary(sel_counts, edges, sel_sum, sel_n)
+        out["selection"]["entropy_by_position"] = _by_position(sel_pos_sum, sel_pos_n)
+    return out
 
 
 def render_text(s: dict) -> str:
@@ -114,31 +201,72 @@ def render_text(s: dict) -> str:
                      f"p90 {q['p90']:.3f}, p99 {q['p99']:.3f}")
         lines.append("top-k mass   " + ", ".join(f"top-{r}: {ts['topk_mass_mean'][r - 1]:.4f}" for r in marks)
                      + f"; tail p50 {ts['tail_mass_quantiles']['p50']:.4f}, p90 {ts['tail_mass_quantiles']['p90']:.4f}")
+    if "selection" in s:
+        lines += render_selection(s["selection"])
     return "\n".join(lines)
 
 
+def render_selection(sel: dict) -> list[str]:
+    lines = [f"selection    {sel['count']} of {sel['of_samples']} samples ({100 * sel['share']:.1f}%) from "
+             f"{sel['file']}; fingerprint matches this cache",
+             f"  query      {sel['shortcut'] or sel['query']}",
+             f"  {'per sample':<20} {'selection':>10} | {'cache':>10}"]
+    for name, v in sel["per_sample"].items():
+        a, b = v["selection"], v["cache"]
+        lines.append(f"  {name:<20} {a if a is None else format(a, '10.4g'):>10} | "
+                     f"{b if b is None else format(b, '10.4g'):>10}")
+    t = sel.get("token_stats")
+    if t and t["scored_tokens"]:
+        q = t["entropy_quantiles"]
+        lines.append(f"  token entropy      mean {t['entropy_mean']:.3f} nats over {t['scored_tokens']} scored tokens; "
+                     f"p50 {q['p50']:.3f}, p90 {q['p90']:.3f}")
+    return lines
+
+
 def plot(s: dict, path: str) -> None:
+    """Three panels: entropy histogram (with the selection's, if any), top-k mass, entropy by position."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ts = s["token_stats"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    sel = s.get("selection", {}).get("token_stats")
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
     edges = np.array(ts["entropy_histogram"]["edges"])
     counts = np.array(ts["entropy_histogram"]["counts"])
-    a.bar(edges[:-1], counts / max(counts.sum(), 1), width=np.diff(edges), align="edge", color="tab:blue")
+    a.bar(edges[:-1], counts / max(counts.sum(), 1), width=np.diff(edges), align="edge", color="tab:blue",
+          alpha=0.6 if sel else 1.0, label="whole cache")
     a.axvline(ts["entropy_mean"], color="k", ls="--", lw=1, label=f"mean {ts['entropy_mean']:.2f}")
+    top = edges[1:][counts > 0].max() if (counts > 0).any() else edges[-1]
+    if sel and sel["scored_tokens"]:
+        sc = np.array(sel["entropy_histogram"]["counts"])
+        a.step(edges, np.append(sc / sc.sum(), 0), where="post", color="tab:red", lw=1.5,
+               label=f"selection ({s['selection']['count']} samples)")
+        a.axvline(sel["entropy_mean"], color="tab:red", ls=":", lw=1, label=f"selection mean {sel['entropy_mean']:.2f}")
+        top = max(top, edges[1:][sc > 0].max() if (sc > 0).any() else 0)
     a.set(xlabel="teacher entropy (nats, full vocabulary)", ylabel="share of scored tokens",
           title=f"Entropy of {s['scored_tokens']} scored tokens")
-    a.set_xlim(0, edges[1:][counts > 0].max() * 1.05 if (counts > 0).any() else edges[-1])
-    a.legend()
+    a.set_xlim(0, top * 1.05)
+    a.legend(fontsize=8)
     mass = np.array(ts["topk_mass_mean"])
     ranks = np.arange(1, len(mass) + 1)
     b.plot(ranks, mass, marker=".", color="tab:orange")
     b.set(xscale="log", xlabel="top-k rank", ylabel="mean probability mass captured", ylim=(0, 1.01),
           title=f"Top-k mass (tail at k={len(mass)}: {1 - mass[-1]:.3f})")
     b.grid(alpha=0.3)
+    for part, color, label in ((ts, "tab:blue", "whole cache"), (sel, "tab:red", "selection")):
+        if not part or "entropy_by_position" not in part:
+            continue
+        p = part["entropy_by_position"]
+        x = np.array(p["start"], dtype=float) + (p["width"] - 1) / 2
+        y = np.array([np.nan if v is None else v for v in p["mean"]], dtype=float)
+        c.plot(x, y, color=color, marker="." if len(x) < 40 else None, label=label)
+    c.set(xlabel="position among scored tokens (0 = first)", ylabel="mean entropy (nats)",
+          title="Entropy by token position")
+    c.grid(alpha=0.3)
+    if sel:
+        c.legend(fontsize=8)
     fig.suptitle(f"{s['teacher']['name']} - {s['cache']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

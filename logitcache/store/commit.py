@@ -7,11 +7,14 @@ file. ``manifest.json`` is the merge of all parts, written when every planned sh
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Callable
 
 from ..format import layout
 from ..format.errors import FormatError, LogitcacheError
 from ..format.manifest import Manifest, check_same_header
+from ..format.version import FORMAT_VERSION, at_least
 from .fs import CacheFS
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,9 @@ def merge(manifests: list[Manifest], where: str) -> Manifest:
         shards=sorted(shards.values(), key=lambda s: (order.get(s.input_key, 0), s.index)),
         skipped=sorted(skipped.values(), key=lambda s: (order.get(s.input_key, 0), s.row, s.sample_id)),
         created_by=first.created_by,
+        # kept as they are: a derived table records the fingerprint it was computed for, so one made
+        # stale by new shards is recognised and recomputed by whoever needs it
+        derived=first.derived, provenance=first.provenance,
     )
     merged.complete = set(planned_shards(merged)) <= set(shards)
     return merged
@@ -106,3 +112,19 @@ def remove_orphans(cfs: CacheFS, manifest: Manifest, only: set[str] | None = Non
     if removed:
         log.info("removed %d leftover(s) of an interrupted capture: %s", len(removed), ", ".join(removed[:5]))
     return removed
+
+
+def update_manifest(cfs: CacheFS, check: Callable[[Manifest], None], edit: Callable[[dict], None]) -> Manifest:
+    """Rewrite manifest.json with ``edit`` applied to its JSON, in one atomic write.
+
+    Works on the raw JSON so that fields of a newer minor version survive; ``check`` sees the
+    manifest as it is now and raises to refuse (e.g. when shards changed since a derived table was
+    computed). The version becomes at least this release's, since the edit may add its sections.
+    """
+    where = f"{cfs.url}/{layout.MANIFEST}"
+    d = json.loads(cfs.read_bytes(layout.MANIFEST))
+    check(Manifest.from_dict(d, where))
+    edit(d)
+    d["format_version"] = at_least(d["format_version"], FORMAT_VERSION)
+    cfs.write_atomic(layout.MANIFEST, (json.dumps(d, indent=1, allow_nan=False) + "\n").encode())
+    return Manifest.from_dict(d, where)

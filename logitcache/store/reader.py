@@ -71,6 +71,10 @@ class Cache:
         return pa.concat_tables(tables).cast(SAMPLES_SCHEMA) if tables else SAMPLES_SCHEMA.empty_table()
 
     @cached_property
+    def _shard_records(self) -> dict:
+        return {s.name: s for s in self.shards}
+
+    @cached_property
     def _index(self) -> dict[str, int]:
         return {sid: i for i, sid in enumerate(self.samples.column("sample_id").to_pylist())}
 
@@ -85,7 +89,7 @@ class Cache:
     def _check_size(self, shard: str) -> None:
         """Zarr reads a missing chunk file as fill values; one listing per shard catches a missing or
         truncated file before any value is read (``verify`` checks the content)."""
-        record = next((s for s in self.shards if s.name == shard), None)
+        record = self._shard_records.get(shard)
         if record is None:
             raise KeyError(f"{self.url}: no shard {shard!r}")
         found = self.cfs.total_size(layout.shard_dir(shard))

@@ -1,0 +1,46 @@
+"""The cache fingerprint: one string that names *what a cache holds*.
+
+Two caches have the same fingerprint when they were made by the same teacher (weights, not where
+they were loaded from), tokenizer and capture settings and hold the same committed shards, byte for
+byte. Selection files and exported caches record it, so a selection is never applied to a cache it
+was not made from. Derived tables record it too: a capture that adds shards changes it, which marks
+them stale.
+
+Recipe (docs/format.md, "Cache fingerprint"): sha256 over the canonical JSON (sorted keys, no
+spaces, ASCII) of ``{"teacher": ..., "tokenizer": ..., "capture": ..., "shards": [[name, checksum],
+...]}``: the fields listed below (``teacher`` without ``name`` and ``source``), shards sorted by name.
+The field lists are fixed, so a later version that adds manifest fields does not change the
+fingerprint of an existing cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .manifest import NOT_IDENTITY, Manifest
+
+PREFIX = "sha256:"
+FIELDS = {
+    "teacher": ("revision", "fingerprint", "architecture", "num_layers", "hidden_size", "vocab_size", "max_length",
+                "dtype", "backend"),
+    "tokenizer": ("vocab_size", "vocab_sha256", "bos_token_id", "eos_token_ids", "pad_token_id",
+                  "chat_template_sha256"),
+    "capture": ("mode", "top_k", "logprob_dtype", "with_prompt", "hidden_layers", "hidden_dtype", "max_length",
+                "truncate", "samples_per_shard", "system_prompt", "max_new_tokens", "temperature", "top_p", "seed",
+                "num_samples"),
+}
+assert not {f"teacher.{k}" for k in FIELDS["teacher"]} & NOT_IDENTITY
+
+
+def identity(manifest: Manifest) -> dict:
+    """The part of the manifest the fingerprint covers."""
+    out = {section: {k: getattr(getattr(manifest, section), k) for k in keys} for section, keys in FIELDS.items()}
+    out["shards"] = sorted([s.name, s.checksum] for s in manifest.shards)
+    return out
+
+
+def cache_fingerprint(manifest: Manifest) -> str:
+    """``"sha256:<hex>"`` over the canonical JSON of ``identity(manifest)``."""
+    text = json.dumps(identity(manifest), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return PREFIX + hashlib.sha256(text.encode()).hexdigest()
