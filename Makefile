@@ -26,8 +26,8 @@ venv: $(STAMP)
 
 demo: venv
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	# 1. capture: the embedded SmolLM2 teacher answers 96 builtin prompts (vLLM backend when installed)
-	$(VENV)/bin/logitcache capture $(DEMO)/cache --limit 96 --max-new-tokens 128 --samples-per-shard 32 --hidden-layers -1
+	# 1. capture: the embedded SmolLM2 teacher answers 64 builtin prompts (vLLM backend when installed)
+	$(VENV)/bin/logitcache capture $(DEMO)/cache --limit 64 --max-new-tokens 96 --samples-per-shard 32 --hidden-layers -1
 	$(VENV)/bin/logitcache inspect $(DEMO)/cache --verify --plot $(DEMO)/entropy.png
 	# 2. query: the half of the samples where the teacher is least sure
 	$(VENV)/bin/logitcache query $(DEMO)/cache "SELECT count(*) AS samples, avg(mean_entropy) AS mean_entropy FROM samples"
@@ -35,7 +35,7 @@ demo: venv
 	$(VENV)/bin/logitcache inspect $(DEMO)/cache --selection $(DEMO)/uncertain.parquet --plot $(DEMO)/selection.png
 	# 3. train: a 10-layer student cut from the teacher, distilled on the selection only
 	$(VENV)/bin/student-train $(DEMO)/cache --out $(DEMO)/student --keep-layers every:3 \
-		--selection $(DEMO)/uncertain.parquet --seq-len 256 --batch-size 4 --max-steps 40 --lr 2e-4 --eval-frac 0.15
+		--selection $(DEMO)/uncertain.parquet --seq-len 256 --batch-size 4 --max-steps 30 --lr 2e-4 --eval-frac 0.15
 	# 4. report: $(DEMO)/student/report.json, curves.png; entropy.png, selection.png
 	@echo "demo outputs in $(DEMO)/: cache/, entropy.png, uncertain.parquet, selection.png, student/report.json, student/curves.png"
 
