@@ -49,7 +49,7 @@ bench: venv
 	$(PY) benchmarks/capture_hf.py
 	$(PY) benchmarks/capture_vllm.py
 	$(PY) benchmarks/query_samples.py
-	$(PY) benchmarks/encodings.py
+	$(PY) benchmarks/distribution_encodings.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
