@@ -253,3 +253,27 @@ def test_cli_teaches_and_names_what_is_missing(cache):
     assert r.exit_code == 1 and "error: missing --out (or give it in --config)" in r.output
     r = CliRunner().invoke(train_cli, [cache, "--out", "x", "--loss-arg", "alpha"])
     assert r.exit_code == 2 and "'alpha': expected KEY=NUMBER" in r.output
+
+
+def test_training_on_a_selection_file_sees_only_the_selected_samples(cache, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from logitcache.cli.main import cli as logitcache_cli
+
+    sel = tmp_path / "uncertain.parquet"
+    r = CliRunner().invoke(logitcache_cli, ["select", cache, "--by", "mean_entropy", "--top-frac", "0.5", "--out",
+                                            str(sel)])
+    assert r.exit_code == 0, r.output
+    chosen = set(pq.read_table(sel).column("sample_id").to_pylist())
+    record = tmp_path / "seen"
+    monkeypatch.setenv("STUDENT_TRAIN_RECORD_SAMPLES", str(record))
+    report = train(config(cache, tmp_path / "sel", selection=str(sel), max_steps=None, epochs=1), progress=False)
+    train_ids, held_out = split_ids(open_cache(cache).samples.column("sample_id").to_pylist(), 0.2)
+    seen = (record.parent / "seen.0").read_text().split()
+    assert sorted(seen) == sorted(chosen - set(held_out)) and report["train_samples"] == len(seen)
+    assert report["eval_samples"] == len(held_out)      # evaluation stays on the whole held-out split
+    other = tmp_path / "other.parquet"
+    pq.write_table(pq.read_table(sel).slice(0, 2).replace_schema_metadata({}), other)
+    with pytest.raises(LogitcacheError, match="other.parquet"):
+        train(config(cache, tmp_path / "bad", selection=str(other)), progress=False)
