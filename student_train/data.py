@@ -84,6 +84,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitcache.format import LogitcacheError
+from logitcache.format.arrays import absolute_layer
 from logitcache.store.reader import Cache, open_cache
 
 STATE_VERSION = 1
@@ -394,7 +395,7 @@ class CacheStream(IterableDataset):
         available = list(manifest.capture.hidden_layers)
         self.hidden_layers: list[int] = []
         for layer in hidden_layers:
-            resolved = layer if layer >= 0 else manifest.teacher.num_layers + 1 + layer
+            resolved = absolute_layer(layer, manifest.teacher.num_layers)
             if resolved not in available:
                 have = f"it holds layers {', '.join(map(str, available))}" if available else "it holds no hidden states"
                 raise LogitcacheError(f"hidden layer {layer} is not in the cache {self.url}; {have}")

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from logitcache.format.arrays import absolute_layer
 from logitcache.format.errors import LogitcacheError
 from logitcache.store.reader import open_cache
 
@@ -81,10 +82,6 @@ def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def teacher_layer(layer: int, num_layers: int) -> int:
-    return layer if layer >= 0 else num_layers + 1 + layer
 
 
 def selected_ids(cfg: TrainConfig, cache) -> list[str] | None:
@@ -259,7 +256,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         train_ids = [s for s in train_ids if s in keep]
         if not train_ids:
             raise LogitcacheError(f"--selection {cfg.selection}: every selected sample is in the held-out split")
-    hidden_names = [f"hidden.{teacher_layer(t, manifest.teacher.num_layers)}" for _, t in cfg.layer_map]
+    hidden_names = [f"hidden.{absolute_layer(t, manifest.teacher.num_layers)}" for _, t in cfg.layer_map]
     teacher_layers = [t for _, t in cfg.layer_map]
     stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, seed=cfg.seed, sample_ids=train_ids,
                          where=cfg.where, hidden_layers=teacher_layers, rank=rank, world_size=world)

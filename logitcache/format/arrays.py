@@ -72,6 +72,12 @@ def id_dtype(vocab_size: int) -> str:
     return "uint32"
 
 
+def absolute_layer(layer: int, num_layers: int) -> int:
+    """Hidden-state numbering (Hugging Face ``hidden_states``): -1 is layer ``num_layers``, the final
+    hidden state after the norm; negative layers count back from it. Not range-checked."""
+    return layer + num_layers + 1 if layer < 0 else layer
+
+
 def hidden_name(layer: int) -> str:
     return f"{HIDDEN_GROUP}/{layer}"
 

@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from .. import __version__
 from ..format import layout
-from ..format.arrays import ENTROPY, TARGET_LOGPROB, TOKENS, TOPK_IDS, TOPK_LOGPROBS, array_specs
+from ..format.arrays import (ENTROPY, TARGET_LOGPROB, TOKENS, TOPK_IDS, TOPK_LOGPROBS, absolute_layer,
+                             array_specs)
 from ..format.errors import ConfigMismatchError, LogitcacheError
 from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
 from ..format.samples import SAMPLES_SCHEMA
@@ -151,7 +152,7 @@ def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
     """-1 is the final layer (after the final norm, what the LM head reads): index num_layers."""
     out = []
     for layer in layers:
-        resolved = layer + num_layers + 1 if layer < 0 else layer
+        resolved = absolute_layer(layer, num_layers)
         if not 0 <= resolved <= num_layers:
             raise LogitcacheError(f"--hidden-layers: layer {layer} is out of range for a teacher with {num_layers} "
                                   f"layers (use 0..{num_layers} or -1..-{num_layers + 1})")
