@@ -50,6 +50,8 @@ from logitcache.cli.common import echo_json, handle_errors
 @click.option("--hidden-loss", type=click.Choice(["cosine", "mse"]))
 @click.option("--hidden-weight", type=float)
 @click.option("--eval-frac", type=float, help="Held-out share of the cache, chosen by sample id.  [default: 0.05]")
+@click.option("--eval-cache", help="Evaluate on this cache instead of a held-out split (all of it is trained on); one "
+                                   "captured with --encoding full adds the exact KL over the whole vocabulary.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (0: at start and end).")
 @click.option("--save-every", type=int, help="Checkpoint every N steps.  [default: 50]")
 @click.option("--seed", type=int)
@@ -116,6 +118,10 @@ def cli(cache, out, config_file, loss_args, layer_map, teachers, teacher_weights
                    f"{start.get('kl_forward', float('nan')):.3f} -> {end['kl_forward']:.3f} nats, "
                    f"perplexity {start.get('perplexity', float('nan')):.2f} -> {end['perplexity']:.2f}, "
                    f"top-1 agreement {start.get('top1_agreement', float('nan')):.3f} -> {end['top1_agreement']:.3f}")
+    if "kl_forward_exact" in end:
+        click.echo(f"exact over the full vocabulary: KL(teacher||student) {start.get('kl_forward_exact', float('nan')):.3f}"
+                   f" -> {end['kl_forward_exact']:.3f}, KL(student||teacher) "
+                   f"{start.get('kl_reverse_exact', float('nan')):.3f} -> {end['kl_reverse_exact']:.3f} nats")
     click.echo(f"student: {report['student_dir']} ({report['parameters'] / 1e6:.1f} M parameters); "
                f"curves: {report['plot']}")
 

@@ -43,6 +43,7 @@ class TrainConfig:
     hidden_loss: str = "cosine"                 # cosine | mse
     hidden_weight: float = 1.0
     eval_frac: float = 0.05                     # held-out share of the cache (by sample id hash)
+    eval_cache: str | None = None               # evaluate on this cache instead (no split; --encoding full: exact KL)
     eval_every: int = 0                         # steps; 0 = at the start and the end only
     eval_batches: int | None = None             # cap on eval batches (None: the whole held-out set)
     save_every: int = 50

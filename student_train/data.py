@@ -48,6 +48,14 @@ intersected with the scored rows. Teacher arrays are copied on loss rows only; e
 ``teacher_ids`` is 0 and ``teacher_logprobs`` / ``teacher_entropy`` are 0 (never NaN). Hidden
 states (``hidden.<layer>``) are copied for every real token (0 on padding).
 
+**Encodings** (format 1.2, ``capture.encoding``; ``teacher_width`` columns per token):
+``topk`` / ``full``: ``teacher_ids`` (B, T, k) and ``teacher_logprobs`` as stored.
+``adaptive`` / ``compact``: ragged rows decoded and padded to k: ``teacher_ids`` -1 and
+``teacher_logprobs`` -inf after a token's entries, plus ``teacher_tail`` (B, T), the exact mass
+outside them. ``sampled`` / ``hybrid``: ``teacher_ids`` (-1 padding) and ``teacher_targets`` (B, T, W),
+unbiased estimates of the teacher's p on those ids (``losses.estimated_forward_kl``).
+``with_full=True`` on a ``full`` cache adds ``teacher_full_logprobs`` (B, T, V) for exact metrics.
+
 **Resumption.** A stream's position is ``(epoch, rows_consumed)``: rows of this rank's epoch
 already consumed by the trainer. It is the same number on every rank (all ranks consume equal
 batches), so one ``state_dict()`` saved on rank 0 resumes every rank. ``__iter__`` never moves the
@@ -84,12 +92,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitcache.format import LogitcacheError
-from logitcache.format.arrays import absolute_layer
+from logitcache.format.arrays import FULL_LOGPROBS, absolute_layer
+from logitcache.format.dist_arrays import ESTIMATED, decode_rows, stored_names
+from logitcache.format.encodings import SampledRows
 from logitcache.store.reader import Cache, open_cache
 
 STATE_VERSION = 1
 LOSS_ON = ("completion", "scored")
-READ_ARRAYS = ("tokens", "topk_ids", "topk_logprobs", "entropy")
+READ_ARRAYS = ("tokens", "entropy")
 _PLAN_COLUMNS = ["sample_id", "shard", "token_offset", "num_tokens", "prompt_tokens", "scored_start", "scored_end"]
 
 
@@ -365,7 +375,7 @@ class CacheStream(IterableDataset):
                  hidden_layers: Iterable[int] = (), loss_on: str | None = None,
                  sample_ids: Iterable[str] | None = None, where: str | pc.Expression | None = None,
                  rank: int | None = None, world_size: int | None = None, prefetch: int = 2, pad_id: int = 0,
-                 storage_options: dict | None = None, allow_partial: bool = False):
+                 storage_options: dict | None = None, allow_partial: bool = False, with_full: bool = False):
         if seq_len < 2:
             raise LogitcacheError(f"seq_len must be at least 2 (a row needs a token and its next one), got {seq_len}")
         if batch_size < 1:
@@ -388,6 +398,14 @@ class CacheStream(IterableDataset):
         self.pack_window = int(pack_window) if packing else 1
         self.prefetch, self.pad_id = int(prefetch), int(pad_id)
 
+        self.encoding = dict(manifest.capture.encoding)
+        name, k = self.encoding["name"], manifest.capture.top_k
+        self.teacher_width = {"sampled": self.encoding.get("draws", 0),
+                              "hybrid": k + self.encoding.get("draws", 0)}.get(name, k)
+        if with_full and name != "full":
+            raise LogitcacheError(f"{self.url} was captured with --encoding {name}: it holds no full distributions "
+                                  "(capture the evaluation set with --encoding full)")
+        self.with_full = bool(with_full)
         self.loss_on = loss_on or ("completion" if manifest.capture.mode == "generate" else "scored")
         if self.loss_on not in LOSS_ON:
             raise LogitcacheError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
@@ -608,7 +626,8 @@ class CacheStream(IterableDataset):
     def _build_batch(self, plan: EpochPlan, batch: int) -> dict[str, torch.Tensor]:
         cache = self._get_cache()
         B, T = self.batch_size, self.seq_len
-        k = cache.manifest.capture.top_k
+        W, enc = self.teacher_width, self.encoding["name"]
+        ragged = enc not in ("topk", "full")
         out = {
             "input_ids": np.full((B, T), self.pad_id, np.int64),
             "labels": np.full((B, T), -100, np.int64),
@@ -616,10 +635,17 @@ class CacheStream(IterableDataset):
             "position_ids": np.zeros((B, T), np.int64),
             "document_ids": np.zeros((B, T), np.int64),
             "sample_index": np.full((B, T), -1, np.int64),
-            "teacher_ids": np.zeros((B, T, k), np.int64),
-            "teacher_logprobs": np.zeros((B, T, k), np.float32),
+            "teacher_ids": np.full((B, T, W), -1 if ragged else 0, np.int64),
             "teacher_entropy": np.zeros((B, T), np.float32),
         }
+        if enc in ESTIMATED:
+            out["teacher_targets"] = np.zeros((B, T, W), np.float32)
+        else:
+            out["teacher_logprobs"] = np.full((B, T, W), -np.inf if ragged else 0.0, np.float32)
+        if ragged and enc not in ESTIMATED:
+            out["teacher_tail"] = np.zeros((B, T), np.float32)
+        if self.with_full:
+            out["teacher_full_logprobs"] = np.zeros((B, T, cache.manifest.teacher.vocab_size), np.float32)
         d = cache.manifest.teacher.hidden_size
         for layer in self.hidden_layers:
             out[f"hidden.{layer}"] = np.zeros((B, T, d), np.float32)
@@ -640,7 +666,9 @@ class CacheStream(IterableDataset):
         n_read = np.minimum(self._num_tokens[samples], self._used[samples] + 1)
         order = np.lexsort((self._offset[samples], self._shard_code[samples]))
         arange = np.arange(T + 1, dtype=np.int64)
-        names = list(READ_ARRAYS) + [f"hidden/{layer}" for layer in self.hidden_layers]
+        names = list(READ_ARRAYS) + stored_names(self.encoding) + [f"hidden/{layer}" for layer in self.hidden_layers]
+        names += [FULL_LOGPROBS] if self.with_full else []
+        vocab = cache.manifest.teacher.vocab_size
 
         i = 0
         while i < len(order):  # one read per run of nearby samples of one shard
@@ -655,6 +683,10 @@ class CacheStream(IterableDataset):
                 stop = max(stop, int(self._offset[s] + n_read[order[j]]))
                 j += 1
             data = self._read(cache, self._shard_names[shard], start, stop, names)
+            decoded = None
+            if ragged:
+                decoded = decode_rows(self.encoding, data, vocab)
+                decoded = decoded.to_targets() if isinstance(decoded, SampledRows) else decoded
             for m in order[i:j].tolist():
                 s, b = int(samples[m]), int(seg_row_a[m])
                 col, used = int(plan.seg_col[seg_idx_a[m]]), int(self._used[s])
@@ -671,9 +703,20 @@ class CacheStream(IterableDataset):
                     loss = slice(col + lo, col + hi)
                     out["labels"][b, loss] = data["tokens"][at + lo + 1:at + hi + 1]
                     out["loss_mask"][b, loss] = True
-                    out["teacher_ids"][b, loss] = data["topk_ids"][at + lo:at + hi]
-                    out["teacher_logprobs"][b, loss] = data["topk_logprobs"][at + lo:at + hi]
                     out["teacher_entropy"][b, loss] = data["entropy"][at + lo:at + hi]
+                    if decoded is None:
+                        out["teacher_ids"][b, loss] = data["topk_ids"][at + lo:at + hi]
+                        out["teacher_logprobs"][b, loss] = data["topk_logprobs"][at + lo:at + hi]
+                    else:
+                        rows = decoded.rows(at + lo, at + hi)
+                        out["teacher_ids"][b, loss], values = rows.padded(W)
+                        if "teacher_targets" in out:
+                            out["teacher_targets"][b, loss] = values
+                        else:
+                            out["teacher_logprobs"][b, loss] = values
+                            out["teacher_tail"][b, loss] = rows.tail
+                    if self.with_full:
+                        out["teacher_full_logprobs"][b, loss] = data[FULL_LOGPROBS][at + lo:at + hi]
             i = j
         return {name: torch.from_numpy(a) for name, a in out.items()}
 

@@ -376,10 +376,11 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _prepare(student_logits, teacher_ids, teacher_logprobs, mask_or_weights):
+def _prepare(student_logits, teacher_ids, teacher_logprobs, mask_or_weights, teacher_tail=None):
     """Check shapes/dtypes/values and flatten the teacher side to rows. Returns z (the logits as given,
-    (N, V) or (B, T, V)), ids (N, k) int64, lp (N, k) and w (N,) in the compute dtype, valid (N,) bool;
-    masked rows are sanitised (ids 0..k-1, log-probs -log k) so garbage there cannot reach the maths."""
+    (N, V) or (B, T, V)), ids (N, k) int64, lp (N, k) and w (N,) in the compute dtype, valid (N,) bool,
+    present (N, k) bool (False on -1 padding: ragged encodings), tail (N,) or None; masked rows are
+    sanitised (ids 0..k-1, log-probs -log k) so garbage there cannot reach the maths."""
     if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point():
         raise ValueError(f"student_logits must be a floating-point tensor, got {_describe(student_logits)}")
     if student_logits.dim() not in (2, 3):
@@ -408,16 +409,31 @@ def _prepare(student_logits, teacher_ids, teacher_logprobs, mask_or_weights):
     w, valid = w.reshape(n), valid.reshape(n)
     ids = torch.where(valid[:, None], ids, torch.arange(k, device=ids.device))
     lp = torch.where(valid[:, None], lp, torch.full_like(lp, -math.log(k)))
-    if bool(((ids < 0) | (ids >= vocab)).any()):
-        bad = ids[(ids < 0) | (ids >= vocab)][0].item()
-        raise ValueError(f"teacher_ids has id {bad} outside [0, V={vocab}) on a row with nonzero weight")
+    if bool(((ids < -1) | (ids >= vocab)).any()):
+        bad = ids[(ids < -1) | (ids >= vocab)][0].item()
+        raise ValueError(f"teacher_ids has id {bad} outside [0, V={vocab}) on a row with nonzero weight "
+                         "(-1 marks padding after a row's ids)")
+    present = ids >= 0
+    if k > 1 and bool((present[:, 1:] & ~present[:, :-1]).any()):
+        raise ValueError("teacher_ids padding (-1) must come after a row's stored ids")
     if k > 1:
-        srt = ids.sort(-1).values
+        srt = torch.where(present, ids, -2 - torch.arange(k, device=ids.device)).sort(-1).values
         if bool((srt[:, 1:] == srt[:, :-1]).any()):
             raise ValueError("teacher_ids repeats an id within a row with nonzero weight; top-k ids must be distinct")
-    if bool((lp.isnan() | (lp == float("inf"))).any()):
+    if bool((lp.isnan() & present).any() | (lp == float("inf")).any()):
         raise ValueError("teacher_logprobs has NaN or +inf on a row with nonzero weight")
-    return z, ids, lp, w, valid
+    lp = torch.where(present, lp, torch.full_like(lp, _NEG_INF))
+    ids = torch.where(present, ids, ids[:, :1].clamp_min(0).expand_as(ids))   # padding -> a duplicate, masked
+    tail = None
+    if teacher_tail is not None:
+        if not isinstance(teacher_tail, torch.Tensor) or not teacher_tail.is_floating_point() \
+                or tuple(teacher_tail.shape) != lead:
+            raise ValueError(f"teacher_tail must be a float tensor of the token shape {lead}, got "
+                             f"{_describe(teacher_tail)}")
+        tail = torch.where(valid, teacher_tail.detach().reshape(n).to(cdt), torch.zeros(n, dtype=cdt, device=lp.device))
+        if bool((tail.isnan() | (tail < 0) | (tail > 1)).any()):
+            raise ValueError("teacher_tail must be a probability mass in [0, 1] on rows with nonzero weight")
+    return z, ids, lp, w, valid, present, tail
 
 
 def _weights(mask_or_weights, lead: tuple, name: str, cdt, device) -> torch.Tensor:
@@ -448,14 +464,19 @@ def _weighted_mean(per_token: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # Coarsening and the top-level KD loss
 # ---------------------------------------------------------------------------------------------
 
-def _coarsen(z, ids, lp, valid, tail: TailPolicy, temperature: float, chunk_rows: int | None):
+def _coarsen(z, ids, lp, valid, tail: TailPolicy, temperature: float, chunk_rows: int | None,
+             present=None, exact_tail=None):
     n, k = ids.shape
     cdt = lp.dtype
     chunk = max(1, n) if chunk_rows is None else chunk_rows
     if tail is TailPolicy.BUCKET:
         logq_ids, logq_tail = _StudentLogProbsAtIds.apply(z, ids, valid, chunk, True, cdt)
-        # teacher tail m = 1 - sum exp(lp) = -expm1(logsumexp(lp)): accurate when m is tiny
-        m = (-torch.expm1(torch.logsumexp(lp, -1))).clamp_min(0.0)                   # (N,)
+        if present is not None:                                                     # ragged rows: padding
+            logq_ids = torch.where(present, logq_ids, torch.full_like(logq_ids, _NEG_INF))
+        if exact_tail is not None:                                                  # stored by the encoding
+            m = exact_tail
+        else:  # teacher tail m = 1 - sum exp(lp) = -expm1(logsumexp(lp)): accurate when m is tiny
+            m = (-torch.expm1(torch.logsumexp(lp, -1))).clamp_min(0.0)               # (N,)
         log_m = torch.log(m).masked_fill(logq_tail == _NEG_INF, _NEG_INF)            # drop m if no student tail
         logp = torch.log_softmax(torch.cat([lp, log_m[:, None]], -1), -1)            # (N, k+1)
         logq = torch.cat([logq_ids, logq_tail[:, None]], -1)                        # (N, k+1)
@@ -465,6 +486,8 @@ def _coarsen(z, ids, lp, valid, tail: TailPolicy, temperature: float, chunk_rows
     else:
         z_ids = z.gather(-1, ids.view(*z.shape[:-1], k)).reshape(n, k).to(cdt)       # (N, k)
         z_ids = torch.where(valid[:, None], z_ids, torch.zeros_like(z_ids))
+        if present is not None:
+            z_ids = torch.where(present, z_ids, torch.full_like(z_ids, _NEG_INF))
         logp = torch.log_softmax(lp / temperature, -1)                               # (N, k)
         logq = torch.log_softmax(z_ids / temperature, -1)                            # (N, k)
     return logp, logq
@@ -484,21 +507,24 @@ def coarsen_distributions(student_logits: torch.Tensor, teacher_ids: torch.Tenso
     tail = _check_tail(tail)
     _check_temperature(temperature)
     _check_chunk_rows(chunk_rows)
-    z, ids, lp, _, valid = _prepare(student_logits, teacher_ids, teacher_logprobs, mask_or_weights)
-    return _coarsen(z, ids, lp, valid, tail, float(temperature), chunk_rows)
+    z, ids, lp, _, valid, present, exact = _prepare(student_logits, teacher_ids, teacher_logprobs, mask_or_weights)
+    return _coarsen(z, ids, lp, valid, tail, float(temperature), chunk_rows, present, exact)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                       mask_or_weights: torch.Tensor | None, *, kind: str = "forward_kl",
                       tail: TailPolicy | str = TailPolicy.BUCKET, temperature: float = 1.0,
-                      chunk_rows: int | None = DEFAULT_CHUNK_ROWS, **kind_kwargs) -> torch.Tensor:
+                      chunk_rows: int | None = DEFAULT_CHUNK_ROWS, teacher_tail: torch.Tensor | None = None,
+                      **kind_kwargs) -> torch.Tensor:
     """Token-weighted mean distillation loss from cached teacher top-k log-probs.
 
         loss = T^2 * sum_n w_n D(p_n^(T), q_n^(T)) / sum_n w_n      (0 when sum_n w_n = 0)
 
     student_logits: (N, V) or (B, T, V), any float dtype (the maths runs in fp32, fp64 for fp64 input).
-    teacher_ids: (..., k) int, distinct per row, in [0, V). teacher_logprobs: (..., k) log-softmax at T=1
-    (fp16 is fine; -inf allowed). mask_or_weights: (...) bool mask or float weights >= 0, or None (all 1).
+    teacher_ids: (..., k) int, distinct per row, in [0, V), or -1 as padding at the end of a row (ragged
+    encodings; that entry is left out on both sides). teacher_logprobs: (..., k) log-softmax at T=1
+    (fp16 is fine; -inf allowed). teacher_tail: (...) the exact teacher mass outside the ids, when the
+    encoding stores it (BUCKET uses it instead of 1 - sum exp(teacher_logprobs)). mask_or_weights: (...) bool mask or float weights >= 0, or None (all 1).
     kind: one of ``DIVERGENCES``; kind_kwargs go to it (alpha, beta, teacher_floor).
     tail, temperature: see the module docstring (BUCKET tail at T != 1 = one pseudo-token on both sides).
     chunk_rows: rows of the (N, V) fp32 log-softmax alive at once, forward and backward; None = all.
@@ -508,8 +534,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, t
     tail = _check_tail(tail)
     _check_temperature(temperature)
     _check_chunk_rows(chunk_rows)
-    z, ids, lp, w, valid = _prepare(student_logits, teacher_ids, teacher_logprobs, mask_or_weights)
-    logp, logq = _coarsen(z, ids, lp, valid, tail, float(temperature), chunk_rows)
+    z, ids, lp, w, valid, present, exact = _prepare(student_logits, teacher_ids, teacher_logprobs, mask_or_weights,
+                                                    teacher_tail)
+    logp, logq = _coarsen(z, ids, lp, valid, tail, float(temperature), chunk_rows, present, exact)
     per_token = DIVERGENCES[kind](logp, logq, **kind_kwargs) * float(temperature) ** 2   # (N,)
     per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
     return _weighted_mean(per_token, w)

@@ -41,7 +41,8 @@ from logitcache.format.encodings import SampledRows, SparseRows, TargetRows
 
 from .losses import DEFAULT_CHUNK_ROWS, _StudentLogProbsAtIds, forward_kl
 
-__all__ = ["bucket_forward_kl", "sparse_cross_entropy", "sampled_cross_entropy", "sampled_forward_kl", "kd_loss",
+__all__ = ["bucket_forward_kl", "sparse_cross_entropy", "sampled_cross_entropy", "sampled_forward_kl",
+           "estimated_forward_kl", "kd_loss",
            "dense_cross_entropy", "dense_forward_kl"]
 
 _NEG_INF = float("-inf")
@@ -224,6 +225,23 @@ def sampled_forward_kl(student_logits: torch.Tensor, ids, counts, entropy, log_w
                                chunk_rows=chunk_rows)
     w = _weights(mask, n, ce.dtype, student_logits.device)
     return _reduce(ce - h.to(ce.dtype), w, reduction)
+
+
+def estimated_forward_kl(student_logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
+                         entropy: torch.Tensor, mask: torch.Tensor | None = None, *,
+                         chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """The training-loop form for sampled / hybrid caches: logits (..., V), ids / targets (..., W) as the
+    loader pads them (-1 / 0), entropy and mask (...) -> weighted mean of CE_hat - H(p), an unbiased
+    estimate of forward KL(p_teacher || q_student) with the gradient of the full-vocabulary loss in
+    expectation. No temperature: the estimator is for the teacher's distribution at T=1."""
+    v = student_logits.shape[-1]
+    z = student_logits.reshape(-1, v)
+    n = z.shape[0]
+    m = None if mask is None else mask.reshape(n)
+    ce = sparse_cross_entropy(z, ids.reshape(n, -1), targets.reshape(n, -1), m, reduction="none",
+                              chunk_rows=chunk_rows)
+    h = _as_tensor(entropy.reshape(n), "entropy", (n,), integer=False, device=z.device).detach().to(ce.dtype)
+    return _reduce(ce - h, _weights(m, n, ce.dtype, z.device), "mean")
 
 
 def kd_loss(student_logits: torch.Tensor, decoded: SparseRows | SampledRows | TargetRows, mask=None, *,

@@ -29,7 +29,7 @@ from logitcache.format.arrays import absolute_layer
 from logitcache.format.errors import LogitcacheError
 from logitcache.store.reader import open_cache
 
-from . import losses
+from . import losses, sampled_kd
 from .config import TrainConfig
 from .data import CacheStream, block_causal_mask, check_student_vocab, make_dataloader
 from .model import build_student, count_parameters
@@ -113,8 +113,7 @@ def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: 
     out = forward(model, batch, bool(hidden_names))
     logits = out.logits                                                    # (B, T, V)
     weights = token_weights(cfg, batch)
-    kd_loss = losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"], weights,
-                                       **kd.kd_kwargs())
+    kd_loss = teacher_loss(logits, batch, weights, kd)
     parts = {"kd": kd_loss.detach()}
     if cfg.teachers:          # other teachers' rows, joined by sample id (multi_teacher.TeacherJoin)
         each = [kd_loss] + [losses.distillation_loss(logits, batch[f"teacher{j}_ids"], batch[f"teacher{j}_logprobs"],
@@ -139,13 +138,65 @@ def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: 
     return loss, parts
 
 
+def teacher_loss(logits: torch.Tensor, batch: dict, weights: torch.Tensor,
+                 kd: losses.DistillationConfig | None = None) -> torch.Tensor:
+    """The distillation loss the cache's encoding supports: the chosen divergence over the stored ids
+    + tail bucket (topk, adaptive, compact; with the exact tail where stored), or the unbiased forward-KL
+    estimate from target weights (sampled, hybrid). ``kd`` None: forward KL, T = 1 (evaluation)."""
+    kw = kd.kd_kwargs() if kd is not None else {}
+    if "teacher_targets" in batch:
+        return sampled_kd.estimated_forward_kl(logits, batch["teacher_ids"], batch["teacher_targets"],
+                                               batch["teacher_entropy"], weights,
+                                               chunk_rows=kw.get("chunk_rows") or losses.DEFAULT_CHUNK_ROWS)
+    return losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"], weights,
+                                    teacher_tail=batch.get("teacher_tail"), **kw)
+
+
+def check_loss_supported(cfg: TrainConfig, encoding: dict, where: str) -> None:
+    """Sampled and hybrid caches hold estimates of p, not p: only forward KL at T = 1 is unbiased."""
+    name = encoding["name"]
+    if name in ("sampled", "hybrid"):
+        if cfg.loss != "forward_kl" or cfg.temperature != 1.0:
+            raise LogitcacheError(f"{where} is a {name} cache: it supports --loss forward_kl at --temperature 1 "
+                                  f"(an unbiased estimate), not --loss {cfg.loss} at temperature {cfg.temperature}; "
+                                  "capture with --encoding compact or topk for other divergences")
+        if cfg.teachers:
+            raise LogitcacheError(f"{where} is a {name} cache: multi-teacher training needs topk caches")
+
+
+def teacher_top1(batch: dict) -> torch.Tensor:
+    """(B, T) the teacher's most probable id: from the full distribution when loaded, else from the
+    stored entries (rank order for topk; the largest value or target otherwise)."""
+    if "teacher_full_logprobs" in batch:
+        return batch["teacher_full_logprobs"].argmax(-1)
+    values = batch["teacher_targets"] if "teacher_targets" in batch else batch["teacher_logprobs"]
+    return batch["teacher_ids"].gather(-1, values.argmax(-1, keepdim=True))[..., 0]
+
+
+def exact_kl_sums(logits: torch.Tensor, full_logprobs: torch.Tensor, mask: torch.Tensor,
+                  chunk_rows: int = 256) -> tuple[float, float]:
+    """Sums over the masked tokens of forward KL(p || q) and reverse KL(q || p) over the whole vocabulary,
+    p from the cache's full distribution (renormalised after its fp16 rounding), q the student's."""
+    z, lp = logits[mask].float(), full_logprobs[mask].float()
+    fwd = rev = 0.0
+    for s in range(0, z.shape[0], chunk_rows):
+        logq = torch.log_softmax(z[s:s + chunk_rows], -1)
+        logp = torch.log_softmax(lp[s:s + chunk_rows], -1)
+        fwd += float((logp.exp() * (logp - logq)).sum())
+        rev += float((logq.exp() * (logq - logp)).sum())
+    return fwd, rev
+
+
 @torch.no_grad()
 def evaluate(model, stream: CacheStream, device, amp_dtype, max_batches: int | None = None) -> dict:
-    """Against the cached teacher on held-out samples: forward KL(p_teacher || q_student) over the
-    stored top-k + tail bucket, the student's perplexity on the tokens, top-1 agreement."""
+    """Against the cached teacher on held-out samples: forward KL(p_teacher || q_student) as the cache's
+    encoding gives it (stored ids + tail bucket, or the sampled estimate), the student's perplexity on
+    the tokens, top-1 agreement; on a ``--encoding full`` cache also the exact forward and reverse KL
+    over the whole vocabulary (``kl_forward_exact``, ``kl_reverse_exact``)."""
     was_training = model.training
     model.eval()
     kl_sum = nll_sum = agree = n = 0.0
+    exact_fwd = exact_rev = 0.0
     for i, batch in enumerate(stream):
         if max_batches is not None and i >= max_batches:
             break
@@ -156,14 +207,34 @@ def evaluate(model, stream: CacheStream, device, amp_dtype, max_batches: int | N
         count = float(mask.sum())
         if count == 0:
             continue
-        kl_sum += float(losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"], mask)) * count
+        kl_sum += float(teacher_loss(logits, batch, mask)) * count
         nll_sum += float(losses.hard_label_cross_entropy(logits, batch["labels"])) * count
-        agree += float(((logits.argmax(-1) == batch["teacher_ids"][..., 0]) & mask).sum())
+        agree += float(((logits.argmax(-1) == teacher_top1(batch)) & mask).sum())
+        if "teacher_full_logprobs" in batch:
+            f, r = exact_kl_sums(logits, batch["teacher_full_logprobs"], mask)
+            exact_fwd, exact_rev = exact_fwd + f, exact_rev + r
         n += count
     model.train(was_training)
     if n == 0:
         return {"tokens": 0}
-    return {"tokens": int(n), "kl_forward": kl_sum / n, "perplexity": math.exp(nll_sum / n), "top1_agreement": agree / n}
+    out = {"tokens": int(n), "kl_forward": kl_sum / n, "perplexity": math.exp(nll_sum / n), "top1_agreement": agree / n}
+    if stream.with_full:
+        out.update(kl_forward_exact=exact_fwd / n, kl_reverse_exact=exact_rev / n)
+    return out
+
+
+def open_eval_stream(cfg: TrainConfig, manifest) -> CacheStream:
+    """The ``--eval-cache`` stream: every sample of it, against the same teacher and tokenizer."""
+    other = open_cache(cfg.eval_cache)
+    m = other.manifest
+    if m.teacher.fingerprint != manifest.teacher.fingerprint:
+        raise LogitcacheError(f"--eval-cache {cfg.eval_cache} holds teacher {m.teacher.name} "
+                              f"({m.teacher.fingerprint[:19]}), the training cache {manifest.teacher.name} "
+                              f"({manifest.teacher.fingerprint[:19]}): held-out metrics need the same teacher")
+    if m.tokenizer.vocab_sha256 != manifest.tokenizer.vocab_sha256:
+        raise LogitcacheError(f"--eval-cache {cfg.eval_cache} was captured with another tokenizer")
+    return CacheStream(other, cfg.seq_len, cfg.batch_size, shuffle=False, rank=0, world_size=1,
+                       with_full=m.capture.encoding["name"] == "full")
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -250,7 +321,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     manifest = cache.manifest
     chosen = selected_ids(cfg, cache)
     all_ids = cache.samples.column("sample_id").to_pylist()
-    train_ids, eval_ids = split_ids(all_ids, cfg.eval_frac)
+    check_loss_supported(cfg, manifest.capture.encoding, cfg.cache)
+    train_ids, eval_ids = split_ids(all_ids, 0.0 if cfg.eval_cache else cfg.eval_frac)
     if chosen is not None:
         keep = set(chosen)
         train_ids = [s for s in train_ids if s in keep]
@@ -264,6 +336,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     joins = [TeacherJoin(url, stream) for url in cfg.teachers]
     eval_stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, shuffle=False, sample_ids=eval_ids,
                               rank=0, world_size=1) if eval_ids else None
+    if cfg.eval_cache:                      # a separate held-out cache, e.g. captured with --encoding full
+        eval_stream = open_eval_stream(cfg, manifest)
+        eval_ids = eval_stream.sample_ids
 
     # -- setup: model
     model, tokenizer_dir = build_student(cfg.student, cfg.keep_layers, manifest, cfg.seed)

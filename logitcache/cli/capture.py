@@ -62,7 +62,21 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--source-name", default=None,
               help="Name sample ids are derived from (default: the file name or dataset name).")
 @click.option("--limit", type=int, default=None, help="Use only the first N rows.")
-@click.option("--top-k", type=int, default=64, show_default=True, help="Log-probabilities kept per token.")
+@click.option("--encoding", type=click.Choice(["topk", "adaptive", "compact", "sampled", "hybrid", "full"]),
+              default="topk", show_default=True,
+              help="How the distribution is stored (docs/format.md, 'Encodings'; which to pick: docs/results.md). "
+                   "topk: k ids + fp16 log-probs. adaptive: per token the fewest ids with mass >= --keep-mass, at "
+                   "most --top-k. compact: adaptive with ids delta-coded and --bits-bit log-scale values. sampled: "
+                   "--draws ids drawn from the teacher (unbiased; forward KL / CE only). hybrid: exact top-k head + "
+                   "draws from the tail. full: every value (small evaluation sets: exact KL in training reports).")
+@click.option("--top-k", type=int, default=None,
+              help="Ids kept per token: k of topk/full (64), the cap of adaptive (128) and compact (64), the head of "
+                   "hybrid (16).")
+@click.option("--keep-mass", type=float, default=None, help="adaptive/compact: mass to reach per token [0.99].")
+@click.option("--bits", type=int, default=None, help="compact/hybrid: bits per log-prob code [8 / 10].")
+@click.option("--draws", type=int, default=None, help="sampled/hybrid: draws per token [64].")
+@click.option("--proposal-temperature", type=float, default=None,
+              help="sampled: draw from softmax(logits / T), T >= 1, with importance weights [1].")
 @click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--with-prompt", is_flag=True, help="Generate mode: store distributions over prompt tokens too.")
 @click.option("--hidden-layers", callback=_layers, default=None,
@@ -77,8 +91,8 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--num-samples", "-n", type=int, default=1, show_default=True, help="Responses per prompt.")
 @click.option("--max-length", "--max-model-len", "max_length", type=int, default=None, help="Context limit in tokens (default: the teacher's).")
 @click.option("--truncate", is_flag=True, help="Cut over-long sequences instead of skipping them (recorded).")
-@click.option("--samples-per-shard", type=int, default=256, show_default=True,
-              help="Input rows per shard: the unit of commit, resume and work split.")
+@click.option("--samples-per-shard", type=int, default=None,
+              help="Input rows per shard: the unit of commit, resume and work split [256; 8 for --encoding full].")
 @click.option("--num-workers", type=int, default=None,
               help="Workers sharing this input [default: $WORLD_SIZE, $SLURM_NTASKS or 1].")
 @click.option("--worker-index", type=int, default=None,
@@ -102,9 +116,9 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 def capture(cache, as_json, no_progress, num_workers, worker_index, **opts):
     """Capture a teacher's per-token statistics into CACHE (a directory or fsspec URL).
 
-    For every scored token: the top-k token ids and log-probabilities (log-softmax over the full
-    vocabulary at T=1), the exact entropy, the actual next token's log-probability and, with
-    --hidden-layers, hidden states.
+    For every scored token: the teacher's next-token distribution in the chosen --encoding (by
+    default the top-k ids and log-probabilities, log-softmax over the full vocabulary at T=1), the
+    exact entropy, the actual next token's log-probability and, with --hidden-layers, hidden states.
 
     Re-running the same command resumes: committed shards are skipped. Many workers (nodes, GPUs)
     can write one cache: each takes the shards j with j % num_workers == worker_index, and the last

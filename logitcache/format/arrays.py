@@ -1,10 +1,15 @@
-"""The token-major arrays of a shard: names, dtypes, fill values, chunking.
+"""The arrays of a shard: names, dtypes, fill values, chunking.
 
 Row ``j`` of every array describes the teacher *after reading* ``tokens[j]`` of a sample
 (position-aligned): ``topk_*``, ``entropy`` and ``target_logprob`` are about the distribution of the
 *next* token, ``hidden/<layer>`` is the hidden state at position ``j``. Rows whose next-token
 distribution was not captured (prompt rows without ``--with-prompt``, the last row of a sample) hold
 the fill value, so every array has exactly one row per token and one ``token_offset`` serves all.
+
+Format 1.2 adds the ``dist/`` group for encodings other than ``topk`` (docs/format.md, "Encodings"):
+token-major arrays there too, plus *entry* arrays of ragged rows. An entry array names its ``index``,
+a token-major count array: token ``j``'s entries are rows ``[c[j], c[j+1])`` of the entry array,
+``c = [0, cumsum(index)]`` over the shard.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ TOPK_IDS = "topk_ids"
 TOPK_LOGPROBS = "topk_logprobs"
 ENTROPY = "entropy"
 TARGET_LOGPROB = "target_logprob"
+FULL_LOGPROBS = "dist/full_logprobs"
 HIDDEN_GROUP = "hidden"
+DIST_GROUP = "dist"
 
 LOGPROB_DTYPES = ("float16", "float32")
 HIDDEN_DTYPES = ("bfloat16", "float16", "float32")
@@ -28,6 +35,8 @@ HIDDEN_DTYPES = ("bfloat16", "float16", "float32")
 TARGET_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_ROWS = 1024
 MAX_CHUNK_ROWS = 1 << 16
+# wide rows (a full-vocabulary distribution is ~100 KB) get fewer rows than MIN_CHUNK_ROWS instead
+MAX_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -42,13 +51,14 @@ class ArraySpec:
     fill: float | int
     exact: bool
     meaning: str
+    index: str | None = None   # entry arrays (1.2): the token-major count array that locates each token's rows
 
     @property
     def row_bytes(self) -> int:
         return int(np.dtype(self.storage_dtype).itemsize * np.prod(self.row_shape, dtype=np.int64))
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "dtype": self.dtype,
             "storage_dtype": self.storage_dtype,
             "row_shape": list(self.row_shape),
@@ -56,11 +66,25 @@ class ArraySpec:
             "exact": self.exact,
             "meaning": self.meaning,
         }
+        if self.index is not None:   # only entry arrays carry it: token-major specs read as 1.0 ones
+            d["index"] = self.index
+        return d
 
     @classmethod
     def from_dict(cls, name: str, d: dict) -> "ArraySpec":
         fill = float("nan") if d["fill"] is None else d["fill"]
-        return cls(name, d["dtype"], d["storage_dtype"], tuple(d["row_shape"]), fill, d["exact"], d["meaning"])
+        return cls(name, d["dtype"], d["storage_dtype"], tuple(d["row_shape"]), fill, d["exact"], d["meaning"],
+                   d.get("index"))
+
+    @property
+    def per_entry(self) -> bool:
+        return self.index is not None
+
+    @property
+    def dimension_names(self) -> tuple[str, ...]:
+        rows = "entry" if self.per_entry else "token"
+        extra = {TOPK_IDS: "k", TOPK_LOGPROBS: "k", FULL_LOGPROBS: "vocab"}.get(self.name, "d")
+        return (rows, *([extra] if self.row_shape else []))
 
 
 def id_dtype(vocab_size: int) -> str:
@@ -83,16 +107,24 @@ def hidden_name(layer: int) -> str:
 
 
 def array_specs(vocab_size: int, top_k: int, logprob_dtype: str, hidden_layers: list[int],
-                hidden_size: int, hidden_dtype: str) -> dict[str, ArraySpec]:
-    """The arrays a capture with these settings writes, in storage order."""
+                hidden_size: int, hidden_dtype: str, encoding: dict | None = None) -> dict[str, ArraySpec]:
+    """The arrays a capture with these settings writes, in storage order. ``encoding`` (resolved,
+    see ``encodings.resolve_encoding``; None = topk) decides the distribution arrays."""
+    from .dist_arrays import dist_specs
+
     ids = id_dtype(vocab_size)
     nan = float("nan")
-    specs = [
-        ArraySpec(TOKENS, ids, ids, (), 0, True, "token id at this position"),
-        ArraySpec(TOPK_IDS, ids, ids, (top_k,), 0, True,
-                  "ids of the k most probable next tokens, by descending log-probability"),
-        ArraySpec(TOPK_LOGPROBS, logprob_dtype, logprob_dtype, (top_k,), nan, logprob_dtype == "float32",
-                  "log-softmax (T=1, full vocabulary) of those ids"),
+    name = (encoding or {}).get("name", "topk")
+    specs = [ArraySpec(TOKENS, ids, ids, (), 0, True, "token id at this position")]
+    if name in ("topk", "full"):
+        specs += [
+            ArraySpec(TOPK_IDS, ids, ids, (top_k,), 0, True,
+                      "ids of the k most probable next tokens, by descending log-probability"),
+            ArraySpec(TOPK_LOGPROBS, logprob_dtype, logprob_dtype, (top_k,), nan, logprob_dtype == "float32",
+                      "log-softmax (T=1, full vocabulary) of those ids"),
+        ]
+    specs += dist_specs(encoding or {"name": "topk"}, vocab_size, logprob_dtype, top_k)
+    specs += [
         ArraySpec(ENTROPY, "float32", "float32", (), nan, True,
                   "exact entropy in nats of the full-vocabulary next-token distribution"),
         ArraySpec(TARGET_LOGPROB, "float32", "float32", (), nan, True,
@@ -106,10 +138,12 @@ def array_specs(vocab_size: int, top_k: int, logprob_dtype: str, hidden_layers: 
 
 
 def chunk_rows(spec: ArraySpec) -> int:
-    """Rows per compressed chunk: a power of two near TARGET_CHUNK_BYTES of raw data."""
-    rows = TARGET_CHUNK_BYTES // max(spec.row_bytes, 1)
-    rows = 1 << max(int(rows).bit_length() - 1, 0)
-    return int(min(max(rows, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS))
+    """Rows per compressed chunk: a power of two near TARGET_CHUNK_BYTES of raw data (at least
+    MIN_CHUNK_ROWS unless that exceeds MAX_CHUNK_BYTES)."""
+    row_bytes = max(spec.row_bytes, 1)
+    rows = 1 << max(int(TARGET_CHUNK_BYTES // row_bytes).bit_length() - 1, 0)
+    cap = 1 << max(int(MAX_CHUNK_BYTES // row_bytes).bit_length() - 1, 0)
+    return int(min(max(rows, min(MIN_CHUNK_ROWS, cap)), MAX_CHUNK_ROWS))
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Pure numpy, array in / array out: every ``encode_*`` returns ``dict[str, np.ndarray]`` of plain integer or
 float arrays that any Zarr v3 / numcodecs reader stores and reads back (no custom codec; the transforms
-below are undone by the documented ``decode_*``). Nothing here is wired into capture or the format yet.
+below are undone by the documented ``decode_*``). ``dist_arrays`` binds them to the stored format (1.2).
 Choices and their numbers: ``benchmarks/results/encodings.md`` (``benchmarks/distribution_encodings.py``).
 
 Input ("candidates"): per token the K most probable ids in descending log-prob order, their float32
@@ -71,7 +71,8 @@ __all__ = [
     "EncodingError", "SparseRows", "SampledRows", "TargetRows", "select_topk",
     "encode_topk", "decode_topk", "encode_adaptive", "decode_adaptive",
     "encode_compact", "decode_compact", "quantization_step", "max_abs_error",
-    "sample_draws", "encode_sampled", "decode_sampled", "encode_hybrid", "decode_hybrid",
+    "sample_draws", "encode_sampled", "pack_sampled", "decode_sampled", "encode_hybrid", "pack_hybrid",
+    "decode_hybrid",
     "delta_encode", "delta_decode", "payload_bytes",
 ]
 
@@ -455,17 +456,27 @@ def _check_order(order: str) -> str:
 
 def encode_compact(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, *, vocab_size: int,
                    top_p: float = 1.0, k_max: int = 64, bits: int = 8, lo: float = -16.0, order: str = "id",
-                   delta: bool = True) -> dict[str, np.ndarray]:
+                   delta: bool = True, counts: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Adaptive selection (top_p, k_max; top_p=1 is a plain top-k_max), entries below ``lo`` moved to the
     tail, values quantised to ``bits`` bits over [lo, 0]. Returns ``ids`` (M,), ``codes`` (M,),
-    ``counts`` (N,), ``tail`` (N,) float32 exact. See the module docstring for ``order`` and ``delta``."""
+    ``counts`` (N,), ``tail`` (N,) float32 exact. See the module docstring for ``order`` and ``delta``.
+    ``counts`` given: keep exactly that prefix per token (a capture device chose it; entries below lo
+    are still refused rather than clipped)."""
     v = _check_vocab(vocab_size)
     ids, lp, t = _check_candidates(ids, logprobs, tail, v)
     top_p = _check_top_p(top_p)
     k_max = _check_int("k_max", k_max, 1)
     step = quantization_step(bits, lo)
     order = _check_order(order)
-    counts = np.minimum(_adaptive_counts(lp, top_p, k_max), (lp >= lo).sum(1))  # sorted: a prefix
+    if counts is None:
+        counts = np.minimum(_adaptive_counts(lp, top_p, k_max), (lp >= lo).sum(1))  # sorted: a prefix
+    else:
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != (ids.shape[0],) or (counts < 0).any() or (counts > min(k_max, ids.shape[1])).any():
+            raise EncodingError(f"counts must be (N={ids.shape[0]},) in [0, {min(k_max, ids.shape[1])}]")
+        below = np.arange(ids.shape[1])[None, :] < counts[:, None]
+        if (below & (lp < lo - quantization_step(bits, lo) / 2)).any():
+            raise EncodingError(f"counts keep an entry below lo={lo}: it cannot be quantised within the bound")
     keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
     new_tail = _tails_after(lp, t, counts)
     fid, flp = ids[keep], lp[keep].astype(np.float64)
@@ -567,22 +578,42 @@ def encode_sampled(logprobs: np.ndarray, n_draws: int, *, vocab_size: int | None
         raise EncodingError(f"logprobs must be a 2-D float array (N, V), got {_desc(logprobs)}")
     if vocab_size is not None and _check_vocab(vocab_size) != v:
         raise EncodingError(f"vocab_size={vocab_size} but logprobs has V={v} columns")
-    if value_dtype not in ("float16", "float32"):
-        raise EncodingError(f"value_dtype must be 'float16' or 'float32', got {value_dtype!r}")
     t = _check_temperature(temperature)
     draws, log_z = sample_draws(logprobs, n_draws, temperature=t, rng=rng)
-    draws.sort(axis=1)
-    new = np.ones_like(draws, dtype=bool)
-    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    uid = draws[new]
+    draw_lp = np.take_along_axis(logprobs, draws, 1) if t != 1.0 else None
+    return pack_sampled(draws, vocab_size=v, temperature=t, draw_logprobs=draw_lp, log_z=log_z, delta=delta,
+                        value_dtype=value_dtype)
+
+
+def pack_sampled(draws: np.ndarray, *, vocab_size: int, temperature: float = 1.0,
+                 draw_logprobs: np.ndarray | None = None, log_z: np.ndarray | None = None, delta: bool = True,
+                 value_dtype: str = "float16") -> dict[str, np.ndarray]:
+    """(N, n) ids already drawn (on a capture device, say) -> the ``sampled`` arrays. For temperature
+    != 1 the teacher log-probs of the draws (N, n) and log_z (N,) are needed for the weights."""
+    v = _check_vocab(vocab_size)
+    t = _check_temperature(temperature)
+    if value_dtype not in ("float16", "float32"):
+        raise EncodingError(f"value_dtype must be 'float16' or 'float32', got {value_dtype!r}")
+    if not isinstance(draws, np.ndarray) or draws.ndim != 2 or draws.dtype.kind not in "iu" or draws.shape[1] < 1:
+        raise EncodingError(f"draws must be a 2-D integer array (N, n >= 1), got {_desc(draws)}")
+    if draws.size and (draws.min() < 0 or draws.max() >= v):
+        raise EncodingError(f"draws must be ids in [0, {v})")
+    if t != 1.0 and (draw_logprobs is None or log_z is None or draw_logprobs.shape != draws.shape
+                     or log_z.shape != draws.shape[:1]):
+        raise EncodingError("temperature != 1 needs draw_logprobs (N, n) and log_z (N,) for the importance weights")
+    n_draws = draws.shape[1]
+    order = np.argsort(draws, axis=1, kind="stable")
+    d = np.take_along_axis(draws.astype(np.int64), order, 1)
+    new = np.ones_like(d, dtype=bool)
+    new[:, 1:] = d[:, 1:] != d[:, :-1]
+    uid = d[new]
     row_counts = new.sum(1)
     pos = np.flatnonzero(new.reshape(-1))                             # first draw of each unique id
-    counts = np.diff(np.append(pos, draws.size))
+    counts = np.diff(np.append(pos, d.size))
     out = {"ids": (delta_encode(uid, row_counts) if delta else uid).astype(id_dtype(v)),
            "counts": counts.astype(_count_dtype(n_draws)), "row_counts": row_counts.astype(_count_dtype(n_draws))}
     if t != 1.0:
-        row = np.repeat(np.arange(len(row_counts)), row_counts)
-        out["logprobs"] = logprobs[row, uid].astype(value_dtype)
+        out["logprobs"] = np.take_along_axis(draw_logprobs, order, 1)[new].astype(value_dtype)
         out["log_z"] = log_z.astype(np.float32)
     return out
 
@@ -675,6 +706,31 @@ def encode_hybrid(logprobs: np.ndarray, *, vocab_size: int | None = None, top_p:
     draws = draws[:pos]
     uid, counts, row_counts = _unique_per_row(draws, n_t)
     cdt = _count_dtype(n_draws)
+    head.update({"tail_ids": (delta_encode(uid, row_counts) if delta else uid).astype(id_dtype(v)),
+                 "tail_counts": counts.astype(cdt), "tail_row_counts": row_counts.astype(cdt)})
+    return head
+
+
+def pack_hybrid(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, *, head_counts: np.ndarray,
+                tail_draws: np.ndarray, tail_n: np.ndarray, vocab_size: int, k_max: int = 16, bits: int = 10,
+                lo: float = -16.0, delta: bool = True) -> dict[str, np.ndarray]:
+    """Candidates (N, K) + a head chosen on the capture device (``head_counts`` (N,)) + ids drawn there
+    from p restricted to the ids outside the head (``tail_draws`` (N, n), of which the first
+    ``tail_n`` (N,) count) -> the ``hybrid`` arrays (as ``encode_hybrid`` returns them)."""
+    v = _check_vocab(vocab_size)
+    head = encode_compact(ids, logprobs, tail, vocab_size=v, top_p=1.0, k_max=k_max, bits=bits, lo=lo, order="id",
+                          delta=delta, counts=head_counts)
+    if not isinstance(tail_draws, np.ndarray) or tail_draws.ndim != 2 or tail_draws.shape[0] != ids.shape[0]:
+        raise EncodingError(f"tail_draws must be (N={ids.shape[0]}, n), got {_desc(tail_draws)}")
+    n_t = np.asarray(tail_n, dtype=np.int64)
+    if n_t.shape != (ids.shape[0],) or (n_t < 0).any() or (n_t > tail_draws.shape[1]).any():
+        raise EncodingError(f"tail_n must be (N,) in [0, {tail_draws.shape[1]}]")
+    take = np.arange(tail_draws.shape[1])[None, :] < n_t[:, None]
+    draws = tail_draws[take].astype(np.int64)
+    if draws.size and (draws.min() < 0 or draws.max() >= v):
+        raise EncodingError(f"tail_draws must be ids in [0, {v})")
+    uid, counts, row_counts = _unique_per_row(draws, n_t)
+    cdt = _count_dtype(tail_draws.shape[1])
     head.update({"tail_ids": (delta_encode(uid, row_counts) if delta else uid).astype(id_dtype(v)),
                  "tail_counts": counts.astype(cdt), "tail_row_counts": row_counts.astype(cdt)})
     return head

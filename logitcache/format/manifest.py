@@ -82,6 +82,8 @@ class CaptureConfig:
     top_p: float = 1.0
     seed: int = 0
     num_samples: int = 1
+    # 1.2: how the distribution is stored (docs/format.md, "Encodings"); absent in 1.0/1.1 = topk
+    encoding: dict = field(default_factory=lambda: {"name": "topk"})
 
 
 @dataclass

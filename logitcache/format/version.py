@@ -8,13 +8,16 @@ something that exists. Readers accept every minor version of their own major.
 from .errors import FormatError
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 
 # What each minor version added (docs/format.md, "Versioning"). 1.0 readers read 1.1 caches: they
 # ignore the manifest sections below and never look under derived/.
 MINOR_ADDITIONS = {
     "1.1": "manifest sections `derived` (materialised per-sample and per-token tables under derived/) "
            "and `provenance` (where an exported cache came from); cache fingerprint; selection files",
+    "1.2": "`capture.encoding` and the `dist/` arrays of the adaptive, compact, sampled, hybrid and full "
+           "encodings (entry arrays with an `index`); a 1.1 reader reads topk caches of 1.2 and must refuse "
+           "others (they have no topk_ids)",
 }
 
 

@@ -89,8 +89,12 @@ def export_selection(cache: Cache, selection_path: str, out: str, storage_option
             lengths = keep.column("num_tokens").to_numpy().astype(np.int64)
             group = cache.group(src.name)
             arrays = {}
-            for name in m.arrays:   # as stored: no decode / re-encode
-                arrays[name] = np.concatenate([group[name][a:b] for a, b in _runs(offsets, lengths)])
+            for name, spec in m.arrays.items():   # as stored: no decode / re-encode
+                runs = _runs(offsets, lengths)
+                if spec.per_entry:                  # the entries of those tokens (format 1.2)
+                    off = cache.entry_offsets(src.name, spec.index)
+                    runs = [(int(off[a]), int(off[b])) for a, b in runs]
+                arrays[name] = np.concatenate([group[name][a:b] for a, b in runs])
             index = per_input.get(src.input_key, 0)
             per_input[src.input_key] = index + 1
             name = layout.shard_name(src.input_key, index)

@@ -41,6 +41,7 @@ class Cache:
         self.cfs = cfs
         self.manifest = manifest
         self._groups: dict[str, zarr.Group] = {}
+        self._offsets: dict[tuple[str, str], np.ndarray] = {}
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -100,9 +101,27 @@ class Cache:
     def _decode(self, name: str, raw: np.ndarray) -> np.ndarray:
         return bf16_bits_to_float32(raw) if self.manifest.arrays[name].dtype == "bfloat16" else raw
 
+    def entry_offsets(self, shard: str, index: str) -> np.ndarray:
+        """(tokens + 1,) int64: token j's rows of the entry arrays indexed by ``index`` are [o[j], o[j+1])."""
+        key = (shard, index)
+        if key not in self._offsets:
+            counts = self.group(shard)[index][...].astype(np.int64)
+            self._offsets[key] = np.concatenate([[0], np.cumsum(counts)])
+        return self._offsets[key]
+
     def read_rows(self, shard: str, start: int, stop: int, arrays: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Token rows [start, stop) of each array; for an entry array (format 1.2) the entries of those
+        tokens (its index array says how many each has)."""
         g = self.group(shard)
-        return {name: self._decode(name, g[name][start:stop]) for name in (arrays or self.array_names)}
+        out = {}
+        for name in (arrays or self.array_names):
+            index = self.manifest.arrays[name].index
+            if index is None:
+                out[name] = self._decode(name, g[name][start:stop])
+            else:
+                off = self.entry_offsets(shard, index)
+                out[name] = g[name][int(off[start]):int(off[stop])]
+        return out
 
     def sample(self, key: str | int, arrays: list[str] | None = None) -> dict[str, np.ndarray]:
         """Arrays of one sample, by ``sample_id`` or by row number in ``samples``."""
@@ -143,7 +162,7 @@ class Cache:
             base = layout.shard_arrays(s.name)
             for rel in self.cfs.find(base):
                 top = rel.split("/")[0]
-                name = f"{top}/{rel.split('/')[1]}" if top == "hidden" else top
+                name = f"{top}/{rel.split('/')[1]}" if top in ("hidden", "dist") else top
                 if name in out:
                     out[name] += self.cfs.size(f"{base}/{rel}")
             out[layout.SAMPLES] += self.cfs.size(layout.shard_samples(s.name))

@@ -48,9 +48,15 @@ def to_storage(spec: ArraySpec, values: np.ndarray) -> np.ndarray:
 def write_shard(cfs: CacheFS, name: str, arrays: dict[str, np.ndarray], specs: dict[str, ArraySpec],
                 samples: pa.Table, codec: str | dict[str, str] = DEFAULT_CODEC) -> WrittenShard:
     """``codec``: one choice for every array, or per array (as the manifest's ``codecs`` records it)."""
-    num_rows = {a.shape[0] for a in arrays.values()}
-    if len(num_rows) != 1 or set(arrays) != set(specs):
-        raise ValueError(f"shard {name}: arrays must all have one row per token and match the specs")
+    if set(arrays) != set(specs):
+        raise ValueError(f"shard {name}: arrays {sorted(arrays)} do not match the specs {sorted(specs)}")
+    num_rows = {arrays[k].shape[0] for k, spec in specs.items() if not spec.per_entry}
+    if len(num_rows) != 1:
+        raise ValueError(f"shard {name}: token-major arrays must all have one row per token, got {sorted(num_rows)}")
+    for key, spec in specs.items():   # entry arrays: as many rows as their count array says
+        if spec.per_entry and arrays[key].shape[0] != int(arrays[spec.index].astype(np.int64).sum()):
+            raise ValueError(f"shard {name}: {key} has {arrays[key].shape[0]} rows, its index {spec.index} "
+                             f"counts {int(arrays[spec.index].astype(np.int64).sum())}")
     (n,) = num_rows
     tmp = f"{layout.TMP_DIR}/{name}-{uuid.uuid4().hex[:12]}"
     group = zarr.open_group(cfs.zarr_store(f"{tmp}/{layout.ARRAYS}"), mode="w", zarr_format=3,
@@ -58,14 +64,14 @@ def write_shard(cfs: CacheFS, name: str, arrays: dict[str, np.ndarray], specs: d
     for key, spec in specs.items():
         data = to_storage(spec, arrays[key])
         rows = chunk_rows(spec)
-        shard_rows = max(math.ceil(n / rows), 1) * rows  # one storage object per array
+        shard_rows = max(math.ceil(len(data) / rows), 1) * rows  # one storage object per array
         arr = group.create_array(
             key, shape=data.shape, dtype=spec.storage_dtype, chunks=(rows, *spec.row_shape),
             shards=(shard_rows, *spec.row_shape), compressors=compressors(spec, codec[key] if isinstance(codec, dict) else codec),
             fill_value=spec.fill, attributes={"logical_dtype": spec.dtype, "meaning": spec.meaning},
-            dimension_names=("token", *(["k"] if key.startswith("topk") else ["d"] if spec.row_shape else [])),
+            dimension_names=spec.dimension_names,
         )
-        if n:
+        if len(data):
             arr[...] = data
     buf = io.BytesIO()
     pq.write_table(samples.cast(SAMPLES_SCHEMA), buf, compression="zstd")

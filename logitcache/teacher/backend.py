@@ -55,6 +55,7 @@ class CapturedSequence:
     target_logprob: np.ndarray
     hidden: dict[int, np.ndarray] = field(default_factory=dict)
     finish_reason: str = "scored"
+    extra: dict[str, np.ndarray] = field(default_factory=dict)   # the encoding's device extras, (n, ...)
 
 
 ProgressFn = Callable[[int], None]
@@ -67,8 +68,11 @@ class TeacherBackend(Protocol):
         """Identity and shape of the loaded teacher (goes into the manifest)."""
 
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
-            generation: GenerationSettings | None, progress: ProgressFn | None = None) -> list[CapturedSequence]:
-        """Generate where asked, then capture every request; results in request order."""
+            generation: GenerationSettings | None, progress: ProgressFn | None = None,
+            dist: dict | None = None) -> list[CapturedSequence]:
+        """Generate where asked, then capture every request; results in request order. ``dist``: the
+        resolved encoding plus a ``seed`` for its draws; a backend that cannot compute its extras
+        (``token_stats.extras_fill``) must refuse it."""
 
     def close(self) -> None:
         """Free the engine (GPU memory, worker processes)."""

@@ -22,6 +22,8 @@ from .. import __version__
 from ..format import layout
 from ..format.arrays import (ENTROPY, TARGET_LOGPROB, TOKENS, TOPK_IDS, TOPK_LOGPROBS, absolute_layer,
                              array_specs)
+from ..format.dist_arrays import DEFAULT_TOP_K, NEEDS_FULL_DISTRIBUTION, encode_rows, resolve_encoding
+from ..format.encodings import EncodingError
 from ..format.errors import ConfigMismatchError, LogitcacheError
 from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
 from ..format.samples import SAMPLES_SCHEMA
@@ -65,7 +67,12 @@ class CaptureJob:
     response_column: str | None = None
     source_name: str | None = None
     limit: int | None = None
-    top_k: int = 64
+    top_k: int | None = None               # k of topk / the cap of the others; None = the encoding's default
+    encoding: str = "topk"                 # how the distribution is stored (dist_arrays.ENCODINGS)
+    keep_mass: float | None = None         # adaptive / compact: per token the smallest set with this mass
+    bits: int | None = None                # compact / hybrid: log-scale code bits
+    draws: int | None = None               # sampled / hybrid: draws per token
+    proposal_temperature: float | None = None  # sampled: proposal temperature (>= 1)
     logprob_dtype: str = "float16"
     with_prompt: bool = False
     hidden_layers: list[int] = field(default_factory=list)
@@ -78,7 +85,7 @@ class CaptureJob:
     num_samples: int = 1
     max_length: int | None = None
     truncate: bool = False
-    samples_per_shard: int = 256
+    samples_per_shard: int | None = None   # None: 256, or 8 for --encoding full (V values per token)
     num_workers: int = 1
     worker_index: int = 0
     dtype: str = "auto"
@@ -122,13 +129,24 @@ def validate(job: CaptureJob) -> None:
         bad("--mode", f"{job.mode!r} is not 'generate' or 'score'")
     if job.backend not in BACKENDS:
         bad("--backend", f"{job.backend!r} is not one of {', '.join(BACKENDS)}")
-    if job.top_k < 1:
+    try:
+        enc = resolve_encoding(job.encoding, top_p=job.keep_mass, bits=job.bits, draws=job.draws,
+                               temperature=job.proposal_temperature)
+    except EncodingError as e:
+        raise LogitcacheError(str(e)) from None
+    if job.top_k is not None and job.top_k < 1:
         bad("--top-k", f"must be >= 1, got {job.top_k}")
+    if enc["name"] in NEEDS_FULL_DISTRIBUTION and job.backend == "vllm":
+        bad("--encoding", f"{enc['name']} needs the full distribution on the device (draws or every value); the vllm "
+                          "backend returns only the top-k: use --backend hf (auto picks it for this encoding)")
+    if enc["name"] == "full" and job.samples_per_shard is not None and job.samples_per_shard > 64:
+        bad("--samples-per-shard", f"{job.samples_per_shard} is too many for --encoding full: a shard's rows are held "
+                                   "in memory at V values each; use 64 or fewer (default 8)")
     if job.logprob_dtype not in ("float16", "float32"):
         bad("--logprob-dtype", f"{job.logprob_dtype!r}: choose float16 or float32")
     if job.hidden_dtype not in ("bfloat16", "float16", "float32"):
         bad("--hidden-dtype", f"{job.hidden_dtype!r}: choose bfloat16, float16 or float32")
-    if job.samples_per_shard < 1:
+    if job.samples_per_shard is not None and job.samples_per_shard < 1:
         bad("--samples-per-shard", f"must be >= 1, got {job.samples_per_shard}")
     if job.num_workers < 1 or not 0 <= job.worker_index < job.num_workers:
         bad("--worker-index", f"{job.worker_index} is not in [0, --num-workers={job.num_workers})")
@@ -146,6 +164,22 @@ def validate(job: CaptureJob) -> None:
         owner = RESERVED_ENGINE_ARGS.get(key)
         if owner and (job.hidden_layers or key not in ("speculative_config", "kv_transfer_config")):
             bad(f"--engine-arg {key}", f"logitcache sets this itself ({owner}); leave it out")
+
+
+def job_encoding(job: CaptureJob) -> dict:
+    """The resolved encoding of a validated job (what ``capture.encoding`` records)."""
+    return resolve_encoding(job.encoding, top_p=job.keep_mass, bits=job.bits, draws=job.draws,
+                            temperature=job.proposal_temperature)
+
+
+def job_top_k(job: CaptureJob) -> int:
+    return job.top_k if job.top_k is not None else DEFAULT_TOP_K[job.encoding]
+
+
+def job_samples_per_shard(job: CaptureJob) -> int:
+    if job.samples_per_shard is not None:
+        return job.samples_per_shard
+    return 8 if job.encoding == "full" else 256
 
 
 def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
@@ -175,13 +209,26 @@ def _percentile90(x: np.ndarray) -> float:
 
 
 def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence], specs, shard: str,
-                table: InputTable, decode) -> tuple[dict[str, np.ndarray], pa.Table, int]:
-    """Concatenate per-sequence results into token-major arrays and the shard's samples rows."""
+                table: InputTable, decode, header: Manifest | None = None) -> tuple[dict[str, np.ndarray], pa.Table, int]:
+    """Concatenate per-sequence results into the shard's arrays (the distribution in the capture's
+    encoding) and its samples rows."""
     arrays: dict[str, np.ndarray] = {}
+    enc = header.capture.encoding if header is not None else {"name": "topk"}
+    if enc["name"] != "topk":
+        k, v = header.capture.top_k, header.teacher.vocab_size
+        cat = lambda chunks, shape, dt: np.concatenate(chunks) if chunks else np.zeros((0, *shape), dt)
+        extras = {key: cat([c.extra[key] for c in captured], (), np.float32)
+                  for key in (captured[0].extra if captured else {})}
+        scored = np.isfinite(cat([c.entropy for c in captured], (), np.float32))
+        arrays.update(encode_rows(enc, k, v, cat([c.topk_ids for c in captured], (k,), np.int64),
+                                  cat([c.topk_logprobs for c in captured], (k,), np.float32), extras, scored,
+                                  header.capture.logprob_dtype))
     parts = {TOKENS: [c.tokens for c in captured], TOPK_IDS: [c.topk_ids for c in captured],
              TOPK_LOGPROBS: [c.topk_logprobs for c in captured], ENTROPY: [c.entropy for c in captured],
              TARGET_LOGPROB: [c.target_logprob for c in captured]}
     for name, spec in specs.items():
+        if name in arrays:
+            continue
         if name.startswith("hidden/"):
             layer = int(name.split("/")[1])
             chunks = [c.hidden[layer] for c in captured]
@@ -238,20 +285,23 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
                                                "text": job.text_column, "response": job.response_column},
                        job.mode, job.limit, job.source_name)
     resolved = resolve_teacher(job.teacher)
-    teacher = describe_teacher(resolved, resolve_backend(job.backend), _resolve_dtype(job.dtype, job.device),
-                               job.max_length)
+    teacher = describe_teacher(resolved, resolve_backend(job.backend, job.encoding),
+                               _resolve_dtype(job.dtype, job.device), job.max_length)
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-    if job.top_k > teacher.vocab_size:
-        raise LogitcacheError(f"--top-k {job.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+    top_k, enc, per_shard = job_top_k(job), job_encoding(job), job_samples_per_shard(job)
+    if top_k > teacher.vocab_size:
+        raise LogitcacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
     layers = resolve_layers(job.hidden_layers, teacher.num_layers)
     generate = job.mode == "generate"
     cfg = CaptureConfig(
-        mode=job.mode, top_k=job.top_k, logprob_dtype=job.logprob_dtype, with_prompt=job.with_prompt,
+        mode=job.mode, top_k=top_k, logprob_dtype=job.logprob_dtype, with_prompt=job.with_prompt,
         hidden_layers=layers, hidden_dtype=job.hidden_dtype, max_length=teacher.max_length, truncate=job.truncate,
-        samples_per_shard=job.samples_per_shard, system_prompt=job.system_prompt,
+        samples_per_shard=per_shard, system_prompt=job.system_prompt,
         max_new_tokens=job.max_new_tokens if generate else 0, temperature=job.temperature if generate else 0.0,
-        top_p=job.top_p if generate else 1.0, seed=job.seed, num_samples=job.num_samples if generate else 1)
-    specs = array_specs(teacher.vocab_size, job.top_k, job.logprob_dtype, layers, teacher.hidden_size, job.hidden_dtype)
+        top_p=job.top_p if generate else 1.0, seed=job.seed, num_samples=job.num_samples if generate else 1,
+        encoding=enc)
+    specs = array_specs(teacher.vocab_size, top_k, job.logprob_dtype, layers, teacher.hidden_size, job.hidden_dtype,
+                        enc)
     header = Manifest(teacher=teacher, tokenizer=tokenizer_info(tokenizer, _generation_eos(resolved.path)),
                       capture=cfg, arrays=specs, codecs=codec_lib.describe(specs, job.codec),
                       created_by=f"logitcache {__version__}")
@@ -259,7 +309,7 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
     key = input_key(table, job.limit)
     spec = InputSpec(key=key, source=table.source, source_name=table.source_name, split=table.split,
                      columns=table.columns, limit=job.limit, num_rows=table.num_rows,
-                     num_shards=math.ceil(table.num_rows / job.samples_per_shard))
+                     num_shards=math.ceil(table.num_rows / per_shard))
     existing = current_state(cfs)
     if existing is not None:
         check_same_header(existing, header, cfs.url)
@@ -340,10 +390,12 @@ def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar) -> tupl
     if cfg.mode == "generate":
         gen = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, shard_seed(cfg.seed, name),
                                  plan.header.tokenizer.eos_token_ids)
+    dist = {**cfg.encoding, "seed": shard_seed(cfg.seed + 1, name)}   # draws: their own stream per shard
     captured = backend.run([p.request for p in prepared], cfg.top_k, cfg.hidden_layers, gen,
-                           progress=bar.update if bar is not None else None) if prepared else []
+                           progress=bar.update if bar is not None else None, dist=dist) if prepared else []
     arrays, samples, scored = build_shard(prepared, captured, plan.header.arrays, name, table,
-                                          lambda ids: plan.tokenizer.decode(ids, skip_special_tokens=False))
+                                          lambda ids: plan.tokenizer.decode(ids, skip_special_tokens=False),
+                                          plan.header)
     written = write_shard(plan.cfs, name, arrays, plan.header.arrays, samples,
                           codec={k: v["codec"] for k, v in plan.header.codecs.items()})
     record = ShardRecord(name=name, input_key=key, index=j, samples=len(prepared),
@@ -381,24 +433,30 @@ def _generation_eos(path) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def resolve_backend(name: str) -> str:
+def resolve_backend(name: str, encoding: str = "topk") -> str:
+    """``auto``: vllm when importable, except for encodings that need the full distribution (hf)."""
     if name != "auto":
         return name
+    if encoding in NEEDS_FULL_DISTRIBUTION:
+        return "hf"
     from .vllm_backend import vllm_available
 
     return "vllm" if vllm_available() else "hf"
 
 
 def _make_backend(job: CaptureJob, resolved, dtype: str, max_length: int, hidden_layers: list[int]):
-    if resolve_backend(job.backend) == "vllm":
+    if resolve_backend(job.backend, job.encoding) == "vllm":
         from .vllm_backend import VLLMBackend
 
-        return VLLMBackend(resolved, dtype=dtype, max_length=max_length, top_k=job.top_k, seed=job.seed,
+        return VLLMBackend(resolved, dtype=dtype, max_length=max_length, top_k=job_top_k(job), seed=job.seed,
                            hidden_layers=hidden_layers, tensor_parallel_size=job.tensor_parallel_size,
                            gpu_memory_utilization=job.gpu_memory_utilization, engine_args=job.engine_args)
     from .hf_backend import HFBackend
 
-    return HFBackend(resolved, dtype=dtype, device=job.device, batch_tokens=job.batch_tokens, max_length=max_length)
+    # full: (batch tokens x V) float32 values leave the device per batch
+    batch_tokens = min(job.batch_tokens, 1024) if job.encoding == "full" else job.batch_tokens
+    return HFBackend(resolved, dtype=dtype, device=job.device, batch_tokens=batch_tokens, max_length=max_length,
+                     generate_batch_size=8 if job.encoding == "full" else 32)
 
 
 def _progress(enabled: bool, desc: str):

@@ -20,7 +20,7 @@ from ..format.errors import LogitcacheError
 from ..format.manifest import TeacherInfo
 from .backend import CapturedSequence, GenerationSettings, ProgressFn, SequenceRequest
 from .identity import ResolvedTeacher, describe_teacher
-from .token_stats import distribution_stats, next_token_stats
+from .token_stats import distribution_extras, distribution_stats, extras_fill, next_token_stats
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,16 @@ class HFBackend:
     # ---- generation: one pass, statistics from the logits each decoding step computes anyway ----
     @torch.no_grad()
     def _generate(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
-                  gen: GenerationSettings, progress: ProgressFn | None) -> list[CapturedSequence]:
+                  gen: GenerationSettings, progress: ProgressFn | None, dist: dict | None) -> list[CapturedSequence]:
         out: list[CapturedSequence | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
         rng = torch.Generator(device=self.device).manual_seed(gen.seed)
         eos = torch.tensor(gen.eos_token_ids or [-1], device=self.device)
+        draws = self._draw_generator(dist)                   # its own stream: the responses do not depend on it
         for b in range(0, len(order), self.generate_batch_size):
             idx = order[b:b + self.generate_batch_size]
-            batch = self._generate_batch([requests[i] for i in idx], top_k, hidden_layers, gen, eos, rng, progress)
+            batch = self._generate_batch([requests[i] for i in idx], top_k, hidden_layers, gen, eos, rng, progress,
+                                         dist, draws)
             for i, seq in zip(idx, batch):
                 out[i] = seq
         return out  # type: ignore[return-value]
@@ -119,8 +121,14 @@ class HFBackend:
     def _layer(self, out, layer: int) -> torch.Tensor:
         return out.last_hidden_state if layer == self.num_layers else out.hidden_states[layer]
 
+    def _draw_generator(self, dist: dict | None) -> torch.Generator | None:
+        if not extras_fill(dist, self.vocab_size):
+            return None
+        return torch.Generator(device=self.device).manual_seed(int((dist or {}).get("seed", 0)))
+
     def _generate_batch(self, reqs: list[SequenceRequest], top_k: int, layers: list[int], gen: GenerationSettings,
-                        eos: torch.Tensor, rng: torch.Generator, progress: ProgressFn | None) -> list[CapturedSequence]:
+                        eos: torch.Tensor, rng: torch.Generator, progress: ProgressFn | None, dist: dict | None,
+                        draws: torch.Generator | None) -> list[CapturedSequence]:
         """Left-padded prefill, then a KV-cached decoding loop. Step t's distribution is row
         ``prompt_len - 1 + t``; the token it yields is fed next, which also gives its hidden state."""
         dev, b = self.device, len(reqs)
@@ -142,7 +150,8 @@ class HFBackend:
         j = col - (width - torch.tensor(plen, device=dev)[:, None])          # position within each prompt
         starts = torch.tensor([q.score_from for q in reqs], device=dev)[:, None]
         prompt_rows = (j >= starts) & (j < torch.tensor(plen, device=dev)[:, None] - 1)
-        prompt_stats = self._stats_grid(out.last_hidden_state, prompt_rows, torch.roll(ids, -1, 1), top_k)
+        prompt_stats = self._stats_grid(out.last_hidden_state, prompt_rows, torch.roll(ids, -1, 1), top_k, dist,
+                                        draws)
 
         caps = torch.tensor([q.max_new_tokens for q in reqs], device=dev)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -151,11 +160,13 @@ class HFBackend:
         last_pos = positions[:, -1]
         h, past = out.last_hidden_state[:, -1], out.past_key_values
         steps: list[tuple[torch.Tensor, ...]] = []                          # per step: ids, lp, ent, tgt, token
+        step_extras: list[dict[str, torch.Tensor]] = []
         step_hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         for _ in range(int(caps.max())):
             logits = self._head(h).float()                                  # (b, V)
             logp = torch.log_softmax(logits, -1)
             top_ids, top_lp, ent = distribution_stats(logp, top_k)
+            step_extras.append(distribution_extras(logp, top_ids, top_lp, dist, draws))
             token = sample_next(logits, gen.temperature, gen.top_p, rng)
             steps.append((top_ids, top_lp, ent, logp.gather(-1, token[:, None])[:, 0], token))
             active = ~done
@@ -179,19 +190,22 @@ class HFBackend:
 
         s_ids, s_lp, s_ent, s_tgt, s_tok = (torch.stack(x, 1).cpu().numpy() for x in zip(*steps))   # (b, S, ...)
         s_hid = {layer: torch.stack(v, 1).float().cpu().numpy() for layer, v in step_hidden.items()}
+        s_ext = {key: torch.stack([e[key] for e in step_extras], 1).cpu().numpy() for key in step_extras[0]}
         n_new, stopped = n_new.cpu().numpy(), stopped.cpu().numpy()
         results = []
         for r, q in enumerate(reqs):
             p, R = plen[r], int(n_new[r])
             seq = _empty_sequence(np.concatenate([q.prompt_ids, s_tok[r, :R]]).astype(np.int64), p, top_k,
-                                  score_from=min(q.score_from, p - 1) if p else 0)
+                                  score_from=min(q.score_from, p - 1) if p else 0, fills=extras_fill(dist, self.vocab_size))
             seq.finish_reason = "stop" if stopped[r] else "length"
             lo = width - p                                                   # left padding of this row
             for name, grid in prompt_stats.items():
-                getattr(seq, name)[:p - 1] = grid[r, lo:width - 1]
+                _field(seq, name)[:p - 1] = grid[r, lo:width - 1]
             rows = slice(p - 1, p - 1 + R)
             seq.topk_ids[rows], seq.topk_logprobs[rows] = s_ids[r, :R], s_lp[r, :R]
             seq.entropy[rows], seq.target_logprob[rows] = s_ent[r, :R], s_tgt[r, :R]
+            for key, values in s_ext.items():
+                seq.extra[key][rows] = values[r, :R]
             for layer in layers:
                 seq.hidden[layer] = np.concatenate([prompt_hidden[layer][r, lo:], s_hid[layer][r, :R]])
             results.append(seq)
@@ -211,26 +225,34 @@ class HFBackend:
             batches.append(cur)
         return batches
 
-    def _stats_grid(self, final: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, top_k: int) -> dict:
+    def _stats_grid(self, final: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, top_k: int,
+                    dist: dict | None = None, draws: torch.Generator | None = None) -> dict:
         """Statistics of the ``rows`` (b, T) mask of ``final`` (b, T, d), scattered back into (b, T, ...)
-        host arrays holding fill values elsewhere."""
-        tk_ids, tk_lp, ent, tgt = next_token_stats(final[rows], self._head, targets[rows], top_k, self.chunk_rows)
+        host arrays holding fill values elsewhere (extras under ``extra.<name>``)."""
+        tk_ids, tk_lp, ent, tgt, extras = next_token_stats(final[rows], self._head, targets[rows], top_k,
+                                                           self.chunk_rows, dist, draws)
         b, T = rows.shape
         grid = {"topk_ids": torch.zeros((b, T, top_k), dtype=torch.int64, device=self.device),
                 "topk_logprobs": torch.full((b, T, top_k), float("nan"), device=self.device),
                 "entropy": torch.full((b, T), float("nan"), device=self.device),
                 "target_logprob": torch.full((b, T), float("nan"), device=self.device)}
-        for (name, values) in zip(grid, (tk_ids, tk_lp, ent, tgt)):
-            grid[name][rows] = values
+        values = dict(zip(list(grid), (tk_ids, tk_lp, ent, tgt)))
+        for key, (shape, dtype, fill) in extras_fill(dist, self.vocab_size).items():
+            grid[f"extra.{key}"] = torch.full((b, T, *shape), fill, dtype=dtype, device=self.device)
+            if key in extras:                                              # absent when no row is scored
+                values[f"extra.{key}"] = extras[key]
+        for name, v in values.items():
+            grid[name][rows] = v
         return {name: g.cpu().numpy() for name, g in grid.items()}
 
     @torch.no_grad()
     def _score(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
-               progress: ProgressFn | None) -> list[CapturedSequence]:
+               progress: ProgressFn | None, dist: dict | None) -> list[CapturedSequence]:
         seqs = [np.asarray(r.prompt_ids + list(r.response_ids), dtype=np.int64) for r in requests]
         results: list[CapturedSequence | None] = [None] * len(seqs)
         lengths = [len(s) for s in seqs]
         need_all = any(layer != self.num_layers for layer in hidden_layers)
+        draws = self._draw_generator(dist)
         for batch in self._batches(lengths):
             width = max(lengths[i] for i in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -248,13 +270,16 @@ class HFBackend:
             lens = torch.tensor([lengths[i] for i in batch], device=self.device)[:, None]
             starts = torch.tensor([requests[i].score_from for i in batch], device=self.device)[:, None]
             grid = self._stats_grid(out.last_hidden_state, (pos >= starts) & (pos < lens - 1),
-                                    torch.roll(ids, -1, dims=1), top_k)
+                                    torch.roll(ids, -1, dims=1), top_k, dist, draws)
             hid = {layer: self._layer(out, layer).float().cpu().numpy() for layer in hidden_layers}
             for r, i in enumerate(batch):
                 n, q = lengths[i], requests[i]
                 seq = _empty_sequence(seqs[i], len(q.prompt_ids), top_k, score_from=min(q.score_from, max(n - 1, 0)))
                 for name, values in grid.items():
-                    getattr(seq, name)[:] = values[r, :n]
+                    if name.startswith("extra."):
+                        seq.extra[name[6:]] = values[r, :n]
+                    else:
+                        getattr(seq, name)[:] = values[r, :n]
                 seq.hidden = {layer: h[r, :n] for layer, h in hid.items()}
                 results[i] = seq
             if progress:
@@ -262,7 +287,8 @@ class HFBackend:
         return results  # type: ignore[return-value]
 
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
-            generation: GenerationSettings | None, progress: ProgressFn | None = None) -> list[CapturedSequence]:
+            generation: GenerationSettings | None, progress: ProgressFn | None = None,
+            dist: dict | None = None) -> list[CapturedSequence]:
         if top_k > self.vocab_size:
             raise LogitcacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({self.vocab_size})")
         to_generate = [i for i, r in enumerate(requests) if r.response_ids is None]
@@ -272,21 +298,31 @@ class HFBackend:
             if generation is None:
                 raise ValueError("requests without response_ids need generation settings")
             for i, seq in zip(to_generate, self._generate([requests[i] for i in to_generate], top_k, hidden_layers,
-                                                          generation, progress)):
+                                                          generation, progress, dist)):
                 out[i] = seq
         if to_score:
-            for i, seq in zip(to_score, self._score([requests[i] for i in to_score], top_k, hidden_layers, progress)):
+            for i, seq in zip(to_score, self._score([requests[i] for i in to_score], top_k, hidden_layers, progress,
+                                                    dist)):
                 out[i] = seq
         return out  # type: ignore[return-value]
 
 
-def _empty_sequence(tokens: np.ndarray, prompt_len: int, top_k: int, score_from: int) -> CapturedSequence:
+def _empty_sequence(tokens: np.ndarray, prompt_len: int, top_k: int, score_from: int,
+                    fills: dict | None = None) -> CapturedSequence:
     """A sequence whose rows all hold fill values, to be filled where scored."""
     n = len(tokens)
+    extra = {key: np.full((n, *shape), fill, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+             for key, (shape, dtype, fill) in (fills or {}).items()}
     return CapturedSequence(
         tokens=tokens, prompt_len=prompt_len, score_from=score_from, score_to=max(n - 1, 0),
         topk_ids=np.zeros((n, top_k), dtype=np.int64), topk_logprobs=np.full((n, top_k), np.nan, dtype=np.float32),
-        entropy=np.full(n, np.nan, dtype=np.float32), target_logprob=np.full(n, np.nan, dtype=np.float32))
+        entropy=np.full(n, np.nan, dtype=np.float32), target_logprob=np.full(n, np.nan, dtype=np.float32),
+        extra=extra)
+
+
+def _field(seq: CapturedSequence, name: str) -> np.ndarray:
+    """A per-row array of a sequence by its grid name (``extra.<key>`` for an encoding's extras)."""
+    return seq.extra[name[6:]] if name.startswith("extra.") else getattr(seq, name)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

@@ -123,8 +123,14 @@ class VLLMBackend:
 
     # ---------------------------------------------------------------------------------------------
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
-            generation: GenerationSettings | None, progress: ProgressFn | None = None) -> list[CapturedSequence]:
+            generation: GenerationSettings | None, progress: ProgressFn | None = None,
+            dist: dict | None = None) -> list[CapturedSequence]:
         from vllm import SamplingParams
+
+        from ..format.dist_arrays import NEEDS_FULL_DISTRIBUTION
+
+        if (dist or {}).get("name") in NEEDS_FULL_DISTRIBUTION:   # capture.validate says so first
+            raise LogitcacheError(f"the vllm backend cannot capture --encoding {dist['name']}: use --backend hf")
         from vllm.inputs import TokensPrompt
 
         if top_k != self.top_k or list(hidden_layers) != self.hidden_layers:
