@@ -596,3 +596,60 @@ def test_argument_errors_name_the_argument_and_value():
     torch.testing.assert_close(distillation_loss(z, ids, lp, w, **cfg.kd_kwargs()),
                                distillation_loss(z, ids, lp, w, kind="generalized_jsd", tail="renormalize",
                                                  temperature=2.0, beta=0.3))
+
+
+# ---- ragged rows (adaptive / compact caches): -1 padding and an exact stored tail -----------------
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "generalized_jsd", "total_variation"])
+def test_ragged_rows_with_exact_tail_match_a_dense_computation(kind):
+    """Rows with 1..5 stored ids, padded with -1 / -inf to 5, the exact tail given: the loss equals the
+    divergence over (stored ids + one tail outcome) computed directly in float64, value and gradient."""
+    g = torch.Generator().manual_seed(3)
+    n, V, W = 6, 40, 5
+    t_logits = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
+    z = torch.randn(n, V, generator=g, dtype=torch.float64, requires_grad=True)
+    logp = torch.log_softmax(t_logits, -1)
+    counts = [1, 2, 5, 3, 4, 5]
+    order = logp.argsort(-1, descending=True)
+    ids = torch.full((n, W), -1, dtype=torch.long)
+    lp = torch.full((n, W), float("-inf"), dtype=torch.float64)
+    for r, c in enumerate(counts):
+        ids[r, :c] = order[r, :c]
+        lp[r, :c] = logp[r, order[r, :c]]
+    tail = torch.stack([1 - logp[r, order[r, :c]].exp().sum() for r, c in enumerate(counts)])
+    got = distillation_loss(z, ids, lp, None, kind=kind, teacher_tail=tail, chunk_rows=4)
+    got.backward()
+    g_got = z.grad.clone()
+
+    z2 = z.detach().clone().requires_grad_(True)
+    q = torch.softmax(z2, -1)
+    per = []
+    for r, c in enumerate(counts):
+        p_c = torch.cat([logp[r, order[r, :c]].exp(), tail[r:r + 1]])
+        q_ids = q[r, order[r, :c]]
+        q_c = torch.cat([q_ids, 1 - q_ids.sum(0, keepdim=True)])
+        if kind == "forward_kl":
+            per.append((p_c * (p_c.log() - q_c.log())).sum())
+        elif kind == "reverse_kl":
+            per.append((q_c * (q_c.log() - p_c.log())).sum())
+        elif kind == "generalized_jsd":
+            mix = 0.5 * p_c + 0.5 * q_c
+            per.append(0.5 * (p_c * (p_c / mix).log()).sum() + 0.5 * (q_c * (q_c / mix).log()).sum())
+        else:
+            per.append(0.5 * (p_c - q_c).abs().sum())
+    want = torch.stack(per).mean()
+    want.backward()
+    assert float(got) == pytest.approx(float(want), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(g_got, z2.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_ragged_rows_refuse_padding_before_ids_and_a_bad_tail():
+    z = torch.zeros(2, 10)
+    ids = torch.tensor([[1, -1, 2], [3, 4, -1]])
+    lp = torch.tensor([[-1.0, float("-inf"), -2.0], [-1.0, -2.0, float("-inf")]])
+    with pytest.raises(ValueError, match="padding \\(-1\\) must come after a row's stored ids"):
+        distillation_loss(z, ids, lp, None)
+    ok_ids = torch.tensor([[1, 2, -1], [3, 4, -1]])
+    ok_lp = torch.tensor([[-1.0, -2.0, float("-inf")], [-1.0, -2.0, float("-inf")]])
+    with pytest.raises(ValueError, match="teacher_tail must be a probability mass"):
+        distillation_loss(z, ok_ids, ok_lp, None, teacher_tail=torch.tensor([0.5, 1.5]))

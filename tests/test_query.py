@@ -305,7 +305,7 @@ def test_select_export_round_trip(cache, tmp_path, thr):
     assert json.loads(r.output)["samples"] == len(ids) == 5
     small = open_cache(str(out), verify=True)
     m = small.manifest
-    assert m.complete and m.format_version == "1.1" and m.num_samples == len(ids)
+    assert m.complete and m.format_version == FORMAT_VERSION and m.num_samples == len(ids)
     assert m.provenance.source_cache == cache.url and m.provenance.source_fingerprint == cache_fingerprint(cache.manifest)
     assert m.provenance.selection_count == 5 and "high_entropy_share" in m.provenance.selection_query
     assert set(small.samples["sample_id"].to_pylist()) == set(ids)

@@ -1,0 +1,331 @@
+"""Distillation quality by encoding and loss, and the teacher-versus-student report (issue 7).
+
+One script, from a clean working directory to ``benchmarks/results/distillation_quality.{md,json}``,
+``quality_*.png`` and the tables in ``docs/results.md``:
+
+1. The embedded SmolLM2 teacher writes greedy responses to builtin prompts under vLLM (one capture).
+2. Those (prompt, response) pairs are scored by the teacher once per encoding (hf backend, score mode:
+   the very same tokens in every cache); a disjoint evaluation set is captured with ``--encoding full``.
+3. The same student (the teacher with every third layer kept) trains the same steps on the same rows
+   for each (cache, loss) configuration and seed; every run is evaluated against the full
+   distribution of the evaluation set: exact KL(teacher || student) and KL(student || teacher) over
+   the whole vocabulary, perplexity on the teacher's responses, top-1 agreement.
+4. Teacher and students (three depths) are measured for size, latency, throughput and memory
+   (``model_report.py``), with the Pareto view of quality against speed.
+
+    python benchmarks/distillation_quality.py                 # ~45 min on 2 CPU cores
+    python benchmarks/distillation_quality.py --quick         # a smoke run, minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# (cache name, capture flags): the encodings compared, all scored over the same tokens
+CACHES = {
+    "topk-64": ["--encoding", "topk", "--top-k", "64", "--hidden-layers", "-1"],
+    "topk-128": ["--encoding", "topk", "--top-k", "128"],
+    "adaptive": ["--encoding", "adaptive", "--top-k", "128", "--keep-mass", "0.99"],
+    "compact": ["--encoding", "compact", "--top-k", "64", "--keep-mass", "0.99", "--bits", "8"],
+    "sampled": ["--encoding", "sampled", "--draws", "64"],
+    "hybrid": ["--encoding", "hybrid", "--top-k", "16", "--bits", "10", "--draws", "64"],
+}
+# (config name, cache, student-train flags)
+CONFIGS = [
+    ("CE only (hard labels)", "topk-64", ["--ce-alpha", "1"]),
+    ("fwd KL, topk-64", "topk-64", []),
+    ("fwd KL, topk-128 (lossless top-128)", "topk-128", []),
+    ("fwd KL, adaptive p0.99 k<=128", "adaptive", []),
+    ("fwd KL, compact p0.99 k<=64 8-bit", "compact", []),
+    ("fwd KL, sampled N=64", "sampled", []),
+    ("fwd KL, hybrid top-16 + tail draws", "hybrid", []),
+    ("reverse KL, compact", "compact", ["--loss", "reverse_kl"]),
+    ("JSD(0.5), compact", "compact", ["--loss", "generalized_jsd", "--loss-arg", "beta=0.5"]),
+    ("fwd KL + hidden (cosine, layer -1), topk-64", "topk-64", ["--layer-map", "-1:-1", "--hidden-weight", "1"]),
+]
+DIST_PREFIXES = ("topk_", "dist/")
+
+
+def sh(cmd: list[str], log: Path) -> tuple[dict, float]:
+    """Run a command that prints JSON on stdout; its stderr goes to ``log``. Returns (json, seconds)."""
+    t0 = time.perf_counter()
+    with open(log, "a") as err:
+        err.write("\n$ " + " ".join(cmd) + "\n")
+        err.flush()
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"failed ({out.returncode}): {' '.join(cmd)}; see {log}")
+    return json.loads(out.stdout), time.perf_counter() - t0
+
+
+def capture(work: Path, name: str, flags: list[str], log: Path) -> dict:
+    out = work / f"cache-{name}"
+    summary, wall = sh([str(BIN / "logitcache"), "capture", str(out), "--json", "--no-progress", *flags], log)
+    from logitcache import open_cache
+
+    cache = open_cache(str(out), verify=True)
+    scored = sum(s.scored_tokens for s in cache.shards)
+    stored = cache.stored_bytes()
+    per = {k: v / scored for k, v in stored.items() if k.startswith(DIST_PREFIXES)}
+    return {"name": name, "flags": flags, "path": str(out), "encoding": cache.manifest.capture.encoding,
+            "top_k": cache.manifest.capture.top_k, "samples": cache.manifest.num_samples, "scored_tokens": scored,
+            "dist_bytes_per_token": sum(per.values()), "arrays_bytes_per_token": per, "wall_s": wall,
+            "tokens_per_s": summary["tokens_per_second"]}
+
+
+def pairs_file(gen_cache: Path, rows: range, path: Path) -> None:
+    """(prompt, response) pairs from a generate-mode cache, the turn's end marker left to the template."""
+    from logitcache import open_cache
+
+    samples = open_cache(str(gen_cache)).samples.to_pylist()
+    with open(path, "w") as f:
+        for rec in samples[rows.start:rows.stop]:
+            response = rec["response"].replace("<|im_end|>", "").strip()
+            if response:
+                f.write(json.dumps({"prompt": rec["prompt"], "response": response}) + "\n")
+
+
+def train(work: Path, cache: str, flags: list[str], tag: str, seed: int, args, log: Path) -> dict:
+    out = work / f"run-{tag}-s{seed}"
+    cmd = [str(BIN / "student-train"), str(work / f"cache-{cache}"), "--out", str(out), "--no-resume",
+           "--keep-layers", args.keep_layers, "--max-steps", str(args.steps), "--seq-len", str(args.seq_len),
+           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", "3", "--seed", str(seed),
+           "--eval-cache", str(work / "cache-eval-full"), "--save-every", "1000", "--no-progress", "--json",
+           *flags]                                  # a later --keep-layers in flags wins (click)
+    report, wall = sh(cmd, log)
+    end, start = report["eval_end"], report["eval_start"]
+    return {"seed": seed, "wall_s": wall, "student_dir": report["student_dir"],
+            "tokens_per_s": report["tokens_per_second"], "start": start, "end": end}
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(configs: list[dict], baseline: str) -> None:
+    """Mean and seed spread of each metric; a difference from the baseline config counts as real when
+    it is larger than the seed-to-seed range of either config (paired by seed: same data order)."""
+    base = next(c for c in configs if c["name"] == baseline)
+    for c in configs:
+        for key in ("kl_forward_exact", "kl_reverse_exact", "perplexity", "top1_agreement"):
+            xs = [r["end"][key] for r in c["runs"]]
+            c[key], c[key + "_sd"] = mean_sd(xs)
+            c[key + "_range"] = max(xs) - min(xs)
+        if c is base:
+            c["vs_baseline"] = "baseline"
+            continue
+        d = [r["end"]["kl_forward_exact"] - b["end"]["kl_forward_exact"] for r, b in zip(c["runs"], base["runs"])]
+        noise = max(c["kl_forward_exact_range"], base["kl_forward_exact_range"])
+        c["delta_kl"] = statistics.fmean(d)
+        same_sign = all(x > 0 for x in d) or all(x < 0 for x in d)
+        c["vs_baseline"] = "real" if same_sign and abs(c["delta_kl"]) > noise else "within seed noise"
+
+
+def fmt(x, sd=None, digits=3) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd else "")
+
+
+def write_markdown(res: dict, path: Path) -> str:
+    a = res["args"]
+    lines = [
+        "# Distillation quality by encoding and loss",
+        "",
+        f"Teacher: embedded SmolLM2-135M-Instruct (30 layers, V = 49152), float32 on {res['machine']}. Data: the "
+        f"teacher's greedy responses (≤ {a['max_new_tokens']} new tokens, generated once under vLLM) to "
+        f"{res['train_pairs']} builtin prompts, scored once per encoding (score mode, hf backend: the same tokens "
+        f"in every cache; {res['caches'][0]['scored_tokens']} scored tokens); evaluation: {res['eval_pairs']} other "
+        f"prompts' responses captured with `--encoding full` ({res['eval_tokens']} tokens).",
+        f"Student: the teacher keeping layers `{a['keep_layers']}` (weights copied), {a['steps']} AdamW steps, "
+        f"batch {a['batch_size']} x {a['seq_len']} tokens (packed), lr {a['lr']}, cosine; seeds {a['seeds']} "
+        "(the seed changes the data order). Before training the student is at exact KL "
+        f"{res['configs'][0]['runs'][0]['start']['kl_forward_exact']:.2f} nats/token.",
+        "",
+        "**KL fwd** = exact KL(teacher ‖ student) over the full vocabulary on the evaluation tokens (nats/token, "
+        "mean ± sd over seeds); **KL rev** = exact KL(student ‖ teacher); **ppl** = the student's perplexity on the "
+        "teacher's responses; **top-1** = agreement of the argmaxes; **B/tok** = bytes per scored token of the "
+        "cached distribution (every array of the encoding, compressed, as stored); **vs fwd KL topk-64**: the "
+        "difference in KL fwd from the default configuration is called real when every seed moves the same way "
+        "and by more than the seed-to-seed range.",
+        "",
+        "| configuration | B/tok | KL fwd | KL rev | ppl | top-1 | vs fwd KL topk-64 | train tok/s |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    caches = {c["name"]: c for c in res["caches"]}
+    for c in res["configs"]:
+        b = caches[c["cache"]]["dist_bytes_per_token"]
+        delta = "" if c["vs_baseline"] == "baseline" else f"{c['delta_kl']:+.3f} ({c['vs_baseline']})"
+        tps = statistics.fmean(r["tokens_per_s"] for r in c["runs"])
+        lines.append(f"| {c['name']} | {b:.0f} | {fmt(c['kl_forward_exact'], c['kl_forward_exact_sd'])} | "
+                     f"{fmt(c['kl_reverse_exact'], c['kl_reverse_exact_sd'])} | {fmt(c['perplexity'], None, 2)} | "
+                     f"{fmt(c['top1_agreement'], c['top1_agreement_sd'])} | {delta or 'baseline'} | {tps:.0f} |")
+    lines += ["", "## The caches", "",
+              "| cache | encoding | B/tok (distribution) | per array (B/tok) | capture tokens/s (hf, 2 CPU) |",
+              "|---|---|---:|---|---:|"]
+    for c in res["caches"]:
+        per = ", ".join(f"{k} {v:.1f}" for k, v in c["arrays_bytes_per_token"].items())
+        lines.append(f"| {c['name']} | `{json.dumps(c['encoding'])}` k={c['top_k']} | {c['dist_bytes_per_token']:.1f} | "
+                     f"{per} | {c['tokens_per_s']:.0f} |")
+    if res.get("models"):
+        from model_report import markdown_table
+
+        lines += ["", "## Teacher versus students", "",
+                  f"Measured on this machine ({res['machine']}), float32, each model in a fresh process: latency = "
+                  "ms per generated token at batch 1 (greedy, KV cache, prefill excluded), throughput = generated "
+                  "tokens/s at batch 8; quality on the evaluation set as above (students trained with "
+                  f"{res['pareto_config']}, seed {a['seeds'][0]}).", "",
+                  markdown_table(res["models"]), "",
+                  "![quality against speed](quality_pareto.png)"]
+    lines += ["", f"Wall time: {res['wall_s'] / 60:.1f} min. Raw numbers: `distillation_quality.json`.", ""]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    caches = {c["name"]: c for c in res["caches"]}
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    for c in res["configs"]:
+        b = caches[c["cache"]]["dist_bytes_per_token"]
+        xs = [r["end"]["kl_forward_exact"] for r in c["runs"]]
+        ax.errorbar(b, c["kl_forward_exact"], yerr=c["kl_forward_exact_sd"] or None, fmt="o", capsize=3)
+        ax.scatter([b] * len(xs), xs, s=8, color="grey", zorder=3)
+        ax.annotate(c["name"], (b, c["kl_forward_exact"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per token of the cached distribution (log scale)")
+    ax.set_ylabel("held-out exact KL(teacher || student), nats/token")
+    ax.set_title("Same student, same data and steps: quality against cache size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def update_docs(md: str, docs: Path) -> None:
+    """Replace the generated part of docs/results.md (between the markers) with the new tables."""
+    start, end = "<!-- distillation_quality:start -->", "<!-- distillation_quality:end -->"
+    text = docs.read_text()
+    body = md.split("\n", 2)[2].replace("](quality_pareto.png)", "](../benchmarks/results/quality_pareto.png)")
+    block = f"{start}\n{body}\n![quality against size](../benchmarks/results/quality_by_encoding.png)\n{end}"
+    if start in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text += "\n## Distillation quality (generated by `benchmarks/distillation_quality.py`)\n\n" + block + "\n"
+    docs.write_text(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/lc-quality", help="scratch directory (caches, runs)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--train-prompts", type=int, default=192)
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--keep-layers", default="every:3")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--pareto-sizes", default="every:2,every:5", help="other student depths for the Pareto view")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
+    args = p.parse_args()
+    if args.quick:
+        args.train_prompts, args.eval_prompts, args.max_new_tokens, args.steps = 12, 4, 16, 3
+        args.seeds, args.pareto_sizes = "0", "every:5"
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    t0 = time.perf_counter()
+
+    n = args.train_prompts + args.eval_prompts
+    print(f"[1/5] teacher responses to {n} prompts under vLLM", flush=True)
+    gen = work / "cache-generated"
+    if not (gen / "manifest.json").exists():
+        sh([str(BIN / "logitcache"), "capture", str(gen), "--json", "--no-progress", "--limit", str(n),
+            "--max-new-tokens", str(args.max_new_tokens), "--top-k", "1"], log)
+    pairs_file(gen, range(0, args.train_prompts), work / "train.jsonl")
+    pairs_file(gen, range(args.train_prompts, n), work / "eval.jsonl")
+
+    print("[2/5] one cache per encoding over the same tokens, and the full-distribution evaluation set", flush=True)
+    score = ["--mode", "score", "--backend", "hf", "--prompt-column", "prompt", "--response-column", "response"]
+    caches = []
+    for name, flags in CACHES.items():
+        caches.append(capture(work, name, [*score, "--input", str(work / "train.jsonl"), *flags], log))
+        print(f"  {name}: {caches[-1]['dist_bytes_per_token']:.1f} B/token, {caches[-1]['wall_s']:.0f} s", flush=True)
+    ev = capture(work, "eval-full", [*score, "--input", str(work / "eval.jsonl"), "--encoding", "full"], log)
+
+    print(f"[3/5] {len(CONFIGS)} configurations x {len(args.seeds)} seeds", flush=True)
+    configs = []
+    for i, (name, cache, flags) in enumerate(CONFIGS):
+        runs = []
+        for seed in args.seeds:
+            runs.append(train(work, cache, flags, f"c{i}", seed, args, log))
+            e = runs[-1]["end"]
+            print(f"  {name} seed {seed}: KL {e['kl_forward_exact']:.3f}, top-1 {e['top1_agreement']:.3f} "
+                  f"({runs[-1]['wall_s']:.0f} s)", flush=True)
+        configs.append({"name": name, "cache": cache, "flags": flags, "runs": runs})
+    summarise(configs, "fwd KL, topk-64")
+
+    print("[4/5] teacher versus students: size, latency, throughput, memory", flush=True)
+    from model_report import measure_model, pareto_plot
+
+    best = min((c for c in configs if c["cache"] != "topk-64" or c["name"] == "fwd KL, topk-64"),
+               key=lambda c: c["kl_forward_exact"])
+    pareto_config = best["name"]
+    teacher_dir = next(Path(os.environ.get("LOGITCACHE_HOME", Path.home() / ".cache" / "logitcache"))
+                       .glob("teachers/smollm2-135m*"))
+    models = [{**measure_model(str(teacher_dir), name="teacher (30 layers)"), "kl_forward_exact": 0.0,
+               "top1_agreement": 1.0}]
+    students = [(args.keep_layers, best["runs"][0])]
+    for size in [s for s in args.pareto_sizes.split(",") if s]:
+        r = train(work, best["cache"], [*best["flags"], "--keep-layers", size], f"size-{size.replace(':', '')}",
+                  args.seeds[0], args, log)
+        students.append((size, r))
+    for size, run in students:
+        m = measure_model(run["student_dir"], name=f"student {size}")
+        m.update({k: run["end"][k] for k in ("kl_forward_exact", "kl_reverse_exact", "perplexity", "top1_agreement")})
+        models.append(m)
+        print(f"  {m['name']}: {m['latency_ms_per_token']:.1f} ms/token, KL {m['kl_forward_exact']:.3f}", flush=True)
+
+    print("[5/5] writing results", flush=True)
+    res = {"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+           "train_pairs": sum(1 for _ in open(work / "train.jsonl")), "eval_pairs": sum(1 for _ in open(work / "eval.jsonl")),
+           "eval_tokens": ev["scored_tokens"], "caches": caches, "eval_cache": ev, "configs": configs,
+           "models": models, "pareto_config": pareto_config, "wall_s": time.perf_counter() - t0}
+    pareto_plot(models, str(out / "quality_pareto.png"), quality_key="kl_forward_exact",
+                quality_label="held-out exact KL(teacher || student), nats/token")
+    plot(res, out / "quality_by_encoding.png")
+    (out / "distillation_quality.json").write_text(json.dumps(res, indent=1, default=str))
+    md = write_markdown(res, out / "distillation_quality.md")
+    if not args.no_docs:
+        update_docs(md, ROOT / "docs" / "results.md")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
