@@ -75,7 +75,12 @@ def sh(cmd: list[str], log: Path) -> tuple[dict, float]:
 
 def capture(work: Path, name: str, flags: list[str], log: Path) -> dict:
     out = work / f"cache-{name}"
-    summary, wall = sh([str(BIN / "logitcache"), "capture", str(out), "--json", "--no-progress", *flags], log)
+    done = work / f"capture-{name}.json"
+    if done.exists():                                      # captured by an earlier invocation
+        summary, wall = json.loads(done.read_text())
+    else:
+        summary, wall = sh([str(BIN / "logitcache"), "capture", str(out), "--json", "--no-progress", *flags], log)
+        done.write_text(json.dumps([summary, wall]))
     from logitcache import open_cache
 
     cache = open_cache(str(out), verify=True)
@@ -102,6 +107,10 @@ def pairs_file(gen_cache: Path, rows: range, path: Path) -> None:
 
 def train(work: Path, cache: str, flags: list[str], tag: str, seed: int, args, log: Path) -> dict:
     out = work / f"run-{tag}-s{seed}"
+    if args.reuse and (out / "report.json").exists():     # a finished run of an earlier invocation
+        report = json.loads((out / "report.json").read_text())
+        return {"seed": seed, "wall_s": 0.0, "student_dir": report["student_dir"], "reused": True,
+                "tokens_per_s": report["tokens_per_second"], "start": report["eval_start"], "end": report["eval_end"]}
     cmd = [str(BIN / "student-train"), str(work / f"cache-{cache}"), "--out", str(out), "--no-resume",
            "--keep-layers", args.keep_layers, "--max-steps", str(args.steps), "--seq-len", str(args.seq_len),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", "3", "--seed", str(seed),
@@ -126,6 +135,7 @@ def summarise(configs: list[dict], baseline: str) -> None:
             xs = [r["end"][key] for r in c["runs"]]
             c[key], c[key + "_sd"] = mean_sd(xs)
             c[key + "_range"] = max(xs) - min(xs)
+    for c in configs:
         if c is base:
             c["vs_baseline"] = "baseline"
             continue
@@ -133,7 +143,10 @@ def summarise(configs: list[dict], baseline: str) -> None:
         noise = max(c["kl_forward_exact_range"], base["kl_forward_exact_range"])
         c["delta_kl"] = statistics.fmean(d)
         same_sign = all(x > 0 for x in d) or all(x < 0 for x in d)
-        c["vs_baseline"] = "real" if same_sign and abs(c["delta_kl"]) > noise else "within seed noise"
+        if len(d) < 2:
+            c["vs_baseline"] = "one seed: no noise estimate"
+        else:
+            c["vs_baseline"] = "real" if same_sign and abs(c["delta_kl"]) > noise else "within seed noise"
 
 
 def fmt(x, sd=None, digits=3) -> str:
@@ -249,6 +262,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--pareto-sizes", default="every:2,every:5", help="other student depths for the Pareto view")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="reuse finished training runs found in --work")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
     args = p.parse_args()
     if args.quick:

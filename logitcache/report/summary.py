@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from ..format.arrays import ENTROPY, TOPK_LOGPROBS
+from ..format.dist_arrays import ESTIMATED, decode_rows, stored_names
 from ..store.reader import Cache
 
 HIST_BINS = 2000  # quantiles below are read from this histogram: resolution log(V)/2000 nats
@@ -35,7 +36,7 @@ def summarize(cache: Cache, token_stats: bool = True, selection: str | None = No
                     "architecture": m.teacher.architecture, "layers": m.teacher.num_layers,
                     "hidden_size": m.teacher.hidden_size, "fingerprint": m.teacher.fingerprint},
         "tokenizer": {"vocab_size": m.tokenizer.vocab_size, "vocab_sha256": m.tokenizer.vocab_sha256},
-        "capture": {"mode": m.capture.mode, "top_k": m.capture.top_k, "hidden_layers": m.capture.hidden_layers,
+        "capture": {"mode": m.capture.mode, "top_k": m.capture.top_k, "encoding": m.capture.encoding, "hidden_layers": m.capture.hidden_layers,
                     "hidden_dtype": m.capture.hidden_dtype, "logprob_dtype": m.capture.logprob_dtype,
                     "with_prompt": m.capture.with_prompt, "max_new_tokens": m.capture.max_new_tokens,
                     "temperature": m.capture.temperature},
@@ -136,7 +137,10 @@ def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
     ent_sum = sel_sum = 0.0
     wanted = pa.array(selected if selected is not None else [], pa.string())
     shard, is_selected = None, None
-    for chunk in iter_sample_rows(cache, [ENTROPY, TOPK_LOGPROBS]):
+    enc = cache.manifest.capture.encoding
+    with_mass = enc["name"] not in ESTIMATED          # sampled / hybrid store estimates, not the top-k mass
+    names = [ENTROPY] + (stored_names(enc) if with_mass else [])
+    for chunk in iter_sample_rows(cache, names):
         ent = chunk.arrays[ENTROPY]
         ok = chunk.scored & ~np.isnan(ent)
         if not ok.any():
@@ -144,9 +148,16 @@ def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
         e = ent[ok].astype(np.float64)
         binned = np.histogram(np.clip(e, 0, hi), bins=HIST_BINS, range=(0, hi))[0]
         counts += binned
-        cum = np.cumsum(np.exp(chunk.arrays[TOPK_LOGPROBS][ok].astype(np.float64)), axis=1)   # (rows, k)
-        mass_sum += cum.sum(0)
-        tail += np.histogram(np.clip(1 - cum[:, -1], 0, 1), bins=HIST_BINS, range=(0, 1))[0]
+        if with_mass:
+            if enc["name"] in ("topk", "full"):
+                lp, rest = chunk.arrays[TOPK_LOGPROBS][ok], None
+            else:                                     # ragged rows, padded to k (-inf), and the exact tail
+                rows = decode_rows(enc, chunk.arrays, vocab)
+                lp, rest = rows.padded(k)[1][ok], rows.tail[ok].astype(np.float64)
+            cum = np.cumsum(np.exp(lp.astype(np.float64)), axis=1)                          # (rows, k)
+            mass_sum += cum.sum(0)
+            rest = 1 - cum[:, -1] if rest is None else rest
+            tail += np.histogram(np.clip(rest, 0, 1), bins=HIST_BINS, range=(0, 1))[0]
         ent_sum += e.sum()
         n += e.size
         pos = chunk.scored_position[ok]
@@ -166,8 +177,9 @@ def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
     del out["scored_tokens"]
     out.update({
         "entropy_by_position": _by_position(pos_sum, pos_n),
-        "topk_mass_mean": [float(x) for x in mass_sum / n],
-        "tail_mass_quantiles": {f"p{int(q * 100)}": _quantile(tail, tail_edges, q) for q in (0.5, 0.9, 0.99)},
+        "topk_mass_mean": [float(x) for x in mass_sum / n] if with_mass else None,
+        "tail_mass_quantiles": {f"p{int(q * 100)}": _quantile(tail, tail_edges, q) for q in (0.5, 0.9, 0.99)}
+        if with_mass else None,
     })
     if selected is not None:
         out["selection"] = _entropy_summary(sel_counts, edges, sel_sum, sel_n)
@@ -182,7 +194,7 @@ def render_text(s: dict) -> str:
         f"teacher      {t['name']}  [{t['architecture']}, {t['layers']} layers, d={t['hidden_size']}, "
         f"{t['backend']} backend, {t['dtype']}]",
         f"tokenizer    vocab {s['tokenizer']['vocab_size']}, sha256 {s['tokenizer']['vocab_sha256'][:12]}",
-        f"capture      {c['mode']} mode, top-k {c['top_k']} ({c['logprob_dtype']}), hidden layers "
+        f"capture      {c['mode']} mode, {_encoding_text(c)} ({c['logprob_dtype']}), hidden layers "
         f"{c['hidden_layers'] or 'none'}{' (' + c['hidden_dtype'] + ')' if c['hidden_layers'] else ''}",
         f"contents     {s['samples']} samples in {s['shards']} shard(s), {s['tokens']} tokens, "
         f"{s['scored_tokens']} scored; {s['skipped']['total']} skipped"
@@ -195,15 +207,26 @@ def render_text(s: dict) -> str:
     if "token_stats" in s:
         ts = s["token_stats"]
         q = ts["entropy_quantiles"]
-        k = len(ts["topk_mass_mean"])
-        marks = [r for r in (1, 4, 16, 64, 128, 256) if r <= k]
         lines.append(f"entropy      mean {ts['entropy_mean']:.3f} nats; p10 {q['p10']:.3f}, p50 {q['p50']:.3f}, "
                      f"p90 {q['p90']:.3f}, p99 {q['p99']:.3f}")
-        lines.append("top-k mass   " + ", ".join(f"top-{r}: {ts['topk_mass_mean'][r - 1]:.4f}" for r in marks)
-                     + f"; tail p50 {ts['tail_mass_quantiles']['p50']:.4f}, p90 {ts['tail_mass_quantiles']['p90']:.4f}")
+        if ts["topk_mass_mean"] is not None:
+            k = len(ts["topk_mass_mean"])
+            marks = [r for r in (1, 4, 16, 64, 128, 256) if r <= k]
+            lines.append("stored mass  " + ", ".join(f"top-{r}: {ts['topk_mass_mean'][r - 1]:.4f}" for r in marks)
+                         + f"; tail p50 {ts['tail_mass_quantiles']['p50']:.4f}, "
+                           f"p90 {ts['tail_mass_quantiles']['p90']:.4f}")
     if "selection" in s:
         lines += render_selection(s["selection"])
     return "\n".join(lines)
+
+
+def _encoding_text(c: dict) -> str:
+    enc = dict(c.get("encoding") or {"name": "topk"})
+    name = enc.pop("name")
+    if name == "topk":
+        return f"top-k {c['top_k']}"
+    params = ", ".join(f"{k} {v}" for k, v in enc.items())
+    return f"encoding {name} (k {c['top_k']}{', ' + params if params else ''})"
 
 
 def render_selection(sel: dict) -> list[str]:
@@ -249,12 +272,17 @@ def plot(s: dict, path: str) -> None:
           title=f"Entropy of {s['scored_tokens']} scored tokens")
     a.set_xlim(0, top * 1.05)
     a.legend(fontsize=8)
-    mass = np.array(ts["topk_mass_mean"])
-    ranks = np.arange(1, len(mass) + 1)
-    b.plot(ranks, mass, marker=".", color="tab:orange")
-    b.set(xscale="log", xlabel="top-k rank", ylabel="mean probability mass captured", ylim=(0, 1.01),
-          title=f"Top-k mass (tail at k={len(mass)}: {1 - mass[-1]:.3f})")
-    b.grid(alpha=0.3)
+    if ts["topk_mass_mean"] is not None:
+        mass = np.array(ts["topk_mass_mean"])
+        ranks = np.arange(1, len(mass) + 1)
+        b.plot(ranks, mass, marker=".", color="tab:orange")
+        b.set(xscale="log", xlabel="top-k rank", ylabel="mean probability mass captured", ylim=(0, 1.01),
+              title=f"Top-k mass (tail at k={len(mass)}: {1 - mass[-1]:.3f})")
+        b.grid(alpha=0.3)
+    else:
+        b.text(0.5, 0.5, f"{s['capture']['encoding']['name']} encoding:\nstores draws, not a top-k",
+               ha="center", va="center", transform=b.transAxes)
+        b.set_axis_off()
     for part, color, label in ((ts, "tab:blue", "whole cache"), (sel, "tab:red", "selection")):
         if not part or "entropy_by_position" not in part:
             continue
