@@ -177,17 +177,16 @@ def write_markdown(res: dict, path: Path) -> str:
         "difference in KL fwd from the default configuration is called real when every seed moves the same way "
         "and by more than the seed-to-seed range.",
         "",
-        "| configuration | B/tok | KL fwd | KL rev | ppl | top-1 | vs fwd KL topk-64 | train tok/s |",
-        "|---|---:|---:|---:|---:|---:|---|---:|",
+        "| configuration | B/tok | KL fwd | KL rev | ppl | top-1 | vs fwd KL topk-64 |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     caches = {c["name"]: c for c in res["caches"]}
     for c in res["configs"]:
         b = caches[c["cache"]]["dist_bytes_per_token"]
         delta = "" if c["vs_baseline"] == "baseline" else f"{c['delta_kl']:+.3f} ({c['vs_baseline']})"
-        tps = statistics.fmean(r["tokens_per_s"] for r in c["runs"])
         lines.append(f"| {c['name']} | {b:.0f} | {fmt(c['kl_forward_exact'], c['kl_forward_exact_sd'])} | "
                      f"{fmt(c['kl_reverse_exact'], c['kl_reverse_exact_sd'])} | {fmt(c['perplexity'], None, 2)} | "
-                     f"{fmt(c['top1_agreement'], c['top1_agreement_sd'])} | {delta or 'baseline'} | {tps:.0f} |")
+                     f"{fmt(c['top1_agreement'], c['top1_agreement_sd'])} | {delta or 'baseline'} |")
     lines += ["", "## The caches", "",
               "| cache | encoding | B/tok (distribution) | per array (B/tok) | capture tokens/s (hf, 2 CPU) |",
               "|---|---|---:|---|---:|"]
@@ -264,7 +263,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reuse", action="store_true", help="reuse finished training runs found in --work")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite the tables and plots from --out/distillation_quality.json, running nothing")
     args = p.parse_args()
+    if args.render_only:
+        out = Path(args.out)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        res = json.loads((out / "distillation_quality.json").read_text())
+        render(res, out, docs=not args.no_docs)
+        return
     if args.quick:
         args.train_prompts, args.eval_prompts, args.max_new_tokens, args.steps = 12, 4, 16, 3
         args.seeds, args.pareto_sizes = "0", "every:5"
@@ -306,7 +313,7 @@ def main() -> None:
     summarise(configs, "fwd KL, topk-64")
 
     print("[4/5] teacher versus students: size, latency, throughput, memory", flush=True)
-    from model_report import measure_model, pareto_plot
+    from model_report import measure_model
 
     best = min((c for c in configs if c["cache"] != "topk-64" or c["name"] == "fwd KL, topk-64"),
                key=lambda c: c["kl_forward_exact"])
@@ -331,12 +338,18 @@ def main() -> None:
            "train_pairs": sum(1 for _ in open(work / "train.jsonl")), "eval_pairs": sum(1 for _ in open(work / "eval.jsonl")),
            "eval_tokens": ev["scored_tokens"], "caches": caches, "eval_cache": ev, "configs": configs,
            "models": models, "pareto_config": pareto_config, "wall_s": time.perf_counter() - t0}
-    pareto_plot(models, str(out / "quality_pareto.png"), quality_key="kl_forward_exact",
+    (out / "distillation_quality.json").write_text(json.dumps(res, indent=1, default=str))
+    render(res, out, docs=not args.no_docs)
+
+
+def render(res: dict, out: Path, docs: bool) -> None:
+    from model_report import pareto_plot
+
+    pareto_plot(res["models"], str(out / "quality_pareto.png"), quality_key="kl_forward_exact",
                 quality_label="held-out exact KL(teacher || student), nats/token")
     plot(res, out / "quality_by_encoding.png")
-    (out / "distillation_quality.json").write_text(json.dumps(res, indent=1, default=str))
     md = write_markdown(res, out / "distillation_quality.md")
-    if not args.no_docs:
+    if docs:
         update_docs(md, ROOT / "docs" / "results.md")
     print(md)
 

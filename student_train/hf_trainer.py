@@ -19,7 +19,7 @@ from transformers import Trainer
 
 from . import losses
 from .data import concat_batches
-from .train import forward
+from .train import forward, teacher_loss
 
 
 def distillation_collator(items: list[dict]) -> dict:
@@ -41,8 +41,7 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         d = self.distillation
         outputs = forward(model, inputs, False)
-        loss = losses.distillation_loss(outputs.logits, inputs["teacher_ids"], inputs["teacher_logprobs"],
-                                        inputs["loss_mask"], **d.kd_kwargs())
+        loss = teacher_loss(outputs.logits, inputs, inputs["loss_mask"], d)     # any encoding of the cache
         if d.ce_alpha > 0:
             ce = losses.hard_label_cross_entropy(outputs.logits, inputs["labels"], chunk_rows=d.chunk_rows)
             loss = losses.mix_ce_and_kd(ce, loss, d.ce_alpha)

@@ -145,6 +145,9 @@ def teacher_loss(logits: torch.Tensor, batch: dict, weights: torch.Tensor,
     estimate from target weights (sampled, hybrid). ``kd`` None: forward KL, T = 1 (evaluation)."""
     kw = kd.kd_kwargs() if kd is not None else {}
     if "teacher_targets" in batch:
+        if kd is not None and (kd.kind != "forward_kl" or kd.temperature != 1.0):
+            raise LogitcacheError(f"a sampled / hybrid cache trains forward_kl at temperature 1 only, not {kd.kind} "
+                                  f"at {kd.temperature}")
         return sampled_kd.estimated_forward_kl(logits, batch["teacher_ids"], batch["teacher_targets"],
                                                batch["teacher_entropy"], weights,
                                                chunk_rows=kw.get("chunk_rows") or losses.DEFAULT_CHUNK_ROWS)

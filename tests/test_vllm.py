@@ -127,3 +127,36 @@ def test_generate_mode_greedy_gives_the_same_responses_and_statistics(generated)
         # vLLM never feeds the last generated token back, so its hidden state is the fill value 0
         assert_same_statistics(a, b, rows, slice(0, rec_v["num_tokens"] - 1), f"prompt {rec_v['row']}")
         assert not a["hidden/30"][-1].any()
+
+
+def test_compact_encoding_under_vllm_agrees_with_transformers(tmp_path):
+    """--encoding compact from vLLM's top-k (tail = 1 - sum of its float32 values) against the hf backend
+    (tail = logsumexp of the complement on the device): same token counts, ids up to ties, tails within
+    1e-4, values within one code step."""
+    from logitcache.format.dist_arrays import decode_rows
+    from logitcache.format.encodings import quantization_step
+
+    src = tmp_path / "texts.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    flags = ("--encoding", "compact", "--top-k", 32, "--keep-mass", 0.95)
+    capture_vllm(tmp_path / "vllm", "--mode", "score", "--input", src, *flags)
+    capture_hf(tmp_path / "hf", mode="score", source=str(src), encoding="compact", top_k=32, keep_mass=0.95)
+    v, h = open_cache(str(tmp_path / "vllm"), verify=True), open_cache(str(tmp_path / "hf"), verify=True)
+    enc = v.manifest.capture.encoding
+    assert enc == h.manifest.capture.encoding and v.manifest.teacher.backend == "vllm"
+    step = quantization_step(enc["bits"], enc["lo"])
+    same_count = total = 0
+    for rec in v.samples.to_pylist():
+        rows = slice(rec["scored_start"], rec["scored_end"])
+        a = decode_rows(enc, v.sample(rec["sample_id"]), 49152).rows(rows.start, rows.stop)
+        b = decode_rows(enc, h.sample(rec["sample_id"]), 49152).rows(rows.start, rows.stop)
+        np.testing.assert_allclose(a.tail, b.tail, atol=1e-4, err_msg=f"sample {rec['row']}: tails")
+        same_count += int((a.counts == b.counts).sum())
+        total += len(a.counts)
+        ao, bo = a.offsets, b.offsets
+        for t in np.flatnonzero(a.counts == b.counts):
+            ia, ib = a.ids[ao[t]:ao[t + 1]], b.ids[bo[t]:bo[t + 1]]
+            la, lb = a.logprobs[ao[t]:ao[t + 1]], b.logprobs[bo[t]:bo[t + 1]]
+            np.testing.assert_allclose(la, lb, atol=step + 1e-6, err_msg=f"sample {rec['row']} token {t}")
+            assert (ia == ib).mean() >= 0.9 or np.allclose(la, lb, atol=step + 1e-6)
+    assert same_count >= 0.97 * total   # a count may differ where the mass crosses keep_mass within rounding
