@@ -50,6 +50,7 @@ bench: venv
 	$(PY) benchmarks/capture_vllm.py
 	$(PY) benchmarks/query_samples.py
 	$(PY) benchmarks/distribution_encodings.py
+	$(PY) benchmarks/distillation_quality.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
