@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from logitcache.format.dist_arrays import ESTIMATED, decode_rows, stored_names
 from logitcache.format.errors import LogitcacheError
 from logitcache.store.reader import open_cache
 
@@ -37,27 +38,43 @@ class TeacherJoin:
                                   f"{', '.join(missing[:5])}{more}")
         self.main = main
         self.k = self.cache.manifest.capture.top_k
+        self.encoding = self.cache.manifest.capture.encoding
+        if self.encoding["name"] in ESTIMATED:
+            raise LogitcacheError(f"teacher cache {url} is a {self.encoding['name']} cache: multi-teacher training "
+                                  "combines bucket divergences and needs topk, adaptive, compact or full caches")
+        self.ragged = self.encoding["name"] not in ("topk", "full")
 
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(teacher_ids (B, T, k), teacher_logprobs (B, T, k), loss_mask (B, T)) of this teacher."""
+    def __call__(self, batch: dict, prefix: str) -> dict[str, torch.Tensor]:
+        """This teacher's ``{prefix}_ids`` (B, T, k), ``{prefix}_logprobs`` (B, T, k), ``{prefix}_mask``
+        (B, T) and, for ragged caches, ``{prefix}_tail`` (B, T), at the batch's positions."""
         tokens, doc = batch["input_ids"].numpy(), batch["document_ids"].numpy()
         pos, index, loss = batch["position_ids"].numpy(), batch["sample_index"].numpy(), batch["loss_mask"].numpy()
         B, T = tokens.shape
-        ids = np.zeros((B, T, self.k), np.int64)
-        lps = np.zeros((B, T, self.k), np.float32)
+        ids = np.full((B, T, self.k), -1 if self.ragged else 0, np.int64)
+        lps = np.full((B, T, self.k), -np.inf if self.ragged else 0.0, np.float32)
+        tail = np.zeros((B, T), np.float32)
         mask = np.zeros((B, T), bool)
         for b, t in zip(*np.nonzero((pos == 0) & (doc != 0))):          # one document at a time
             n = int((doc[b] == doc[b, t]).sum())
             sid = self.main.sample_id(int(index[b, t]))
             rec = self.index[sid]
             start = rec["token_offset"]
-            rows = self.cache.read_rows(rec["shard"], start, start + n, ["tokens", "topk_ids", "topk_logprobs"])
+            rows = self.cache.read_rows(rec["shard"], start, start + n, ["tokens"] + stored_names(self.encoding))
             if not np.array_equal(rows["tokens"].astype(np.int64), tokens[b, t:t + n]):
                 raise LogitcacheError(f"sample {sid}: teacher cache {self.url} holds other tokens than {self.main.url}")
             m = loss[b, t:t + n].copy()
             m[:rec["scored_start"]] = False
             m[rec["scored_end"]:] = False
-            ids[b, t:t + n][m] = rows["topk_ids"][m]
-            lps[b, t:t + n][m] = rows["topk_logprobs"][m]
+            if self.ragged:                                                 # decoded, padded to k
+                d = decode_rows(self.encoding, rows, self.cache.manifest.teacher.vocab_size)
+                r_ids, r_lp = d.padded(self.k)
+                ids[b, t:t + n][m], lps[b, t:t + n][m] = r_ids[m], r_lp[m]
+                tail[b, t:t + n][m] = d.tail[m]
+            else:
+                ids[b, t:t + n][m] = rows["topk_ids"][m]
+                lps[b, t:t + n][m] = rows["topk_logprobs"][m]
             mask[b, t:t + n] = m
-        return torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(mask)
+        out = {f"{prefix}_ids": ids, f"{prefix}_logprobs": lps, f"{prefix}_mask": mask}
+        if self.ragged:
+            out[f"{prefix}_tail"] = tail
+        return {k: torch.from_numpy(v) for k, v in out.items()}

@@ -117,7 +117,8 @@ def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: 
     parts = {"kd": kd_loss.detach()}
     if cfg.teachers:          # other teachers' rows, joined by sample id (multi_teacher.TeacherJoin)
         each = [kd_loss] + [losses.distillation_loss(logits, batch[f"teacher{j}_ids"], batch[f"teacher{j}_logprobs"],
-                                                     weights * batch[f"teacher{j}_mask"], **kd.kd_kwargs())
+                                                     weights * batch[f"teacher{j}_mask"],
+                                                     teacher_tail=batch.get(f"teacher{j}_tail"), **kd.kd_kwargs())
                             for j in range(1, len(cfg.teachers) + 1)]
         kd_loss = losses.combine_teacher_losses(each, cfg.teacher_weights or [1.0] * len(each))
         parts.update({f"kd_teacher{j}": v.detach() for j, v in enumerate(each)})
@@ -402,7 +403,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         group, parts_sum = 0, {}
         for batch in loader:
             for j, join in enumerate(joins, start=1):
-                batch[f"teacher{j}_ids"], batch[f"teacher{j}_logprobs"], batch[f"teacher{j}_mask"] = join(batch)
+                batch.update(join(batch, f"teacher{j}"))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             last_of_epoch = stream.rows_consumed >= stream.batches_per_rank * cfg.batch_size
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -215,7 +215,8 @@ def test_second_teacher_rows_are_joined_by_sample_id(cache, second_teacher_cache
     other = open_cache(second_teacher_cache)
     checked = 0
     for batch in stream:
-        ids, lps, mask = join(batch)
+        got = join(batch, "t2")
+        ids, lps, mask = got["t2_ids"], got["t2_logprobs"], got["t2_mask"]
         assert ids.shape[-1] == 4 and not (mask & ~batch["loss_mask"]).any()
         for b, t in zip(*torch.nonzero((batch["position_ids"] == 0) & (batch["document_ids"] != 0), as_tuple=True)):
             sid = stream.sample_id(int(batch["sample_index"][b, t]))
@@ -227,6 +228,34 @@ def test_second_teacher_rows_are_joined_by_sample_id(cache, second_teacher_cache
             assert (lps[b, t:t + n].numpy()[m] == want["topk_logprobs"][:n][m].astype(np.float32)).all()
             checked += 1
     assert checked == stream.num_samples
+
+
+def test_a_compact_second_teacher_is_joined_decoded_with_its_exact_tail(cache, second_teacher_cache, tmp_path):
+    from logitcache.format.dist_arrays import decode_rows
+    from student_train.data import CacheStream
+    from student_train.multi_teacher import TeacherJoin
+
+    t2 = os.path.join(os.path.dirname(second_teacher_cache), "t2")
+    src = os.path.join(os.path.dirname(cache), "texts.jsonl")
+    run_capture(CaptureJob(cache=str(tmp_path / "c3"), teacher=t2, backend="hf", mode="score", source=src,
+                           encoding="compact", top_k=4, samples_per_shard=5, progress=False))
+    stream = CacheStream(cache, seq_len=48, batch_size=3, seed=1)
+    join = TeacherJoin(str(tmp_path / "c3"), stream)
+    other = open_cache(str(tmp_path / "c3"))
+    batch = next(iter(stream))
+    got = join(batch, "t3")
+    b, t = [int(x[0]) for x in torch.nonzero((batch["position_ids"] == 0) & (batch["document_ids"] != 0),
+                                             as_tuple=True)]
+    sid = stream.sample_id(int(batch["sample_index"][b, t]))
+    rec = other.samples.to_pylist()[other._index[sid]]
+    d = decode_rows(other.manifest.capture.encoding, other.sample(sid), 49152)
+    n = rec["scored_end"] - rec["scored_start"]
+    want_ids, want_lp = d.padded(4)
+    m = got["t3_mask"][b, t:t + rec["num_tokens"]].numpy()
+    assert m.sum() == n
+    np.testing.assert_array_equal(got["t3_ids"][b, t:t + rec["num_tokens"]].numpy()[m], want_ids[m])
+    np.testing.assert_array_equal(got["t3_logprobs"][b, t:t + rec["num_tokens"]].numpy()[m], want_lp[m])
+    np.testing.assert_array_equal(got["t3_tail"][b, t:t + rec["num_tokens"]].numpy()[m], d.tail[m])
 
 
 def test_multi_teacher_training_combines_the_losses(cache, second_teacher_cache, tmp_path, random_student):
