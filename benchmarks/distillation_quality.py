@@ -87,9 +87,10 @@ def capture(work: Path, name: str, flags: list[str], log: Path) -> dict:
     scored = sum(s.scored_tokens for s in cache.shards)
     stored = cache.stored_bytes()
     per = {k: v / scored for k, v in stored.items() if k.startswith(DIST_PREFIXES)}
+    hidden = sum(v for k, v in stored.items() if k.startswith("hidden/")) / scored
     return {"name": name, "flags": flags, "path": str(out), "encoding": cache.manifest.capture.encoding,
             "top_k": cache.manifest.capture.top_k, "samples": cache.manifest.num_samples, "scored_tokens": scored,
-            "dist_bytes_per_token": sum(per.values()), "arrays_bytes_per_token": per, "wall_s": wall,
+            "dist_bytes_per_token": sum(per.values()), "arrays_bytes_per_token": per, "hidden_bytes_per_token": hidden, "wall_s": wall,
             "tokens_per_s": summary["tokens_per_second"]}
 
 
@@ -184,16 +185,27 @@ def write_markdown(res: dict, path: Path) -> str:
     for c in res["configs"]:
         b = caches[c["cache"]]["dist_bytes_per_token"]
         delta = "" if c["vs_baseline"] == "baseline" else f"{c['delta_kl']:+.3f} ({c['vs_baseline']})"
-        lines.append(f"| {c['name']} | {b:.0f} | {fmt(c['kl_forward_exact'], c['kl_forward_exact_sd'])} | "
+        cache = caches[c["cache"]]
+        if "--ce-alpha" in c["flags"] and c["flags"][c["flags"].index("--ce-alpha") + 1] == "1":
+            b = "— (labels only)"
+        elif "--layer-map" in c["flags"]:
+            hidden = cache.get("hidden_bytes_per_token")
+            b = f"{b:.0f} + hidden" + (f" {hidden:.0f}" if hidden else "")
+        else:
+            b = f"{b:.0f}"
+        lines.append(f"| {c['name']} | {b} | {fmt(c['kl_forward_exact'], c['kl_forward_exact_sd'])} | "
                      f"{fmt(c['kl_reverse_exact'], c['kl_reverse_exact_sd'])} | {fmt(c['perplexity'], None, 2)} | "
                      f"{fmt(c['top1_agreement'], c['top1_agreement_sd'])} | {delta or 'baseline'} |")
     lines += ["", "## The caches", "",
-              "| cache | encoding | B/tok (distribution) | per array (B/tok) | capture tokens/s (hf, 2 CPU) |",
-              "|---|---|---:|---|---:|"]
+              "| cache | encoding | B/tok (distribution) | per array (B/tok) |",
+              "|---|---|---:|---|"]
     for c in res["caches"]:
         per = ", ".join(f"{k} {v:.1f}" for k, v in c["arrays_bytes_per_token"].items())
         lines.append(f"| {c['name']} | `{json.dumps(c['encoding'])}` k={c['top_k']} | {c['dist_bytes_per_token']:.1f} | "
-                     f"{per} | {c['tokens_per_s']:.0f} |")
+                     f"{per} |")
+    lines += ["", "Bytes are per scored token (the responses), as stored (compressed), for the arrays of the "
+              "distribution only; `tokens`, `entropy` and `target_logprob` add ~5 B/token to every cache, "
+              "`samples.parquet` ~2. Write and read speeds of each encoding: `encodings.md`."]
     if res.get("models"):
         from model_report import markdown_table
 
@@ -219,15 +231,22 @@ def plot(res: dict, path: Path) -> None:
     caches = {c["name"]: c for c in res["caches"]}
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for c in res["configs"]:
+        if c["name"].startswith("CE only"):         # no distribution: a reference line
+            ax.axhline(c["kl_forward_exact"], ls="--", color="grey", lw=1)
+            ax.text(19, c["kl_forward_exact"] + 0.005, "cross-entropy on hard labels only", fontsize=7, color="grey")
+            continue
+        if not c["name"].startswith("fwd KL") or "--layer-map" in c["flags"]:
+            continue                                # other losses / extra signals: see the table
         b = caches[c["cache"]]["dist_bytes_per_token"]
         xs = [r["end"]["kl_forward_exact"] for r in c["runs"]]
         ax.errorbar(b, c["kl_forward_exact"], yerr=c["kl_forward_exact_sd"] or None, fmt="o", capsize=3)
         ax.scatter([b] * len(xs), xs, s=8, color="grey", zorder=3)
-        ax.annotate(c["name"], (b, c["kl_forward_exact"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        ax.annotate(c["cache"], (b, c["kl_forward_exact"]), textcoords="offset points", xytext=(6, -3), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("bytes per token of the cached distribution (log scale)")
     ax.set_ylabel("held-out exact KL(teacher || student), nats/token")
-    ax.set_title("Same student, same data and steps: quality against cache size")
+    ax.set_title("Forward-KL distillation, same student, data and steps: quality against cache size\n"
+                 "(mean and sd over seeds; grey dots: each seed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

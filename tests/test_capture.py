@@ -21,7 +21,7 @@ ENTROPY_TOL = 1e-4
 
 
 def job(cache, teacher, **kw) -> CaptureJob:
-    base = dict(cache=str(cache), teacher=str(teacher), progress=False, top_k=8, samples_per_shard=3, backend="hf")
+    base = dict(cache=str(cache), teacher=str(teacher), progress=False, encoding="topk", top_k=8, samples_per_shard=3, backend="hf")
     base.update(kw)
     return CaptureJob(**base)
 
@@ -147,7 +147,7 @@ def test_killed_capture_resumes_to_the_same_cache(tmp_path, tiny_teacher, text_f
     assert len(names) == 3
     code = ("from logitcache.teacher.capture import CaptureJob, run_capture\n"
             f"run_capture(CaptureJob(cache={str(tmp_path / 'c')!r}, teacher={str(tiny_teacher)!r}, progress=False, "
-            f"top_k=8, samples_per_shard=3, mode='score', backend='hf', source={str(text_file)!r}))\n")
+            f"encoding='topk', top_k=8, samples_per_shard=3, mode='score', backend='hf', source={str(text_file)!r}))\n")
     env = {**os.environ, "LOGITCACHE_FAULT": f"kill-before-publish:{names[1]}"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]

@@ -31,7 +31,7 @@ def test_capture_help_teaches():
 
 
 def test_capture_then_inspect_json(tmp_path, tiny_teacher, text_file):
-    r = run("capture", tmp_path / "c", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score", "--input", text_file,
+    r = run("capture", tmp_path / "c", "--encoding", "topk", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score", "--input", text_file,
             "--top-k", 4, "--samples-per-shard", 5, "--no-progress", "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
@@ -50,7 +50,7 @@ def test_capture_then_inspect_json(tmp_path, tiny_teacher, text_file):
 
 
 def test_cli_errors_have_messages_and_exit_codes(tmp_path, tiny_teacher, text_file):
-    r = run("capture", tmp_path / "c", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score", "--input", text_file,
+    r = run("capture", tmp_path / "c", "--encoding", "topk", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score", "--input", text_file,
             "--text-column", "nope", "--no-progress")
     assert r.exit_code == 1 and "no column 'nope' (given as --text-column)" in r.output
     r = run("capture", tmp_path / "c", "--hidden-layers", "4,x")
@@ -62,7 +62,7 @@ def test_cli_errors_have_messages_and_exit_codes(tmp_path, tiny_teacher, text_fi
 
 
 def test_corrupt_cache_exits_3_naming_the_shard(tmp_path, tiny_teacher, text_file):
-    assert run("capture", tmp_path / "c", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score", "--input", text_file,
+    assert run("capture", tmp_path / "c", "--encoding", "topk", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score", "--input", text_file,
                "--top-k", 4, "--no-progress").exit_code == 0
     parquet = next((tmp_path / "c" / "shards").glob("*/samples.parquet"))
     parquet.write_bytes(parquet.read_bytes()[:-10] + b"0123456789")
@@ -73,7 +73,7 @@ def test_corrupt_cache_exits_3_naming_the_shard(tmp_path, tiny_teacher, text_fil
 def test_worker_flags_default_from_the_environment(tmp_path, tiny_teacher, text_file, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    r = run("capture", tmp_path / "c", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score", "--input", text_file,
+    r = run("capture", tmp_path / "c", "--encoding", "topk", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score", "--input", text_file,
             "--top-k", 4, "--samples-per-shard", 3, "--no-progress", "--json")
     s = json.loads(r.stdout)
     assert (s["worker_index"], s["num_workers"], s["shards_planned"], s["complete"]) == (1, 2, 1, False)
@@ -81,7 +81,7 @@ def test_worker_flags_default_from_the_environment(tmp_path, tiny_teacher, text_
     monkeypatch.delenv("RANK")
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "0")
-    s = json.loads(run("capture", tmp_path / "c", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score", "--input",
+    s = json.loads(run("capture", tmp_path / "c", "--encoding", "topk", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score", "--input",
                        text_file, "--top-k", 4, "--samples-per-shard", 3, "--no-progress", "--json").stdout)
     assert (s["worker_index"], s["shards_planned"], s["complete"]) == (0, 2, True)
     r = run("finalize", tmp_path / "c", "--json")

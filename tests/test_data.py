@@ -32,10 +32,10 @@ def caches(tmp_path_factory, tiny_teacher):
     source = root / "texts.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     base = dict(teacher=str(tiny_teacher), backend="hf", progress=False, top_k=4)
-    run_capture(CaptureJob(cache=str(root / "score"), mode="score", source=str(source), samples_per_shard=6,
+    run_capture(CaptureJob(encoding="topk", cache=str(root / "score"), mode="score", source=str(source), samples_per_shard=6,
                            hidden_layers=[1, -1], **base))
     for with_prompt in (False, True):
-        run_capture(CaptureJob(cache=str(root / f"gen-{with_prompt}"), mode="generate", limit=6, max_new_tokens=8,
+        run_capture(CaptureJob(encoding="topk", cache=str(root / f"gen-{with_prompt}"), mode="generate", limit=6, max_new_tokens=8,
                                with_prompt=with_prompt, samples_per_shard=4, **base))
     return {"score": str(root / "score"), "gen": str(root / "gen-False"), "gen_prompt": str(root / "gen-True")}
 

@@ -40,7 +40,7 @@ def test_smollm2_knows_paris_and_stores_exact_statistics(tmp_path, smollm2_dir):
     src = tmp_path / "t.jsonl"
     src.write_text(json.dumps({"text": "The capital of France is Paris"}) + "\n"
                    + json.dumps({"text": "def square(x):\n    return x * x\n"}) + "\n")
-    run_capture(CaptureJob(cache=str(tmp_path / "c"), mode="score", source=str(src), progress=False, backend="hf",
+    run_capture(CaptureJob(encoding="topk", cache=str(tmp_path / "c"), mode="score", source=str(src), progress=False, backend="hf",
                            hidden_layers=[-1]))
     cache = open_cache(str(tmp_path / "c"), verify=True)
     assert cache.manifest.teacher.name == "smollm2-135m" and cache.manifest.capture.hidden_layers == [30]
@@ -55,7 +55,7 @@ def test_smollm2_knows_paris_and_stores_exact_statistics(tmp_path, smollm2_dir):
 def test_smollm2_generates_an_answer(tmp_path):
     src = tmp_path / "q.jsonl"
     src.write_text(json.dumps({"prompt": "What is the capital of France?"}) + "\n")
-    run_capture(CaptureJob(cache=str(tmp_path / "c"), source=str(src), progress=False, backend="hf", max_new_tokens=24))
+    run_capture(CaptureJob(encoding="topk", cache=str(tmp_path / "c"), source=str(src), progress=False, backend="hf", max_new_tokens=24))
     rec = open_cache(str(tmp_path / "c")).samples.to_pylist()[0]
     assert "Paris" in rec["response"]
     assert rec["response_tokens"] >= 2 and np.isfinite(rec["mean_entropy"])

@@ -34,7 +34,7 @@ def run(*args):
 
 
 def capture(cache, teacher, **kw):
-    base = dict(cache=str(cache), teacher=str(teacher), progress=False, top_k=4, samples_per_shard=4, backend="hf",
+    base = dict(cache=str(cache), teacher=str(teacher), progress=False, encoding="topk", top_k=4, samples_per_shard=4, backend="hf",
                 limit=10, max_new_tokens=10, hidden_layers=[-1])
     base.update(kw)
     run_capture(CaptureJob(**base))

@@ -26,7 +26,7 @@ def cache(tmp_path_factory, tiny_teacher):
     src = d / "texts.jsonl"
     rows = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(5 + i % 11)) for i in range(36)]
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
-    run_capture(CaptureJob(cache=str(d / "c"), teacher=str(tiny_teacher), backend="hf", mode="score", source=str(src),
+    run_capture(CaptureJob(encoding="topk", cache=str(d / "c"), teacher=str(tiny_teacher), backend="hf", mode="score", source=str(src),
                            top_k=8, samples_per_shard=8, hidden_layers=[-1], progress=False))
     return str(d / "c")
 
@@ -201,7 +201,7 @@ def second_teacher_cache(tmp_path_factory, tiny_teacher, cache):
         if f.startswith(("tokenizer", "chat_template", "generation")):
             shutil.copy(os.path.join(tiny_teacher, f), d / "t2" / f)
     src = os.path.join(os.path.dirname(cache), "texts.jsonl")
-    run_capture(CaptureJob(cache=str(d / "c2"), teacher=str(d / "t2"), backend="hf", mode="score", source=src,
+    run_capture(CaptureJob(encoding="topk", cache=str(d / "c2"), teacher=str(d / "t2"), backend="hf", mode="score", source=src,
                            top_k=4, samples_per_shard=5, progress=False))
     return str(d / "c2")
 

@@ -44,7 +44,8 @@ LAYERS = "0,15,-1"
 
 def capture_vllm(cache, *args):
     """The CLI in a subprocess: vLLM starts engine processes and must not share ours."""
-    cmd = [sys.executable, "-m", "logitcache.cli.main", "capture", str(cache), "--backend", "vllm", "--no-progress",
+    cmd = [sys.executable, "-m", "logitcache.cli.main", "capture", str(cache), "--backend", "vllm", "--encoding", "topk",
+           "--no-progress",
            "--json", *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -52,7 +53,7 @@ def capture_vllm(cache, *args):
 
 
 def capture_hf(cache, **kw):
-    run_capture(CaptureJob(cache=str(cache), backend="hf", progress=False, **kw))
+    run_capture(CaptureJob(**{"cache": str(cache), "backend": "hf", "progress": False, "encoding": "topk", **kw}))
 
 
 @pytest.fixture(scope="module")

@@ -63,9 +63,9 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
               help="Name sample ids are derived from (default: the file name or dataset name).")
 @click.option("--limit", type=int, default=None, help="Use only the first N rows.")
 @click.option("--encoding", type=click.Choice(["topk", "adaptive", "compact", "sampled", "hybrid", "full"]),
-              default="topk", show_default=True,
+              default="compact", show_default=True,
               help="How the distribution is stored (docs/format.md, 'Encodings'; which to pick: docs/results.md). "
-                   "topk: k ids + fp16 log-probs. adaptive: per token the fewest ids with mass >= --keep-mass, at "
+                   "topk: k ids + fp16 log-probs (the 1.1 layout). adaptive: per token the fewest ids with mass >= --keep-mass, at "
                    "most --top-k. compact: adaptive with ids delta-coded and --bits-bit log-scale values. sampled: "
                    "--draws ids drawn from the teacher (unbiased; forward KL / CE only). hybrid: exact top-k head + "
                    "draws from the tail. full: every value (small evaluation sets: exact KL in training reports).")
@@ -117,8 +117,9 @@ def capture(cache, as_json, no_progress, num_workers, worker_index, **opts):
     """Capture a teacher's per-token statistics into CACHE (a directory or fsspec URL).
 
     For every scored token: the teacher's next-token distribution in the chosen --encoding (by
-    default the top-k ids and log-probabilities, log-softmax over the full vocabulary at T=1), the
-    exact entropy, the actual next token's log-probability and, with --hidden-layers, hidden states.
+    default compact: the most probable ids up to 99% of the mass, at most 64, with 8-bit log-prob
+    codes and the exact remaining mass; log-softmax over the full vocabulary at T=1), the exact
+    entropy, the actual next token's log-probability and, with --hidden-layers, hidden states.
 
     Re-running the same command resumes: committed shards are skipped. Many workers (nodes, GPUs)
     can write one cache: each takes the shards j with j % num_workers == worker_index, and the last

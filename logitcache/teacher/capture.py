@@ -68,7 +68,7 @@ class CaptureJob:
     source_name: str | None = None
     limit: int | None = None
     top_k: int | None = None               # k of topk / the cap of the others; None = the encoding's default
-    encoding: str = "topk"                 # how the distribution is stored (dist_arrays.ENCODINGS)
+    encoding: str = "compact"              # how the distribution is stored (dist_arrays.ENCODINGS)
     keep_mass: float | None = None         # adaptive / compact: per token the smallest set with this mass
     bits: int | None = None                # compact / hybrid: log-scale code bits
     draws: int | None = None               # sampled / hybrid: draws per token
