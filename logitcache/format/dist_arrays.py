@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import encodings
 from .arrays import FULL_LOGPROBS, ArraySpec, id_dtype
 from .encodings import (EncodingError, SampledRows, SparseRows, TargetRows, decode_adaptive, decode_compact,
                         decode_hybrid, decode_sampled, decode_topk, encode_adaptive, encode_compact, max_abs_error,
@@ -70,7 +71,8 @@ def resolve_encoding(name: str, **given) -> dict:
 
 
 def _count_dtype(max_count: int) -> str:
-    return "uint8" if max_count <= 0xFF else "uint16" if max_count <= 0xFFFF else "uint32"
+    """The count dtype the encoders write (``encodings._count_dtype``), as a spec names it."""
+    return encodings._count_dtype(max_count).name
 
 
 def dist_specs(enc: dict, vocab_size: int, logprob_dtype: str, top_k: int) -> list[ArraySpec]:

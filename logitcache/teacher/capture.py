@@ -130,8 +130,7 @@ def validate(job: CaptureJob) -> None:
     if job.backend not in BACKENDS:
         bad("--backend", f"{job.backend!r} is not one of {', '.join(BACKENDS)}")
     try:
-        enc = resolve_encoding(job.encoding, top_p=job.keep_mass, bits=job.bits, draws=job.draws,
-                               temperature=job.proposal_temperature)
+        enc = job_encoding(job)
     except EncodingError as e:
         raise LogitcacheError(str(e)) from None
     if job.top_k is not None and job.top_k < 1:
