@@ -10,7 +10,7 @@ import torch
 import zarr
 
 from logitcache import open_cache
-from logitcache.format import LogitcacheError
+from logitcache.format import FORMAT_VERSION, LogitcacheError
 from logitcache.format.dist_arrays import decode_rows, resolve_encoding
 from logitcache.format.encodings import EncodingError, SampledRows, max_abs_error
 from logitcache.teacher.capture import CaptureJob, run_capture
@@ -53,7 +53,7 @@ def test_bucket_encodings_store_the_most_probable_ids_and_the_exact_tail(tmp_pat
     run_capture(job(tmp_path / "c", tiny_teacher, source=str(text_file), encoding=encoding, top_k=16, keep_mass=top_p))
     cache = open_cache(str(tmp_path / "c"), verify=True)
     enc = cache.manifest.capture.encoding
-    assert enc["name"] == encoding and cache.manifest.format_version == "1.2"
+    assert enc["name"] == encoding and cache.manifest.format_version == FORMAT_VERSION
     assert "topk_ids" not in cache.manifest.arrays and cache.manifest.arrays["dist/ids"].index == "dist/counts"
     bound = max_abs_error(enc["bits"], enc["lo"]) + 1e-4 if encoding == "compact" else None
     checked = 0
@@ -164,7 +164,7 @@ def test_full_capture_holds_every_value_and_reads_with_zarr_alone(tmp_path, tiny
     # and a ragged cache through zarr + the manifest alone: entries located by the index array
     run_capture(job(tmp_path / "r", tiny_teacher, source=str(text_file), encoding="adaptive", top_k=8))
     m = json.loads((tmp_path / "r" / "manifest.json").read_text())
-    assert m["format_version"] == "1.2" and m["capture"]["encoding"] == {"name": "adaptive", "top_p": 0.99}
+    assert m["format_version"] == FORMAT_VERSION and m["capture"]["encoding"] == {"name": "adaptive", "top_p": 0.99}
     assert m["arrays"]["dist/logprobs"]["index"] == "dist/counts"
     shard = m["shards"][0]["name"]
     g = zarr.open_group(str(tmp_path / "r" / "shards" / shard / "arrays.zarr"), mode="r")

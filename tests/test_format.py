@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 from logitcache.format import FORMAT_VERSION, SAMPLE_COLUMNS, FormatError, Manifest, array_specs, sample_id
 from logitcache.format.arrays import bf16_bits_to_float32, chunk_rows, float32_to_bf16_bits, id_dtype
 from logitcache.format.manifest import (CaptureConfig, ConfigMismatchError, InputSpec, PartInfo, ShardRecord,
-                                        SkipRecord, TeacherInfo, TokenizerInfo, check_same_header)
+                                        SkipRecord, TeacherInfo, TokenizerInfo, check_same_header, manifest_checksum)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "format.md"
 
@@ -47,6 +48,7 @@ def test_reader_refuses_unknown_major_and_accepts_newer_minor():
     d["format_version"] = "1.7"
     d["a_field_from_the_future"] = {"x": 1}
     d["teacher"]["new_teacher_field"] = 3
+    d["checksum"] = manifest_checksum(d)     # as the newer release that wrote it would
     assert Manifest.from_dict(d).format_version == "1.7"
 
 
@@ -54,7 +56,7 @@ def test_manifest_errors_name_the_problem():
     d = make_manifest().to_dict()
     del d["teacher"]["fingerprint"]
     with pytest.raises(FormatError, match=r"teacher: missing field 'fingerprint'"):
-        Manifest.from_dict(d)
+        Manifest.from_dict(resign(d))
     with pytest.raises(FormatError, match="not valid JSON"):
         Manifest.from_json("{nope")
     with pytest.raises(FormatError, match="not a logitcache manifest"):
@@ -110,3 +112,91 @@ def test_docs_format_md_lists_every_column_array_and_the_version():
     for name in array_specs(49152, 4, "float16", [1], 8, "bfloat16"):
         shown = "hidden/<layer>" if name.startswith("hidden/") else name
         assert f"| `{shown}` |" in doc, f"docs/format.md lacks array {shown}"
+
+
+# ---- the manifest protects itself (format 1.3) ------------------------------------------------------
+
+def resign(d: dict) -> dict:
+    d["checksum"] = manifest_checksum(d)
+    return d
+
+
+def complete_manifest() -> dict:
+    m = make_manifest()
+    m.part, m.complete = None, True
+    m.inputs[0].num_shards = 2
+    m.shards = [ShardRecord(f"i0-{j:06d}", "i0", j, 4, 100, 96, 1234, "sha256:00", 0) for j in range(2)]
+    return m.to_dict()
+
+
+def test_a_manifest_edited_after_it_was_written_is_refused():
+    d = complete_manifest()
+    assert d["checksum"] == manifest_checksum(d) and Manifest.from_dict(d).complete
+    edits = [("capture", lambda d: d["capture"].update(encoding={"name": "compact", "top_p": 0.99, "bits": 8,
+                                                                  "lo": -8.0})),
+             ("shard tokens", lambda d: d["shards"][0].update(tokens=99)),
+             ("dropped shard", lambda d: d["shards"].pop()),
+             ("derived path", lambda d: d.update(derived=[{"name": "tokens", "params": {}, "columns": [],
+                                                           "cache_fingerprint": "x", "files": []}]))]
+    for what, edit in edits:
+        e = json.loads(json.dumps(d))
+        edit(e)
+        with pytest.raises(FormatError, match=r"manifest.json: checksum 'sha256:\w+' does not match its content"):
+            Manifest.from_dict(e)
+    del d["checksum"]
+    with pytest.raises(FormatError, match=r"has no checksum \(required from format 1.3 on\)"):
+        Manifest.from_dict(d)
+    d["format_version"] = "1.2"        # manifests of earlier versions have none
+    assert Manifest.from_dict(d).num_samples == 8
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["shards"].append(dict(d["shards"][0])), r"shard 'i0-000000' is listed twice \(records 0 and 2\)"),
+    (lambda d: d["shards"].pop(), r"marked complete but 1 planned shard\(s\) are not listed \(first: i0-000001\)"),
+    (lambda d: d["shards"][0].update(tokens=101), r"totals.tokens is 200 but the shard records add up to 201"),
+    (lambda d: d["shards"][0].update(samples=-1), r"shard 'i0-000000': samples -1 is not a count"),
+    (lambda d: d["shards"][1].update(index=0), r"shard 'i0-000001' does not match its input key and index"),
+    (lambda d: d["shards"][0].update(input_key="i9", name="i9-000000"),
+     r"shard 'i9-000000' belongs to input 'i9', which the manifest does not list"),
+    (lambda d: d["shards"][1].update(index=7, name="i0-000007"),
+     r"shard 'i0-000007': index 7 is beyond the 2 shard\(s\) planned for input 'i0'"),
+])
+def test_inconsistent_records_are_refused_even_with_a_valid_checksum(edit, message):
+    d = complete_manifest()
+    edit(d)
+    with pytest.raises(FormatError, match=message):
+        Manifest.from_dict(resign(d))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["inputs"][0].update(key="../../victim"), r"input key '\.\./\.\./victim' is not a valid input key"),
+    (lambda d: d["shards"][0].update(input_key="../x", name="../x-000000"), r"input key '\.\./x' is not a valid"),
+    (lambda d: d.update(derived=[{"name": "tokens", "params": {}, "columns": [], "cache_fingerprint": "x",
+                                  "files": [{"path": "../victim", "rows": 1, "bytes": 1, "checksum": "x"}]}]),
+     r"derived file '\.\./victim' is not a valid derived file"),
+    (lambda d: d.update(derived=[{"name": "tokens", "params": {}, "columns": [], "cache_fingerprint": "x",
+                                  "files": [{"path": "derived/../../victim", "rows": 1, "bytes": 1,
+                                             "checksum": "x"}]}]), r"is not a (valid derived file|plain relative)"),
+    (lambda d: d["arrays"].update({"../../x": d["arrays"]["tokens"]}), r"array name '\.\./\.\./x' is not a valid"),
+    (lambda d: d.update(provenance={"source_cache": "c", "source_fingerprint": "f", "selection_query": "q",
+                                    "selection_count": 1, "source_shards": {"i0-000000": "/etc/x-000001"}}),
+     r"shard name '/etc/x-000001' is not a valid shard name"),
+])
+def test_names_that_would_leave_the_cache_are_refused(edit, message):
+    d = complete_manifest()
+    edit(d)
+    with pytest.raises(FormatError, match=message):
+        Manifest.from_dict(resign(d))
+
+
+def test_fingerprint_covers_what_decides_a_decoded_value():
+    from logitcache.format import cache_fingerprint
+
+    base = Manifest.from_dict(complete_manifest())
+    fp = cache_fingerprint(base)
+    for change in (lambda m: m.capture.encoding.update(name="compact", top_p=0.99, bits=8, lo=-8.0),
+                   lambda m: m.arrays.update({"hidden/2": dataclasses.replace(m.arrays["hidden/2"], dtype="float16")})):
+        m = Manifest.from_dict(complete_manifest())
+        change(m)
+        assert cache_fingerprint(m) != fp
+        assert cache_fingerprint(m, recipe=1) == cache_fingerprint(base, recipe=1)   # what 1.2 missed

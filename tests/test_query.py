@@ -1,6 +1,7 @@
 """Queries, select shortcuts, derived token statistics, selection files and exports, each checked
 against the same thing computed directly with pyarrow / numpy over the stored Parquet and Zarr."""
 
+import copy
 import json
 import math
 import re
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from logitcache import open_cache
 from logitcache.cli.main import cli
 from logitcache.format import FORMAT_VERSION, Manifest, cache_fingerprint, layout
+from logitcache.format.manifest import manifest_checksum
 from logitcache.query import derived, read_selection
 from logitcache.query import token_stats as ts
 from logitcache.query.engine import Engine, run_query
@@ -218,7 +220,7 @@ def test_token_stats_are_materialised_once_and_recorded(cache, monkeypatch, thr)
     sql = "SELECT sample_id, high_entropy_share FROM token_stats ORDER BY high_entropy_share DESC, sample_id LIMIT 3"
     first = run_query(cache, sql, threshold=thr).table
     raw = json.loads((Path(cache.url) / "manifest.json").read_text())
-    assert raw["format_version"] == FORMAT_VERSION == "1.2"
+    assert raw["format_version"] == FORMAT_VERSION == "1.3"
     (rec,) = raw["derived"]
     assert rec["name"] == "token_stats" and rec["params"] == {"entropy_threshold": thr}
     assert rec["cache_fingerprint"] == fp and rec["columns"] == [c for c, _, _ in ts.TOKEN_STATS_COLUMNS]
@@ -241,6 +243,7 @@ def test_token_stats_are_materialised_once_and_recorded(cache, monkeypatch, thr)
     assert cache_fingerprint(after.manifest) == fp and sorted(p.name for p in (Path(cache.url) / "shards").iterdir()) == sorted(before)
     legacy = dict(raw, format_version="1.0")
     legacy.pop("derived")
+    legacy.pop("checksum")
     assert Manifest.from_dict(legacy).shards == after.manifest.shards
 
 
@@ -253,6 +256,7 @@ def test_a_stale_derived_table_is_recomputed_and_its_file_removed(cache, thr):
     (root / rec["files"][0]["path"]).rename(old)
     rec["files"][0]["path"] = "derived/token_stats-old.parquet"
     rec["cache_fingerprint"] = "sha256:" + "0" * 64   # as if shards were added since it was computed
+    m["checksum"] = manifest_checksum(m)
     (root / "manifest.json").write_text(json.dumps(m))
     stale = open_cache(cache.url)
     got = derived.token_stats(stale, thr)
@@ -471,8 +475,10 @@ def test_cache_fingerprint_follows_the_documented_recipe(cache):
     exec(code, scope)
     manifest = json.loads((Path(cache.url) / "manifest.json").read_text())
     assert scope["cache_fingerprint"](manifest) == cache_fingerprint(cache.manifest)
+    assert scope["cache_fingerprint"](manifest, recipe=1) == cache_fingerprint(cache.manifest, recipe=1)
     m = cache.manifest
-    renamed = Manifest.from_dict({**m.to_dict(), "teacher": {**m.to_dict()["teacher"], "name": "x", "source": "/y"}})
+    renamed = copy.deepcopy(m)
+    renamed.teacher.name, renamed.teacher.source = "x", "/y"
     assert cache_fingerprint(renamed) == cache_fingerprint(m)  # where the teacher was loaded from is not identity
     changed = Manifest.from_dict(m.to_dict())
     changed.shards[0].checksum = "sha256:" + "1" * 64

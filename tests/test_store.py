@@ -52,7 +52,7 @@ def commit(cfs, name, specs, arrays, lengths, codec=codecs.DEFAULT_CODEC):
     m.arrays = specs
     m.codecs = codecs.describe(specs, codec)
     m.inputs[0].num_shards = 1
-    m.shards = [ShardRecord(name, "i0", 0, len(lengths), int(sum(lengths)), 0, written.bytes, written.checksum, 0)]
+    m.shards = [written.record("i0", 0, worker=0)]
     m.skipped = []
     save_part(cfs, m)
     return finalize(cfs)
@@ -192,7 +192,16 @@ def test_docs_reading_example_and_checksum_recipe_work(tmp_path):
     np.testing.assert_array_equal(ns["ids"], arrays["topk_ids"][:25])
     ns2 = {}
     exec(_doc_block("### Shard checksum"), ns2)
-    assert ns2["shard_checksum"](str(tmp_path / "shards" / "i0-000000")) == m.shards[0].checksum
+    shard = str(tmp_path / "shards" / "i0-000000")
+    assert ns2["shard_checksum"](shard) == m.shards[0].checksum
+    assert ns2["shard_checksum"](shard, only=lambda r: r.endswith("zarr.json")) == m.shards[0].metadata_checksum
+    import hashlib
+    assert "sha256:" + hashlib.sha256((tmp_path / "shards" / "i0-000000" / "samples.parquet").read_bytes()).hexdigest() \
+        == m.shards[0].samples_checksum
+    ns3 = {}
+    exec(_doc_block("### Manifest checksum"), ns3)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    assert ns3["manifest_checksum"](raw) == raw["checksum"]
 
 
 def test_auto_codec_compresses_hidden_with_zstd_and_the_rest_with_shuffled_blosc(tmp_path):
@@ -205,8 +214,8 @@ def test_auto_codec_compresses_hidden_with_zstd_and_the_rest_with_shuffled_blosc
     def inner(name):  # codecs inside the sharding codec
         return [c["name"] for c in g[name].metadata.to_dict()["codecs"][0]["configuration"]["codecs"]]
 
-    assert inner("hidden/2") == ["bytes", "zstd"]
-    assert inner("topk_logprobs") == ["bytes", "blosc"]
+    assert inner("hidden/2") == ["bytes", "zstd", "crc32c"]
+    assert inner("topk_logprobs") == ["bytes", "blosc", "crc32c"]
     assert g["topk_logprobs"].metadata.to_dict()["codecs"][0]["configuration"]["codecs"][1]["configuration"]["shuffle"] == "shuffle"
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert (m["codecs"]["hidden/2"]["codec"], m["codecs"]["topk_ids"]["codec"]) == ("zstd", "blosc-zstd-shuffle")

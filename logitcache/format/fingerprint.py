@@ -1,15 +1,18 @@
 """The cache fingerprint: one string that names *what a cache holds*.
 
 Two caches have the same fingerprint when they were made by the same teacher (weights, not where
-they were loaded from), tokenizer and capture settings and hold the same committed shards, byte for
-byte. Selection files and exported caches record it, so a selection is never applied to a cache it
-was not made from. Derived tables record it too: a capture that adds shards changes it, which marks
-them stale.
+they were loaded from), tokenizer and capture settings, store their values the same way, and hold
+the same committed shards, byte for byte. Selection files, exported caches, derived tables and
+training checkpoints record it, so none of them is ever applied to a cache it was not made from; a
+capture that adds shards changes it, which marks derived tables stale.
 
 Recipe (docs/format.md, "Cache fingerprint"): sha256 over the canonical JSON (sorted keys, no
 spaces, ASCII) of ``{"teacher": ..., "tokenizer": ..., "capture": ..., "shards": [[name, checksum],
-...]}``: the fields listed below (``teacher`` without ``name`` and ``source``), shards sorted by name.
-The field lists are fixed, so a later version that adds manifest fields does not change the
+...]}`` (the fields listed below; ``teacher`` without ``name`` and ``source``; shards sorted by name)
+plus, in recipe 2 (logitcache 1.3 on), ``"encoding"`` (``capture.encoding``) and ``"arrays"`` (each
+array's spec without its prose ``meaning``): everything that decides a decoded value. Recipe 1 is
+what releases up to format 1.2 wrote into selection files; ``check_selection`` still accepts it for
+those. The field lists are fixed, so a later version that adds manifest fields does not change the
 fingerprint of an existing cache.
 """
 
@@ -21,6 +24,7 @@ import json
 from .manifest import NOT_IDENTITY, Manifest
 
 PREFIX = "sha256:"
+RECIPE = 2          # what this release writes; 1 = releases up to format 1.2
 FIELDS = {
     "teacher": ("revision", "fingerprint", "architecture", "num_layers", "hidden_size", "vocab_size", "max_length",
                 "dtype", "backend"),
@@ -30,17 +34,22 @@ FIELDS = {
                 "truncate", "samples_per_shard", "system_prompt", "max_new_tokens", "temperature", "top_p", "seed",
                 "num_samples"),
 }
+ARRAY_FIELDS = ("dtype", "storage_dtype", "row_shape", "fill", "index")
 assert not {f"teacher.{k}" for k in FIELDS["teacher"]} & NOT_IDENTITY
 
 
-def identity(manifest: Manifest) -> dict:
+def identity(manifest: Manifest, recipe: int = RECIPE) -> dict:
     """The part of the manifest the fingerprint covers."""
     out = {section: {k: getattr(getattr(manifest, section), k) for k in keys} for section, keys in FIELDS.items()}
     out["shards"] = sorted([s.name, s.checksum] for s in manifest.shards)
+    if recipe >= 2:
+        out["encoding"] = manifest.capture.encoding
+        out["arrays"] = {name: {k: spec.to_dict().get(k) for k in ARRAY_FIELDS}
+                         for name, spec in manifest.arrays.items()}
     return out
 
 
-def cache_fingerprint(manifest: Manifest) -> str:
-    """``"sha256:<hex>"`` over the canonical JSON of ``identity(manifest)``."""
-    text = json.dumps(identity(manifest), sort_keys=True, separators=(",", ":"), allow_nan=False)
+def cache_fingerprint(manifest: Manifest, recipe: int = RECIPE) -> str:
+    """``"sha256:<hex>"`` over the canonical JSON of ``identity(manifest, recipe)``."""
+    text = json.dumps(identity(manifest, recipe), sort_keys=True, separators=(",", ":"), allow_nan=False)
     return PREFIX + hashlib.sha256(text.encode()).hexdigest()

@@ -1,4 +1,4 @@
-"""Where things live inside a cache directory (local path or fsspec URL).
+"""Where things live inside a cache directory (local path or fsspec URL), and which names may appear.
 
     CACHE/
       manifest.json                      merged commit record (written last, atomically)
@@ -9,6 +9,9 @@
       derived/                           tables computed from the shards (format 1.1; listed under
                                          "derived" in the manifest; never part of a shard)
 """
+
+import posixpath
+import re
 
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
@@ -37,3 +40,21 @@ def shard_arrays(name: str) -> str:
 
 def shard_samples(name: str) -> str:
     return f"{SHARDS_DIR}/{name}/{SAMPLES}"
+
+
+# Names read from a manifest become paths: they must match these patterns, so that a manifest that
+# travelled from another machine or bucket can never point outside the cache (docs/format.md, "Names").
+INPUT_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}-[0-9]{6,}")
+ARRAY_NAME = re.compile(r"[a-z][a-z0-9_]*(/[A-Za-z0-9_]+)?")
+DERIVED_PATH = re.compile(rf"{DERIVED_DIR}/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")
+
+
+def check_name(kind: str, value, pattern: re.Pattern) -> str | None:
+    """The problem with a name read from a manifest (None when it is valid): it must be a string that
+    matches ``pattern`` whole and has no ``..`` component."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        return f"{kind} {value!r} is not a valid {kind} (pattern {pattern.pattern})"
+    if ".." in value.split("/") or posixpath.normpath(value) != value:
+        return f"{kind} {value!r} is not a plain relative path"
+    return None

@@ -6,17 +6,27 @@ checksum; files under ``shards/`` that no manifest names are leftovers of a cras
 
 Each capture worker keeps its own *part* manifest (``parts/worker-IIIII.json``, same schema plus a
 ``part`` record); ``manifest.json`` is the merge of all parts.
+
+A manifest is checked when it is read (format 1.3, docs/format.md "Integrity"): its ``checksum``
+(sha256 over the rest of its canonical JSON) must match, every name that becomes a path must match
+its pattern, and the records must agree with each other (unique shards, counts and totals that add
+up, a complete cache that lists every planned shard). A manifest that fails is refused with the
+first problem found, never read "as well as possible".
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from . import layout
 from .arrays import ArraySpec
 from .errors import ConfigMismatchError, FormatError
-from .version import FORMAT_NAME, FORMAT_VERSION, check_readable
+from .version import FORMAT_NAME, FORMAT_VERSION, check_readable, parse_version
+
+CHECKSUM_SINCE = (1, 3)   # manifests of this version on must carry their checksum
 
 
 def _from_dict(cls, d: dict, where: str):
@@ -98,6 +108,9 @@ class InputSpec:
     limit: int | None
     num_rows: int
     num_shards: int
+    # 1.3: "sha256:<hex>" of the rows read (the role columns after --limit, see docs/format.md); a
+    # capture refuses to add to an input whose rows changed. "" in caches of earlier versions.
+    content: str = ""
 
 
 @dataclass
@@ -111,6 +124,15 @@ class ShardRecord:
     bytes: int
     checksum: str             # "sha256:<hex>" over the shard's files, see docs/format.md
     worker: int
+    # 1.3: what a reader checks on every open of the shard (docs/format.md, "Integrity"); "" in shards
+    # written before 1.3, which a reader verifies whole (``checksum``) on first access instead
+    metadata_checksum: str = ""   # the recipe of ``checksum`` over the shard's zarr.json documents only
+    samples_checksum: str = ""    # "sha256:<hex>" of samples.parquet
+
+    @property
+    def verified_per_read(self) -> bool:
+        """Written with per-chunk crc32c and per-file checksums (format 1.3 on)."""
+        return bool(self.metadata_checksum and self.samples_checksum)
 
 
 @dataclass
@@ -223,6 +245,7 @@ class Manifest:
             d["derived"] = [asdict(t) for t in self.derived]
         if self.provenance is not None:
             d["provenance"] = asdict(self.provenance)
+        d["checksum"] = manifest_checksum(d)
         return d
 
     def to_json(self) -> str:
@@ -230,12 +253,21 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "manifest.json") -> "Manifest":
+        """Parse and check a manifest: its checksum (format 1.3 on; earlier ones have none), the names
+        that become paths, and the consistency of its records (``check_consistency``)."""
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise FormatError(f"{where}: not a logitcache manifest (field 'format' is not {FORMAT_NAME!r})")
         check_readable(d.get("format_version", ""), where)
+        check_manifest_checksum(d, where)
         for key in ("teacher", "tokenizer", "capture", "arrays", "codecs", "shards"):
             if key not in d:
                 raise FormatError(f"{where}: missing field {key!r}")
+        m = cls._parse(d, where)
+        m.check_consistency(where, d.get("totals"))
+        return m
+
+    @classmethod
+    def _parse(cls, d: dict, where: str) -> "Manifest":
         return cls(
             teacher=_from_dict(TeacherInfo, d["teacher"], f"{where}: teacher"),
             tokenizer=_from_dict(TokenizerInfo, d["tokenizer"], f"{where}: tokenizer"),
@@ -254,6 +286,70 @@ class Manifest:
             provenance=_from_dict(Provenance, d["provenance"], f"{where}: provenance") if d.get("provenance") else None,
         )
 
+    def check_consistency(self, where: str, totals: dict | None = None) -> None:
+        """Refuse a manifest whose records contradict each other or name paths outside the cache:
+        names must match their patterns (``layout``), a shard's name is ``<input key>-<index:06d>``,
+        shards are listed once, counts are non-negative, ``totals`` (when given) add up, every shard of
+        a listed input is one it planned, and a complete cache lists every planned shard."""
+        def bad(msg: str):
+            raise FormatError(f"{where}: {msg}")
+
+        def name(kind, value, pattern):
+            problem = layout.check_name(kind, value, pattern)
+            if problem:
+                bad(problem)
+
+        for a, spec in self.arrays.items():
+            name("array name", a, layout.ARRAY_NAME)
+            if spec.index is not None and spec.index not in self.arrays:
+                bad(f"array {a!r} is indexed by {spec.index!r}, which is not an array of the cache")
+        inputs = {}
+        for i in self.inputs:
+            name("input key", i.key, layout.INPUT_KEY)
+            if i.key in inputs:
+                bad(f"input {i.key!r} is listed twice")
+            if not (isinstance(i.num_shards, int) and i.num_shards >= 0):
+                bad(f"input {i.key!r}: num_shards {i.num_shards!r} is not a count")
+            inputs[i.key] = i
+        seen: dict[str, int] = {}
+        for n, s in enumerate(self.shards):
+            name("input key", s.input_key, layout.INPUT_KEY)
+            for f in ("index", "samples", "tokens", "scored_tokens", "bytes"):
+                v = getattr(s, f)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    bad(f"shard {s.name!r}: {f} {v!r} is not a count")
+            if s.name != layout.shard_name(s.input_key, s.index):
+                bad(f"shard {s.name!r} does not match its input key and index "
+                    f"({layout.shard_name(s.input_key, s.index)!r})")
+            if s.name in seen:
+                bad(f"shard {s.name!r} is listed twice (records {seen[s.name]} and {n})")
+            seen[s.name] = n
+            if s.scored_tokens > s.tokens:
+                bad(f"shard {s.name!r}: {s.scored_tokens} scored tokens of {s.tokens}")
+            if self.inputs and s.input_key not in inputs:
+                bad(f"shard {s.name!r} belongs to input {s.input_key!r}, which the manifest does not list")
+            if s.input_key in inputs and s.index >= inputs[s.input_key].num_shards:
+                bad(f"shard {s.name!r}: index {s.index} is beyond the {inputs[s.input_key].num_shards} shard(s) "
+                    f"planned for input {s.input_key!r}")
+        if self.complete and self.part is None:
+            missing = [layout.shard_name(i.key, j) for i in self.inputs for j in range(i.num_shards)
+                       if layout.shard_name(i.key, j) not in seen]
+            if missing:
+                bad(f"marked complete but {len(missing)} planned shard(s) are not listed (first: {missing[0]}): "
+                    "a shard record was removed")
+        if totals is not None:
+            for key, value in (("samples", self.num_samples), ("tokens", self.num_tokens),
+                               ("bytes", sum(s.bytes for s in self.shards)), ("skipped", len(self.skipped))):
+                if key in totals and totals[key] != value:
+                    bad(f"totals.{key} is {totals[key]!r} but the shard records add up to {value}")
+        for t in self.derived:
+            for f in t.files:
+                name("derived file", f.path, layout.DERIVED_PATH)
+        if self.provenance is not None:
+            for mine, theirs in self.provenance.source_shards.items():
+                name("shard name", mine, layout.SHARD_NAME)
+                name("shard name", theirs, layout.SHARD_NAME)
+
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "manifest.json") -> "Manifest":
         try:
@@ -261,6 +357,33 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise FormatError(f"{where}: not valid JSON ({e})") from None
         return cls.from_dict(d, where)
+
+
+def _canonical(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def manifest_checksum(d: dict) -> str:
+    """``"sha256:<hex>"`` over the canonical JSON (sorted keys, no spaces, ASCII) of a manifest's
+    fields other than ``checksum`` (docs/format.md, "Manifest checksum")."""
+    return "sha256:" + hashlib.sha256(_canonical({k: v for k, v in d.items() if k != "checksum"})).hexdigest()
+
+
+def check_manifest_checksum(d: dict, where: str) -> None:
+    """A manifest of 1.3 on must carry a checksum that matches its content; earlier ones carry none
+    (one that does is checked too)."""
+    if "checksum" not in d:
+        if parse_version(str(d.get("format_version", ""))) >= CHECKSUM_SINCE:
+            raise FormatError(f"{where}: has no checksum (required from format 1.3 on): it was edited or "
+                              "damaged after it was written")
+        return
+    try:
+        want = manifest_checksum(d)
+    except ValueError as e:   # NaN or other values that cannot be in a manifest
+        raise FormatError(f"{where}: cannot be checked ({e})") from None
+    if d["checksum"] != want:
+        raise FormatError(f"{where}: checksum {d['checksum']!r} does not match its content ({want}): the manifest "
+                          "was edited or damaged after it was written; restore it, or re-run the capture")
 
 
 # Where the teacher was loaded from differs between machines (and its name between spellings of

@@ -8,7 +8,7 @@ something that exists. Readers accept every minor version of their own major.
 from .errors import FormatError
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 
 # What each minor version added (docs/format.md, "Versioning"). 1.0 readers read 1.1 caches: they
 # ignore the manifest sections below and never look under derived/.
@@ -18,6 +18,10 @@ MINOR_ADDITIONS = {
     "1.2": "`capture.encoding` and the `dist/` arrays of the adaptive, compact, sampled, hybrid and full "
            "encodings (entry arrays with an `index`); a 1.1 reader reads topk caches of 1.2 and must refuse "
            "others (they have no topk_ids)",
+    "1.3": "integrity: a crc32c codec after the compressor of every array, shard records' `metadata_checksum` "
+           "and `samples_checksum`, Parquet page checksums, the manifest's own `checksum`, inputs' `content`; "
+           "fingerprint recipe 2 (covers capture.encoding and the array specs); names that become paths "
+           "follow fixed patterns. 1.2 readers read 1.3 caches (zarr-python verifies the crc32c codec)",
 }
 
 

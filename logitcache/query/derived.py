@@ -29,6 +29,7 @@ from ..format.errors import FormatError
 from ..format.fingerprint import cache_fingerprint
 from ..format.manifest import DerivedFile, DerivedTable
 from ..format.samples import SAMPLES_SCHEMA
+from ..store.checksum import sha256
 from ..store.commit import update_manifest
 from ..store.reader import Cache
 from . import token_stats as ts
@@ -55,23 +56,23 @@ def _key(name: str, params: dict, fingerprint: str) -> str:
 def _parquet_bytes(table: pa.Table, meta: dict) -> bytes:
     buf = io.BytesIO()
     table = table.replace_schema_metadata({b"logitcache.derived": json.dumps(meta).encode()})
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
     return buf.getvalue()
 
 
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def find(cache: Cache, name: str, params: dict) -> DerivedTable | None:
-    """The recorded, current table ``name`` with ``params`` whose files are all present, or None."""
+    """The recorded, current table ``name`` with ``params`` whose files are all present and match their
+    checksums (``Cache.check_file``: a derived file is verified before anything reads it), or None."""
     fp = cache_fingerprint(cache.manifest)
     for t in cache.manifest.derived:
         if t.name == name and t.params == params and t.cache_fingerprint == fp:
             if all(cache.cfs.exists(f.path) and cache.cfs.size(f.path) == f.bytes for f in t.files):
-                return t
-            log.warning("%s: derived table %s is listed but its files are missing or truncated; recomputing",
-                        cache.url, name)
+                if all(cache.check_file(f.path, f.checksum) for f in t.files):
+                    return t
+                log.warning("%s: a file of derived table %s does not match its checksum; recomputing", cache.url, name)
+            else:
+                log.warning("%s: derived table %s is listed but its files are missing or truncated; recomputing",
+                            cache.url, name)
     return None
 
 
@@ -100,7 +101,7 @@ def _record(cache: Cache, table: DerivedTable) -> None:
         d["derived"] = keep + [asdict(table)]
 
     try:
-        cache.manifest = update_manifest(cache.cfs, check, edit)
+        cache.manifest = update_manifest(cache.cfs, check, edit, needs_version="1.1")
     except _Stale:
         log.warning("%s: the cache changed while %s was computed; not recording it", cache.url, table.name)
         return
@@ -117,7 +118,7 @@ def _write_files(cache: Cache, files: list[tuple[str, Callable[[], pa.Table]]], 
         table = make()
         data = _parquet_bytes(table, meta)
         cache.cfs.write_atomic(path, data)
-        out.append(DerivedFile(path=path, rows=table.num_rows, bytes=len(data), checksum=_sha256(data)))
+        out.append(DerivedFile(path=path, rows=table.num_rows, bytes=len(data), checksum=sha256(data)))
     return out
 
 
@@ -126,12 +127,9 @@ def token_stats(cache: Cache, threshold: float = ts.DEFAULT_THRESHOLD, persist: 
     (streaming the entropy of every shard once) and, if ``persist``, stored and recorded."""
     params = {"entropy_threshold": float(threshold)}
     found = find(cache, TOKEN_STATS, params)
-    if found is not None:
-        f = found.files[0]
-        data = cache.cfs.read_bytes(f.path)
-        if _sha256(data) == f.checksum:
-            return pq.read_table(io.BytesIO(data)).replace_schema_metadata(None)
-        log.warning("%s: %s does not match its checksum; recomputing", cache.url, f.path)
+    if found is not None:    # its file verified by find
+        data = cache.cfs.read_bytes(found.files[0].path)
+        return pq.read_table(io.BytesIO(data), page_checksum_verification=True).replace_schema_metadata(None)
     table = ts.compute_token_stats(cache, float(threshold))
     if _can_persist(cache, persist):
         store(cache, TOKEN_STATS, params, table, [c for c, _, _ in ts.TOKEN_STATS_COLUMNS])

@@ -19,18 +19,23 @@ Views (docs/query.md lists their columns):
 
 A query is parsed and bound against empty stand-ins of the views first, so malformed SQL or an
 unknown column fails before any file is read, anything is computed or anything is written.
+
+What DuckDB reads is verified first: each shard's ``samples.parquet`` against its record's checksum
+(``Cache.check_samples_file``), each derived file against its own (``derived.find``). Paths are given
+to DuckDB with its glob characters escaped (a cache at ``runs/g[1]`` is never read as
+``runs/g1``), and a query can read nothing but the cache: DuckDB's external access is switched off
+once the connection is set up (only the cache's own directory stays allowed) and its
+configuration locked, so ``read_csv('/etc/passwd')`` or ``glob('/root/**')`` inside a query fails.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..format import layout
 from ..format.samples import SAMPLES_SCHEMA
@@ -58,6 +63,11 @@ COMPUTED_COLUMNS = [
 
 def _quote(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
+
+
+def _literal_path(path: str) -> str:
+    """A path DuckDB reads as itself: its glob characters inside brackets (``[`` -> ``[[]``)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
 
 
 def _base_tables(node) -> set[str]:
@@ -108,8 +118,12 @@ class Engine:
         self.con = duckdb.connect(config={"threads": threads} if threads else {})
         if not cache.cfs.is_local:
             self.con.register_filesystem(cache.cfs.fs)
+        # queries read the cache and nothing else: no other file, no setting changed back
+        self.con.execute(f"SET allowed_directories = [{_quote(self.url('').rstrip('/') + '/')}]")
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET lock_configuration = true")
         # what the shards store (a newer minor version may add columns): the first file's schema
-        self.stored_schema = (pq.read_schema(io.BytesIO(cache.cfs.read_bytes(layout.shard_samples(cache.shards[0].name))))
+        self.stored_schema = (cache.shard_samples(cache.shards[0].name).schema
                               if cache.shards else SAMPLES_SCHEMA).remove_metadata()
         # queries are bound against empty stand-ins first: no file is opened for a query that fails
         self.con.register("_samples_placeholder", self.stored_schema.empty_table())
@@ -129,10 +143,11 @@ class Engine:
         return f"{protocol}://{cfs.path(rel)}"
 
     def _parquet_source(self, rels: list[str], name: str, schema: pa.Schema) -> str:
+        """A DuckDB source over files of the cache that the caller has verified."""
         if not rels:
             self.con.register(f"_{name}_empty", schema.empty_table())
             return f"_{name}_empty"
-        files = ", ".join(_quote(self.url(r)) for r in rels)
+        files = ", ".join(_quote(_literal_path(self.url(r))) for r in rels)
         # columns are matched by name against the first file (all files share the schema of their
         # format version; reading every footer to union them costs a second pass over 10k files)
         return f"read_parquet([{files}])"
@@ -146,6 +161,7 @@ class Engine:
         schema = pa.schema([self.stored_schema.field(n) for n in self.index_columns])
         if not shards:
             return schema.empty_table()
+        self.cache.check_samples_files(shards)
         src = self._parquet_source([layout.shard_samples(s) for s in shards], "samples", SAMPLES_SCHEMA)
         rel = self.con.sql(f"SELECT {', '.join(self.index_columns)} FROM {src}")
         return (rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()).cast(schema)
@@ -166,6 +182,7 @@ class Engine:
 
     def _create_samples_view(self, src: str | None = None) -> None:
         if src is None:
+            self.cache.check_samples_files([s.name for s in self.cache.shards])
             src = self._parquet_source([layout.shard_samples(s.name) for s in self.cache.shards], "samples",
                                        SAMPLES_SCHEMA)
         replace = ", ".join(f"nullif({c}, 'NaN') AS {c}" for c in NAN_AS_NULL)
@@ -221,6 +238,9 @@ class Engine:
         except duckdb.BinderException as e:
             raise QueryError(f"unknown column or wrong use of one: {_first_line(e)} (in: {sql!r}); "
                              f"`logitcache query --help` lists the columns") from None
+        except duckdb.PermissionException as e:
+            raise QueryError(f"a query reads only the cache's views ({', '.join(VIEWS)}); reading other files is "
+                             f"disabled: {_first_line(e)} (in: {sql!r})") from None
         except duckdb.Error as e:
             raise QueryError(f"{_first_line(e)} (in: {sql!r})") from None
 
@@ -244,6 +264,9 @@ class Engine:
         try:
             rel = self.con.sql(sql)
             table = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+        except duckdb.PermissionException as e:
+            raise QueryError(f"a query reads only the cache's views ({', '.join(VIEWS)}); reading other files is "
+                             f"disabled: {_first_line(e)} (in: {sql!r})") from None
         except duckdb.Error as e:
             raise QueryError(f"the query failed: {_first_line(e)} (in: {sql!r})") from None
         return QueryResult(sql, table, views, self.threshold if "token_stats" in views else None)

@@ -4,7 +4,10 @@ Each source shard with selected samples becomes one shard of the new cache, writ
 shard writer a capture uses (temporary directory, checksum from the bytes on storage, publish), and
 ``manifest.json`` is written last, atomically: an interrupted export leaves no manifest, so nothing
 that looks like a cache. Arrays are copied as stored (bfloat16 bits stay bits), so the exported rows
-equal the source rows bit for bit. The manifest's ``provenance`` section (format 1.1) names the
+equal the source rows bit for bit; every byte copied is verified as it is read (``Cache.read_raw``,
+``Cache.shard_samples``), so a damaged source is an error, never a new cache with fresh checksums
+over damaged values. The destination's manifest lock is held for the whole export (two exports into
+one directory cannot interleave). The manifest's ``provenance`` section (format 1.1) names the
 source cache, its fingerprint and the selection.
 """
 
@@ -23,6 +26,7 @@ from ..format.errors import LogitcacheError
 from ..format.fingerprint import cache_fingerprint
 from ..format.manifest import InputSpec, Manifest, Provenance, ShardRecord
 from ..store.fs import CacheFS
+from ..store.lock import MANIFEST_LOCK, CacheLock
 from ..store.reader import Cache
 from ..store.shard_writer import write_shard
 from .selection import check_selection, load_selection
@@ -60,7 +64,8 @@ def _check_target(out: CacheFS) -> bool:
     """Refuse to write into anything but a new or empty directory; True when it does not exist yet."""
     if not out.exists(""):
         return True
-    if out.listdir(""):
+    out.check_directory()
+    if [n for n in out.listdir("") if n != MANIFEST_LOCK]:
         raise LogitcacheError(f"{out.url} already exists and is not empty; export into a new directory")
     return False
 
@@ -74,6 +79,7 @@ def export_selection(cache: Cache, selection_path: str, out: str, storage_option
         raise LogitcacheError(f"{selection_path}: the selection is empty; there is nothing to export")
     dst = CacheFS(out, storage_options)
     created = _check_target(dst)
+    lock = CacheLock(dst, MANIFEST_LOCK, "this export's destination", stale_after=600).acquire(0)
     m = cache.manifest
     codecs = {k: v["codec"] for k, v in m.codecs.items()}
     shards: list[ShardRecord] = []
@@ -81,20 +87,20 @@ def export_selection(cache: Cache, selection_path: str, out: str, storage_option
     per_input: dict[str, int] = {}
     try:
         for src in m.shards:
+            lock.heartbeat()
             samples = cache.shard_samples(src.name)
             keep = samples.filter(pc.is_in(samples.column("sample_id"), value_set=wanted))
             if keep.num_rows == 0:
                 continue
             offsets = keep.column("token_offset").to_numpy()
             lengths = keep.column("num_tokens").to_numpy().astype(np.int64)
-            group = cache.group(src.name)
             arrays = {}
             for name, spec in m.arrays.items():   # as stored: no decode / re-encode
                 runs = _runs(offsets, lengths)
                 if spec.per_entry:                  # the entries of those tokens (format 1.2)
                     off = cache.entry_offsets(src.name, spec.index)
                     runs = [(int(off[a]), int(off[b])) for a, b in runs]
-                arrays[name] = np.concatenate([group[name][a:b] for a, b in runs])
+                arrays[name] = np.concatenate([cache.read_raw(src.name, name, a, b) for a, b in runs])
             index = per_input.get(src.input_key, 0)
             per_input[src.input_key] = index + 1
             name = layout.shard_name(src.input_key, index)
@@ -102,23 +108,21 @@ def export_selection(cache: Cache, selection_path: str, out: str, storage_option
             keep = keep.set_column(keep.schema.get_field_index("shard"), "shard", pa.array([name] * keep.num_rows))
             keep = keep.set_column(keep.schema.get_field_index("token_offset"), "token_offset", pa.array(new_offsets))
             written = write_shard(dst, name, arrays, m.arrays, keep, codec=codecs)
-            scored = pc.sum(pc.subtract(keep.column("scored_end"), keep.column("scored_start"))).as_py() or 0
-            shards.append(ShardRecord(name=name, input_key=src.input_key, index=index, samples=keep.num_rows,
-                                      tokens=int(lengths.sum()), scored_tokens=int(scored), bytes=written.bytes,
-                                      checksum=written.checksum, worker=0))
+            shards.append(written.record(src.input_key, index, worker=0))
             mapping[name] = src.name
             log.info("exported %d sample(s) of %s as %s", keep.num_rows, src.name, name)
         inputs = [InputSpec(key=i.key, source=i.source, source_name=i.source_name, split=i.split, columns=i.columns,
-                            limit=i.limit, num_rows=i.num_rows, num_shards=per_input[i.key])
+                            limit=i.limit, num_rows=i.num_rows, num_shards=per_input[i.key], content=i.content)
                   for i in m.inputs if i.key in per_input]
         manifest = Manifest(
             teacher=m.teacher, tokenizer=m.tokenizer, capture=m.capture, arrays=m.arrays, codecs=m.codecs,
             inputs=inputs, shards=shards, skipped=[], complete=True, created_by=f"logitcache {__version__} (export)",
-            provenance=Provenance(source_cache=cache.url, source_fingerprint=info.cache_fingerprint,
+            provenance=Provenance(source_cache=cache.url, source_fingerprint=cache_fingerprint(m),
                                   selection_query=info.query, selection_count=info.count,
                                   selection_file=str(selection_path), source_shards=mapping))
         dst.write_atomic(layout.MANIFEST, manifest.to_json().encode())
     except BaseException:
+        lock.release()
         # leave nothing behind: no manifest was written, so remove the shards of this attempt too
         for rel in ([""] if created else [layout.SHARDS_DIR, layout.TMP_DIR, layout.MANIFEST]):
             try:
@@ -126,6 +130,7 @@ def export_selection(cache: Cache, selection_path: str, out: str, storage_option
             except OSError:  # pragma: no cover - best effort
                 log.warning("could not remove %s/%s", dst.url, rel)
         raise
+    lock.release()
     return ExportSummary(cache=dst.url, source=cache.url, selection=str(selection_path), samples=manifest.num_samples,
                          shards=len(shards), tokens=manifest.num_tokens, bytes=sum(s.bytes for s in shards),
                          fingerprint=cache_fingerprint(manifest))

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from ..format.fingerprint import cache_fingerprint
-from ..format.version import FORMAT_VERSION, check_readable
+from ..format.version import FORMAT_VERSION, check_readable, parse_version
 from ..store.fs import CacheFS
 from ..store.reader import Cache
 from .errors import SelectionError
@@ -123,8 +123,9 @@ def load_selection(path: str) -> tuple[pa.Table, SelectionInfo]:
 
 
 def check_selection(table: pa.Table, info: SelectionInfo, cache: Cache, path: str) -> None:
-    """Refuse a selection made from another cache: another fingerprint, or ids the cache lacks."""
-    fp = cache_fingerprint(cache.manifest)
+    """Refuse a selection made from another cache: another fingerprint, or ids the cache lacks. A
+    selection written by a release of format 1.2 or earlier recorded fingerprint recipe 1."""
+    fp = cache_fingerprint(cache.manifest, recipe=1 if parse_version(info.format_version) < (1, 3) else 2)
     if info.cache_fingerprint != fp:
         raise SelectionError(
             f"{path} was made from another cache ({info.cache}, fingerprint {info.cache_fingerprint}); "

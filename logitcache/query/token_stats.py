@@ -17,15 +17,12 @@ Two tables come from here:
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ..format import layout
 from ..format.arrays import ENTROPY, TARGET_LOGPROB, TOKENS
 from ..format.manifest import ShardRecord
 from ..store.reader import Cache
@@ -52,7 +49,7 @@ TOKENS_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in TOKENS_COLUMNS])
 
 def shard_index(cache: Cache, shard: str) -> pa.Table:
     """The columns of a shard's samples that locate its rows (not the prompt and response texts)."""
-    return pq.read_table(io.BytesIO(cache.cfs.read_bytes(layout.shard_samples(shard))), columns=INDEX_COLUMNS)
+    return cache.shard_samples(shard, INDEX_COLUMNS)
 
 
 @dataclass

@@ -2,20 +2,32 @@
 
 Each worker rewrites only its own part after every shard it commits, so workers never contend for a
 file. ``manifest.json`` is the merge of all parts, written when every planned shard is committed
-(by whichever worker finishes last, or by ``logitcache finalize``).
+(by whichever worker finishes last, or by ``logitcache finalize``). Every rewrite of
+``manifest.json`` (finalize, ``update_manifest``) happens under the cache's manifest lock
+(``lock.manifest_lock``) and reads the current state inside it, so no writer's update is lost.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from typing import Callable
 
 from ..format import layout
-from ..format.errors import FormatError, LogitcacheError
-from ..format.manifest import Manifest, check_same_header
-from ..format.version import FORMAT_VERSION, at_least
+from ..format.errors import ConfigMismatchError, FormatError, LogitcacheError
+from ..format.manifest import Manifest, check_same_header, manifest_checksum
+from ..format.version import at_least
 from .fs import CacheFS
+from .lock import manifest_lock
+
+# write_atomic temporaries older than this are leftovers of a crash or a full disk (a live writer
+# replaces its temporary within seconds)
+STALE_TEMPORARY_SECONDS = 3600.0
+# Test hook (LOGITCACHE_FAULT=slow-manifest-update:<seconds>): hold the manifest lock that long
+# between reading manifest.json and writing it back, to race other writers against the window.
+FAULT_ENV = "LOGITCACHE_FAULT"
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +63,16 @@ def merge(manifests: list[Manifest], where: str) -> Manifest:
     first = manifests[0]
     for m in manifests[1:]:
         check_same_header(first, m, where)
-    inputs = {i.key: i for m in manifests for i in m.inputs}
+    inputs = {}
+    for m in manifests:
+        for i in m.inputs:
+            known = inputs.get(i.key)
+            if known is not None and known.content and i.content and known.content != i.content:
+                raise ConfigMismatchError(
+                    f"{where}: input {i.key} ({i.source_name}) was read with different rows by two writers "
+                    f"({known.content[:19]} vs {i.content[:19]}): the input changed while it was being captured")
+            if known is None or (i.content and not known.content):
+                inputs[i.key] = i
     order = {key: n for n, key in enumerate(inputs)}
     shards = {s.name: s for m in manifests for s in m.shards}
     skipped = {(s.input_key, s.row, s.sample_id): s for m in manifests for s in m.skipped}
@@ -79,21 +100,48 @@ def current_state(cfs: CacheFS) -> Manifest | None:
 
 
 def finalize(cfs: CacheFS, allow_incomplete: bool = False) -> Manifest:
-    """Merge the parts into manifest.json and remove leftovers of crashed writers."""
-    merged = current_state(cfs)
-    if merged is None:
-        raise FormatError(f"{cfs.url}: no manifest and no part manifests: not a logitcache cache")
-    if not merged.complete and not allow_incomplete:
-        committed = {s.name for s in merged.shards}
-        missing = [n for n in planned_shards(merged) if n not in committed]
-        raise LogitcacheError(
-            f"{cfs.url}: {len(missing)} planned shard(s) not committed yet (first: {', '.join(missing[:5])}); "
-            "re-run the capture (it resumes) or finalize with --allow-incomplete"
-        )
-    cfs.write_atomic(layout.MANIFEST, merged.to_json().encode())
+    """Merge the parts into manifest.json (under the manifest lock) and remove leftovers of crashed
+    writers: unlisted shard directories, ``_tmp/`` and stale temporary files."""
+    with manifest_lock(cfs):
+        merged = current_state(cfs)
+        if merged is None:
+            raise FormatError(f"{cfs.url}: no manifest and no part manifests: not a logitcache cache")
+        if not merged.complete and not allow_incomplete:
+            committed = {s.name for s in merged.shards}
+            missing = [n for n in planned_shards(merged) if n not in committed]
+            raise LogitcacheError(
+                f"{cfs.url}: {len(missing)} planned shard(s) not committed yet (first: {', '.join(missing[:5])}); "
+                "re-run the capture (it resumes) or finalize with --allow-incomplete"
+            )
+        _fault_window()
+        cfs.write_atomic(layout.MANIFEST, merged.to_json().encode())
+        remove_stale_temporaries(cfs, manifest_too=True)
     if merged.complete:
         remove_orphans(cfs, merged)
     return merged
+
+
+def remove_stale_temporaries(cfs: CacheFS, manifest_too: bool = False) -> list[str]:
+    """Temporary files of ``write_atomic`` left by crashes and full disks: part manifests' and derived
+    tables' when older than an hour; manifest.json's at once when the caller holds the manifest lock
+    (only lock holders write them)."""
+    removed = []
+    if manifest_too:
+        for name in cfs.listdir(""):
+            if name.startswith(layout.MANIFEST + ".tmp-"):
+                cfs.remove(name)
+                removed.append(name)
+    for rel in (layout.PARTS_DIR, layout.DERIVED_DIR):
+        removed += cfs.remove_stale_temporaries(rel, STALE_TEMPORARY_SECONDS)
+    if removed:
+        log.info("removed %d stale temporary file(s): %s", len(removed), ", ".join(removed[:5]))
+    return removed
+
+
+def _fault_window() -> None:
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault.startswith("slow-manifest-update:"):
+        time.sleep(float(fault.split(":", 1)[1]))
 
 
 def remove_orphans(cfs: CacheFS, manifest: Manifest, only: set[str] | None = None) -> list[str]:
@@ -114,17 +162,26 @@ def remove_orphans(cfs: CacheFS, manifest: Manifest, only: set[str] | None = Non
     return removed
 
 
-def update_manifest(cfs: CacheFS, check: Callable[[Manifest], None], edit: Callable[[dict], None]) -> Manifest:
-    """Rewrite manifest.json with ``edit`` applied to its JSON, in one atomic write.
+def update_manifest(cfs: CacheFS, check: Callable[[Manifest], None], edit: Callable[[dict], None],
+                    needs_version: str) -> Manifest:
+    """Rewrite manifest.json with ``edit`` applied to its JSON, in one atomic write under the manifest
+    lock (the manifest is read inside it: an update made meanwhile by another writer is kept).
 
     Works on the raw JSON so that fields of a newer minor version survive; ``check`` sees the
     manifest as it is now and raises to refuse (e.g. when shards changed since a derived table was
-    computed). The version becomes at least this release's, since the edit may add its sections.
+    computed). The version becomes at least ``needs_version``, the version that defines what the
+    edit adds (never more: the shards are what they were). The checksum is recomputed.
     """
     where = f"{cfs.url}/{layout.MANIFEST}"
-    d = json.loads(cfs.read_bytes(layout.MANIFEST))
-    check(Manifest.from_dict(d, where))
-    edit(d)
-    d["format_version"] = at_least(d["format_version"], FORMAT_VERSION)
-    cfs.write_atomic(layout.MANIFEST, (json.dumps(d, indent=1, allow_nan=False) + "\n").encode())
+    with manifest_lock(cfs):
+        try:
+            d = json.loads(cfs.read_bytes(layout.MANIFEST))
+        except ValueError as e:
+            raise FormatError(f"{where}: not valid JSON ({e})") from None
+        check(Manifest.from_dict(d, where))
+        _fault_window()
+        edit(d)
+        d["format_version"] = at_least(d["format_version"], needs_version)
+        d["checksum"] = manifest_checksum(d)
+        cfs.write_atomic(layout.MANIFEST, (json.dumps(d, indent=1, allow_nan=False) + "\n").encode())
     return Manifest.from_dict(d, where)

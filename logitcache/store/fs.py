@@ -1,19 +1,31 @@
 """A cache root on any filesystem fsspec knows (local path, memory://, s3://, gs://, ...).
 
 Two primitives carry the format's safety: ``write_atomic`` (a file is either old or new, never half
-written) and ``publish_dir`` (a finished temporary directory takes its final name in one step on
-local disks; on object stores the manifest written afterwards is what commits it).
+written; a failed write leaves no temporary file) and ``publish_dir`` (a finished temporary directory
+takes its final name in one step on local disks; on object stores the manifest written afterwards is
+what commits it).
+
+Paths are literal: a cache at ``runs/g[1]`` is that directory, never a glob pattern matching
+``runs/g1`` (fsspec's ``rm`` expands patterns, so removal goes through ``remove`` here). Every
+relative path must stay inside the root: ``path`` refuses ``..`` components and absolute paths.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import shutil
+import time
 import uuid
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from ..format.errors import FormatError, LogitcacheError
+
+TMP_MARK = ".tmp-"          # write_atomic's temporary files: <target>.tmp-<uuid>
+_GLOB_CHARS = set("*?[")
 
 
 class CacheFS:
@@ -28,7 +40,18 @@ class CacheFS:
         return f"CacheFS({self.url!r})"
 
     def path(self, rel: str = "") -> str:
-        return posixpath.join(self.root, rel) if rel else self.root
+        """The full path of ``rel`` (relative to the root); a path that would leave the root is refused."""
+        if not rel:
+            return self.root
+        parts = rel.split("/")
+        if rel.startswith("/") or ".." in parts or "" in parts[:-1]:
+            raise FormatError(f"{self.url}: the path {rel!r} does not stay inside the cache")
+        return posixpath.join(self.root, rel)
+
+    def check_directory(self) -> None:
+        """Refuse a root that is a file (a cache is a directory, or a prefix on an object store)."""
+        if self.fs.isfile(self.root):
+            raise LogitcacheError(f"{self.url} is a file, not a cache directory")
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
@@ -40,12 +63,19 @@ class CacheFS:
         target = self.path(rel)
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
         if self.is_local:
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            tmp = f"{target}{TMP_MARK}{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                try:
+                    os.remove(tmp)     # a full disk or a kill leaves no half-written temporary file
+                except OSError:
+                    pass
+                raise
         else:
             self.fs.pipe_file(target, data)  # one PUT: atomic on object stores
 
@@ -57,19 +87,62 @@ class CacheFS:
 
     def find(self, rel: str) -> list[str]:
         """Every file under ``rel``, as paths relative to ``rel``, sorted."""
+        return sorted(self.find_sizes(rel))
+
+    def find_sizes(self, rel: str) -> dict[str, int]:
+        """{path relative to ``rel``: size} of every file under ``rel``, from one listing (no reads)."""
         base = self.path(rel)
-        return sorted(posixpath.relpath(p, base) for p in self.fs.find(base))
+        found = self.fs.find(base, detail=True)
+        return {posixpath.relpath(p, base): int(info.get("size") or 0) for p, info in found.items()}
 
     def total_size(self, rel: str) -> int:
         """Bytes of every file under ``rel``, from one listing (no reads)."""
-        return int(sum(info.get("size", 0) for info in self.fs.find(self.path(rel), detail=True).values()))
+        return sum(self.find_sizes(rel).values())
 
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
 
     def remove(self, rel: str) -> None:
-        if self.exists(rel):
-            self.fs.rm(self.path(rel), recursive=True)
+        """Delete a file or a directory tree, literally (no pattern expansion)."""
+        target = self.path(rel)
+        if self.is_local:
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                os.remove(target)
+            return
+        if not self.fs.exists(target):
+            return
+        if not _GLOB_CHARS & set(target):
+            self.fs.rm(target, recursive=True)
+            return
+        for p in sorted(self.fs.find(target), reverse=True):   # fsspec would read the path as a pattern
+            self.fs.rm_file(p)
+        try:
+            self.fs.rmdir(target)
+        except (OSError, NotImplementedError):
+            pass
+
+    def remove_stale_temporaries(self, rel: str, older_than: float) -> list[str]:
+        """Delete ``write_atomic`` temporaries (``*.tmp-*``) under ``rel`` last modified more than
+        ``older_than`` seconds ago (left by crashes and full disks; a younger one may be in use)."""
+        removed = []
+        now = time.time()
+        base = self.path(rel)
+        if not self.exists(rel):
+            return removed
+        for p, info in self.fs.find(base, detail=True).items():
+            if TMP_MARK not in posixpath.basename(p):
+                continue
+            mtime = info.get("mtime") or info.get("created")
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            if mtime is None or now - float(mtime) < older_than:
+                continue
+            sub = posixpath.relpath(p, self.root)
+            self.remove(sub)
+            removed.append(sub)
+        return removed
 
     def publish_dir(self, tmp_rel: str, final_rel: str) -> None:
         """Give a finished temporary directory its final name, replacing a stale one."""
@@ -83,7 +156,7 @@ class CacheFS:
         # store can), then delete. Not atomic, which is why the manifest, not the files, commits.
         for rel in self.find(tmp_rel):
             self.fs.cp_file(f"{src}/{rel}", f"{dst}/{rel}")
-        self.fs.rm(src, recursive=True)
+        self.remove(tmp_rel)
 
     def zarr_store(self, rel: str, read_only: bool = False):
         """A zarr v3 store rooted at ``rel``: LocalStore on disk, FsspecStore elsewhere."""

@@ -2,28 +2,52 @@
 
 Only shards listed in the manifest are read. Decoding goes straight from zarr chunks to numpy;
 bfloat16 arrays come back as float32 (exact).
+
+**Every read is verified** (docs/format.md, "Integrity"), so a damaged byte is an error naming the
+shard and the array or file, never a silently different value:
+
+- opening a shard lists its files once (a missing or truncated file is an error: zarr would return
+  fill values) and checks its Zarr metadata documents against the record's ``metadata_checksum``;
+  zarr then reads them from that verified copy;
+- every chunk carries a crc32c that zarr checks as it decodes (and the shard index has its own);
+- ``samples.parquet`` is checked against ``samples_checksum`` whenever it is read, then parsed with
+  its page checksums verified, and must agree with the shard's record (samples, tokens, scored
+  tokens, offsets that lay the samples end to end);
+- arrays must have the shapes and dtypes the manifest and the record say.
+
+Shards written before format 1.3 have none of the per-read checksums: each is verified whole (its
+``checksum``, every byte) the first time this ``Cache`` touches it. ``verify_reads=False`` switches
+the reader's own checks off (crc32c stays inside zarr); benchmarks use it to measure their cost.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
+from zarr.storage import WrapperStore
 
 from ..format import layout
 from ..format.arrays import bf16_bits_to_float32
 from ..format.errors import CorruptShardError, FormatError
 from ..format.manifest import Manifest, ShardRecord
 from ..format.samples import SAMPLES_SCHEMA
-from .checksum import shard_checksum
+from .checksum import is_metadata, recipe_digest, sha256, shard_digests
 from .commit import current_state, load_manifest, load_parts
 from .fs import CacheFS
+
+log = logging.getLogger(__name__)
+
+# columns of the samples table that must agree with the shard's record (read with any projection)
+CHECK_COLUMNS = ["shard", "token_offset", "num_tokens", "scored_start", "scored_end"]
 
 
 @dataclass
@@ -36,17 +60,58 @@ class TokenChunk:
     arrays: dict[str, np.ndarray]
 
 
+class _VerifiedMetadataStore(WrapperStore):
+    """A zarr store that answers metadata requests (``zarr.json``) from a copy already checked against
+    the shard record, and passes chunk requests through: what was verified is what zarr uses."""
+
+    def __init__(self, store, documents: dict[str, bytes]):
+        super().__init__(store)
+        self._documents = documents
+
+    def _with_store(self, store):
+        return type(self)(store, self._documents)
+
+    async def get(self, key, prototype, byte_range=None):
+        if key == "zarr.json" or key.endswith("/zarr.json"):
+            doc = self._documents.get(key)
+            if doc is None or byte_range is not None:   # zarr reads metadata whole
+                return None if doc is None else await self._store.get(key, prototype, byte_range)
+            return prototype.buffer.from_bytes(doc)
+        return await self._store.get(key, prototype, byte_range)
+
+    async def exists(self, key):
+        if key == "zarr.json" or key.endswith("/zarr.json"):
+            return key in self._documents
+        return await self._store.exists(key)
+
+
+@dataclass
+class _OpenShard:
+    record: ShardRecord
+    group: zarr.Group
+    arrays: dict
+
+
 class Cache:
-    def __init__(self, cfs: CacheFS, manifest: Manifest):
+    def __init__(self, cfs: CacheFS, manifest: Manifest, verify_reads: bool = True):
         self.cfs = cfs
         self.manifest = manifest
-        self._groups: dict[str, zarr.Group] = {}
+        self.verify_reads = verify_reads
+        self._open: dict[str, _OpenShard] = {}
         self._offsets: dict[tuple[str, str], np.ndarray] = {}
+        self._verified_whole: set[str] = set()      # shards of format < 1.3 checked whole by this Cache
+        self._verified_files: set[str] = set()      # whole files checked for DuckDB (query engine)
+        self._warned_legacy = False
 
     def __repr__(self) -> str:
         m = self.manifest
         return (f"Cache({self.cfs.url!r}, teacher={m.teacher.name!r}, samples={m.num_samples}, "
                 f"tokens={m.num_tokens}, complete={m.complete})")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_open"], state["_offsets"] = {}, {}     # zarr objects are reopened where the copy runs
+        return state
 
     @property
     def url(self) -> str:
@@ -60,44 +125,211 @@ class Cache:
     def array_names(self) -> list[str]:
         return list(self.manifest.arrays)
 
-    # ---- per-sample table -------------------------------------------------------------------
-    def shard_samples(self, shard: str) -> pa.Table:
-        data = self.cfs.read_bytes(layout.shard_samples(shard))
-        return pq.read_table(io.BytesIO(data))
-
-    @cached_property
-    def samples(self) -> pa.Table:
-        """All committed samples, in manifest shard order."""
-        tables = [self.shard_samples(s.name) for s in self.shards]
-        return pa.concat_tables(tables).cast(SAMPLES_SCHEMA) if tables else SAMPLES_SCHEMA.empty_table()
+    def record(self, shard: str) -> ShardRecord:
+        record = self._shard_records.get(shard)
+        if record is None:
+            raise KeyError(f"{self.url}: no shard {shard!r}")
+        return record
 
     @cached_property
     def _shard_records(self) -> dict:
         return {s.name: s for s in self.shards}
+
+    # ---- verification ---------------------------------------------------------------------------
+    def _verify_whole(self, shard: str) -> None:
+        """A shard without per-read checksums (format < 1.3): its whole checksum, once per Cache."""
+        if shard in self._verified_whole:
+            return
+        if not self._warned_legacy:
+            log.warning("%s: shards written before format 1.3 are verified whole (every byte) the first time they "
+                        "are read; `logitcache export` into a new cache gives per-chunk checksums", self.url)
+            self._warned_legacy = True
+        record = self.record(shard)
+        try:
+            digests = shard_digests(self.cfs, layout.shard_dir(shard))
+        except FileNotFoundError:
+            raise CorruptShardError(shard, f"directory {layout.shard_dir(shard)} is missing") from None
+        if digests.checksum != record.checksum:
+            raise CorruptShardError(shard, f"checksum {digests.checksum} != manifest {record.checksum}")
+        self._verified_whole.add(shard)
+
+    def _listing(self, shard: str) -> dict[str, int]:
+        """The shard's files and sizes, from one listing; a missing or truncated file is an error
+        (zarr would read a missing chunk file as fill values)."""
+        record = self.record(shard)
+        try:
+            files = self.cfs.find_sizes(layout.shard_dir(shard))
+        except FileNotFoundError:
+            files = {}
+        found = sum(files.values())
+        if not files:
+            raise CorruptShardError(shard, f"directory {layout.shard_dir(shard)} is missing or empty")
+        if found != record.bytes:
+            raise CorruptShardError(shard, f"{found} bytes on storage, the manifest records {record.bytes}: "
+                                           "a file is missing or truncated")
+        return files
+
+    def _open_shard(self, shard: str) -> _OpenShard:
+        opened = self._open.get(shard)
+        if opened is not None:
+            return opened
+        record = self.record(shard)
+        files = self._listing(shard)
+        documents = None
+        if self.verify_reads:
+            if record.verified_per_read:
+                prefix = layout.ARRAYS + "/"
+                documents = {rel[len(prefix):]: self.cfs.read_bytes(f"{layout.shard_dir(shard)}/{rel}")
+                             for rel in files if is_metadata(rel)}
+                digest = recipe_digest((prefix + k, v) for k, v in documents.items())
+                if digest != record.metadata_checksum:
+                    raise CorruptShardError(shard, f"its Zarr metadata (arrays.zarr/**/zarr.json) has checksum {digest}, "
+                                                   f"the manifest records {record.metadata_checksum}")
+            else:
+                self._verify_whole(shard)
+        store = self.cfs.zarr_store(layout.shard_arrays(shard), read_only=True)
+        if documents is not None:
+            store = _VerifiedMetadataStore(store, documents)
+        try:
+            group = zarr.open_group(store, mode="r", zarr_format=3)
+        except Exception as e:   # unparsable metadata of an unverified shard
+            raise CorruptShardError(shard, f"cannot open its Zarr group: {type(e).__name__}: {e}") from None
+        opened = _OpenShard(record, group, {})
+        self._open[shard] = opened
+        return opened
+
+    def group(self, shard: str) -> zarr.Group:
+        """The shard's Zarr group (opened and verified once per Cache)."""
+        return self._open_shard(shard).group
+
+    def array(self, shard: str, name: str) -> zarr.Array:
+        """One array of a shard, checked against the manifest: dtype, row shape and rows (token-major
+        arrays have one row per token of the record)."""
+        opened = self._open_shard(shard)
+        arr = opened.arrays.get(name)
+        if arr is not None:
+            return arr
+        spec = self.manifest.arrays.get(name)
+        if spec is None:
+            raise KeyError(f"{self.url}: no array {name!r} (arrays: {', '.join(self.array_names)})")
+        try:
+            arr = opened.group[name]
+        except Exception as e:
+            raise CorruptShardError(shard, f"array {name} cannot be opened: {type(e).__name__}: {e}") from None
+        if str(arr.dtype) != spec.storage_dtype or tuple(arr.shape[1:]) != tuple(spec.row_shape):
+            raise CorruptShardError(shard, f"array {name} is {arr.dtype} {tuple(arr.shape)}, the manifest says "
+                                           f"{spec.storage_dtype} rows of {tuple(spec.row_shape)}")
+        if not spec.per_entry and arr.shape[0] != opened.record.tokens:
+            raise CorruptShardError(shard, f"array {name} has {arr.shape[0]} rows, the manifest records "
+                                           f"{opened.record.tokens} tokens")
+        opened.arrays[name] = arr
+        return arr
+
+    def _read(self, shard: str, name: str, start: int, stop: int) -> np.ndarray:
+        arr = self.array(shard, name)
+        try:
+            return arr[start:stop]
+        except Exception as e:    # crc32c mismatch, undecodable chunk, ... : never a value
+            raise CorruptShardError(shard, f"array {name}, rows [{start}, {stop}): {type(e).__name__}: {e}") from None
+
+    def check_file(self, rel: str, checksum: str) -> bool:
+        """Whether the whole file ``rel`` has sha256 ``checksum`` (checked once per Cache)."""
+        if not self.verify_reads or rel in self._verified_files:
+            return True
+        ok = sha256(self.cfs.read_bytes(rel)) == checksum
+        if ok:
+            self._verified_files.add(rel)
+        return ok
+
+    def check_samples_file(self, shard: str) -> None:
+        """Check a shard's samples.parquet before a reader other than ours (DuckDB) reads it."""
+        if not self.verify_reads:
+            return
+        record = self.record(shard)
+        if not record.verified_per_read:
+            self._verify_whole(shard)
+        elif not self.check_file(layout.shard_samples(shard), record.samples_checksum):
+            raise CorruptShardError(shard, f"{layout.SAMPLES} does not match its checksum {record.samples_checksum}")
+
+    def check_samples_files(self, shards: list[str]) -> None:
+        """``check_samples_file`` for many shards, a few at a time (hashing and reads overlap)."""
+        todo = [s for s in shards if layout.shard_samples(s) not in self._verified_files]
+        if not self.verify_reads or not todo:
+            return
+        if len(todo) == 1:
+            return self.check_samples_file(todo[0])
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
+            list(pool.map(self.check_samples_file, todo))
+
+    # ---- per-sample table -------------------------------------------------------------------
+    def shard_samples(self, shard: str, columns: list[str] | None = None) -> pa.Table:
+        """The shard's rows of the samples table (``columns``: a projection), verified and checked
+        against the shard's record."""
+        record = self.record(shard)
+        try:
+            data = self.cfs.read_bytes(layout.shard_samples(shard))
+        except FileNotFoundError:
+            raise CorruptShardError(shard, f"{layout.SAMPLES} is missing") from None
+        if self.verify_reads:
+            if record.verified_per_read:
+                if sha256(data) != record.samples_checksum:
+                    raise CorruptShardError(shard, f"{layout.SAMPLES} has checksum {sha256(data)}, the manifest "
+                                                   f"records {record.samples_checksum}")
+                self._verified_files.add(layout.shard_samples(shard))
+            else:
+                self._verify_whole(shard)
+        read = None if columns is None else list(dict.fromkeys(list(columns) + CHECK_COLUMNS))
+        try:
+            table = pq.read_table(io.BytesIO(data), columns=read, page_checksum_verification=True)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise CorruptShardError(shard, f"{layout.SAMPLES} cannot be read: {e}") from None
+        self._check_samples(record, table)
+        return table if columns is None else table.select(columns)
+
+    @staticmethod
+    def _check_samples(record: ShardRecord, table: pa.Table) -> None:
+        def bad(msg: str):
+            raise CorruptShardError(record.name, f"{layout.SAMPLES}: {msg}")
+
+        if table.num_rows != record.samples:
+            bad(f"{table.num_rows} samples, the manifest records {record.samples}")
+        if table.num_rows == 0:
+            return
+        if not pc.all(pc.equal(table.column("shard"), record.name)).as_py():
+            bad(f"rows name another shard than {record.name!r}")
+        n = table.column("num_tokens").to_numpy().astype(np.int64)
+        off = table.column("token_offset").to_numpy().astype(np.int64)
+        lo = table.column("scored_start").to_numpy().astype(np.int64)
+        hi = table.column("scored_end").to_numpy().astype(np.int64)
+        if int(n.sum()) != record.tokens or not np.array_equal(off, np.concatenate([[0], np.cumsum(n)[:-1]])):
+            bad(f"its token offsets do not lay the samples end to end over the {record.tokens} tokens the manifest "
+                "records")
+        if (n < 0).any() or (lo < 0).any() or (lo > hi).any() or (hi > n).any():
+            bad("a sample's scored rows fall outside its tokens")
+        if int((hi - lo).sum()) != record.scored_tokens:
+            bad(f"{int((hi - lo).sum())} scored tokens, the manifest records {record.scored_tokens}")
+
+    @cached_property
+    def samples(self) -> pa.Table:
+        """All committed samples, in manifest shard order; sample ids are unique across the cache."""
+        tables = [self.shard_samples(s.name) for s in self.shards]
+        table = pa.concat_tables(tables).cast(SAMPLES_SCHEMA) if tables else SAMPLES_SCHEMA.empty_table()
+        ids = table.column("sample_id")
+        if len(pc.unique(ids)) != table.num_rows:
+            counts = pc.value_counts(ids).to_pylist()
+            dup = next(c["values"] for c in counts if c["counts"] > 1)
+            where = [s for s, sid in zip(table.column("shard").to_pylist(), ids.to_pylist()) if sid == dup]
+            raise FormatError(f"{self.url}: sample {dup} appears in more than one place (shards "
+                              f"{', '.join(dict.fromkeys(where))}): the manifest lists overlapping shards")
+        return table
 
     @cached_property
     def _index(self) -> dict[str, int]:
         return {sid: i for i, sid in enumerate(self.samples.column("sample_id").to_pylist())}
 
     # ---- arrays ---------------------------------------------------------------------------
-    def group(self, shard: str) -> zarr.Group:
-        if shard not in self._groups:
-            self._check_size(shard)
-            store = self.cfs.zarr_store(layout.shard_arrays(shard), read_only=True)
-            self._groups[shard] = zarr.open_group(store, mode="r", zarr_format=3)
-        return self._groups[shard]
-
-    def _check_size(self, shard: str) -> None:
-        """Zarr reads a missing chunk file as fill values; one listing per shard catches a missing or
-        truncated file before any value is read (``verify`` checks the content)."""
-        record = self._shard_records.get(shard)
-        if record is None:
-            raise KeyError(f"{self.url}: no shard {shard!r}")
-        found = self.cfs.total_size(layout.shard_dir(shard))
-        if found != record.bytes:
-            raise CorruptShardError(shard, f"{found} bytes on storage, the manifest records {record.bytes}: "
-                                           "a file is missing or truncated")
-
     def _decode(self, name: str, raw: np.ndarray) -> np.ndarray:
         return bf16_bits_to_float32(raw) if self.manifest.arrays[name].dtype == "bfloat16" else raw
 
@@ -105,22 +337,30 @@ class Cache:
         """(tokens + 1,) int64: token j's rows of the entry arrays indexed by ``index`` are [o[j], o[j+1])."""
         key = (shard, index)
         if key not in self._offsets:
-            counts = self.group(shard)[index][...].astype(np.int64)
-            self._offsets[key] = np.concatenate([[0], np.cumsum(counts)])
+            counts = self._read(shard, index, 0, self.record(shard).tokens).astype(np.int64)
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            for name, spec in self.manifest.arrays.items():
+                if spec.index == index and self.array(shard, name).shape[0] != offsets[-1]:
+                    raise CorruptShardError(shard, f"array {name} has {self.array(shard, name).shape[0]} entries, "
+                                                   f"its index {index} counts {int(offsets[-1])}")
+            self._offsets[key] = offsets
         return self._offsets[key]
+
+    def read_raw(self, shard: str, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one array as stored (bfloat16 stays uint16 bits; entry arrays by entry)."""
+        return self._read(shard, name, start, stop)
 
     def read_rows(self, shard: str, start: int, stop: int, arrays: list[str] | None = None) -> dict[str, np.ndarray]:
         """Token rows [start, stop) of each array; for an entry array (format 1.2) the entries of those
         tokens (its index array says how many each has)."""
-        g = self.group(shard)
         out = {}
         for name in (arrays or self.array_names):
-            index = self.manifest.arrays[name].index
+            index = self.manifest.arrays[name].index if name in self.manifest.arrays else None
             if index is None:
-                out[name] = self._decode(name, g[name][start:stop])
+                out[name] = self._decode(name, self._read(shard, name, start, stop))
             else:
                 off = self.entry_offsets(shard, index)
-                out[name] = g[name][int(off[start]):int(off[stop])]
+                out[name] = self._read(shard, name, int(off[start]), int(off[stop]))
         return out
 
     def sample(self, key: str | int, arrays: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -141,16 +381,26 @@ class Cache:
 
     # ---- integrity and size -----------------------------------------------------------------
     def verify(self, shards: list[str] | None = None) -> int:
-        """Recompute each shard's checksum; raise CorruptShardError naming the first bad one."""
+        """Recompute every checksum of each shard (every byte), check its samples table and arrays
+        against its record; raise CorruptShardError naming the first bad one."""
         checked = 0
         for s in self.shards:
             if shards is not None and s.name not in shards:
                 continue
-            if not self.cfs.exists(layout.shard_dir(s.name)):
-                raise CorruptShardError(s.name, f"directory {layout.shard_dir(s.name)} is missing")
-            digest, _ = shard_checksum(self.cfs, layout.shard_dir(s.name))
-            if digest != s.checksum:
-                raise CorruptShardError(s.name, f"checksum {digest} != manifest {s.checksum}")
+            self._listing(s.name)
+            d = shard_digests(self.cfs, layout.shard_dir(s.name))
+            if d.checksum != s.checksum:
+                raise CorruptShardError(s.name, f"checksum {d.checksum} != manifest {s.checksum}")
+            if s.verified_per_read and (d.metadata_checksum, d.samples_checksum) != (s.metadata_checksum,
+                                                                                    s.samples_checksum):
+                raise CorruptShardError(s.name, "its metadata or samples checksum does not match the manifest")
+            self._verified_whole.add(s.name)
+            self.shard_samples(s.name, CHECK_COLUMNS)
+            for name, spec in self.manifest.arrays.items():
+                if spec.per_entry:
+                    self.entry_offsets(s.name, spec.index)
+                else:
+                    self.array(s.name, name)
             checked += 1
         return checked
 
@@ -159,24 +409,27 @@ class Cache:
         out = {name: 0 for name in self.array_names}
         out[layout.SAMPLES] = 0
         for s in self.shards:
-            base = layout.shard_arrays(s.name)
-            for rel in self.cfs.find(base):
-                top = rel.split("/")[0]
-                name = f"{top}/{rel.split('/')[1]}" if top in ("hidden", "dist") else top
+            for rel, size in self.cfs.find_sizes(layout.shard_dir(s.name)).items():
+                if rel == layout.SAMPLES:
+                    out[layout.SAMPLES] += size
+                    continue
+                parts = rel.split("/")[1:]          # below arrays.zarr/
+                name = "/".join(parts[:2]) if parts and parts[0] in ("hidden", "dist") else (parts[0] if parts else "")
                 if name in out:
-                    out[name] += self.cfs.size(f"{base}/{rel}")
-            out[layout.SAMPLES] += self.cfs.size(layout.shard_samples(s.name))
+                    out[name] += size
         return out
 
 
 def open_cache(url: str, verify: bool = False, allow_partial: bool = False,
-               storage_options: dict | None = None) -> Cache:
+               storage_options: dict | None = None, verify_reads: bool = True) -> Cache:
     """Open a cache on a local path or fsspec URL.
 
     ``allow_partial`` reads a cache whose capture is still running or was never finalized (the
-    merge of its part manifests: committed shards only). ``verify`` recomputes every checksum.
+    merge of its part manifests: committed shards only). ``verify`` recomputes every checksum now.
+    ``verify_reads`` (default on) checks what each read touches (module docstring).
     """
     cfs = CacheFS(url, storage_options)
+    cfs.check_directory()
     manifest = load_manifest(cfs)
     if manifest is None:
         if not load_parts(cfs):
@@ -186,7 +439,8 @@ def open_cache(url: str, verify: bool = False, allow_partial: bool = False,
                 f"{url}: has part manifests but no {layout.MANIFEST}: a capture is running or was never "
                 "finalized; run `logitcache finalize` or open with allow_partial=True")
         manifest = current_state(cfs)
-    cache = Cache(cfs, manifest)
+    cache = Cache(cfs, manifest, verify_reads=verify_reads)
     if verify:
         cache.verify()
     return cache
+

@@ -30,13 +30,14 @@ from ..format.samples import SAMPLES_SCHEMA
 from ..store import codecs as codec_lib
 from ..store.commit import current_state, finalize, remove_orphans, save_part
 from ..store.fs import CacheFS
+from ..store.lock import CacheLock, part_lock_name
 from ..store.reader import Cache
 from ..store.shard_writer import write_shard
 from .backend import CapturedSequence, GenerationSettings
 from .embedded import DEFAULT_TEACHER
 from .identity import ResolvedTeacher, describe_teacher, resolve_teacher, tokenizer_info
 from .inputs import InputTable, load_input
-from .prepare import PreparedSample, Tokenize, prepare_rows
+from .prepare import PreparedSample, Tokenize, prepare_rows, validate_rows
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,7 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
     table = load_input(job.source, job.split, {"prompt": job.prompt_column, "messages": job.messages_column,
                                                "text": job.text_column, "response": job.response_column},
                        job.mode, job.limit, job.source_name)
+    validate_rows(table.table, table.source, job.mode)   # a bad row is reported before anything is captured
     resolved = resolve_teacher(job.teacher)
     teacher = describe_teacher(resolved, resolve_backend(job.backend, job.encoding),
                                _resolve_dtype(job.dtype, job.device), job.max_length)
@@ -308,10 +310,11 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
     key = input_key(table, job.limit)
     spec = InputSpec(key=key, source=table.source, source_name=table.source_name, split=table.split,
                      columns=table.columns, limit=job.limit, num_rows=table.num_rows,
-                     num_shards=math.ceil(table.num_rows / per_shard))
+                     num_shards=math.ceil(table.num_rows / per_shard), content=table.content_digest())
     existing = current_state(cfs)
     if existing is not None:
         check_same_header(existing, header, cfs.url)
+        check_same_input(existing, spec, cfs.url)
         for other in existing.inputs:
             if other.key != key and (other.source_name, other.split) == (spec.source_name, spec.split):
                 raise ConfigMismatchError(
@@ -327,9 +330,45 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
     return CapturePlan(cfs, table, resolved, tokenizer, header, spec, part, mine, todo)
 
 
+def check_same_input(existing: Manifest, spec: InputSpec, where: str) -> None:
+    """Refuse to resume or extend an input whose rows changed since it was captured: same name (so same
+    sample ids and input key), other content. Caches of format < 1.3 record no content: their inputs
+    are compared by row count only."""
+    for other in existing.inputs:
+        if other.key != spec.key:
+            continue
+        changed = (other.content and other.content != spec.content) or other.num_rows != spec.num_rows
+        if changed:
+            was = f"{other.num_rows} rows, {other.content[:19] or 'content not recorded'}"
+            now = f"{spec.num_rows} rows, {spec.content[:19]}"
+            raise ConfigMismatchError(
+                f"{where} holds input {spec.source_name!r} ({spec.source}) captured from other rows ({was}; now "
+                f"{now}): it changed since; write to a new cache, or capture the new rows as another input with "
+                "--source-name NAME (they get their own sample ids)")
+
+
 def run_capture(job: CaptureJob) -> CaptureSummary:
     """Capture this worker's shards of ``job`` into its cache; finalize if it is the last one."""
     t0 = time.perf_counter()
+    validate(job)
+    cfs = CacheFS(job.cache, job.storage_options)
+    cfs.check_directory()
+    existed = cfs.exists("")
+    # one process per worker index: two captures of one index would interleave their part manifests
+    lock = CacheLock(cfs, part_lock_name(job.worker_index), f"worker {job.worker_index}'s part manifest",
+                     stale_after=6 * 3600).acquire(0)
+    try:
+        return _run_capture(job, lock, t0)
+    except BaseException:
+        lock.release()
+        if not existed and not [f for f in cfs.find("") if not f.endswith(".lock")]:
+            cfs.remove("")            # a capture that failed before writing anything leaves no directory
+        raise
+    finally:
+        lock.release()
+
+
+def _run_capture(job: CaptureJob, lock: CacheLock, t0: float) -> CaptureSummary:
     plan = plan_capture(job)
     cfs, part, cfg, key = plan.cfs, plan.part, plan.header.capture, plan.input.key
     # the engine loads before anything is written, so a teacher that fails to load pins no settings
@@ -350,6 +389,7 @@ def run_capture(job: CaptureJob) -> CaptureSummary:
                 part.shards.append(record)
                 part.skipped.extend(skipped)
                 save_part(cfs, part)                      # the commit point of this shard
+                lock.heartbeat()
                 for k, v in (("samples", record.samples), ("tokens", record.tokens),
                              ("scored", record.scored_tokens), ("skipped", len(skipped))):
                     totals[k] += v
@@ -397,10 +437,8 @@ def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar) -> tupl
                                           plan.header)
     written = write_shard(plan.cfs, name, arrays, plan.header.arrays, samples,
                           codec={k: v["codec"] for k, v in plan.header.codecs.items()})
-    record = ShardRecord(name=name, input_key=key, index=j, samples=len(prepared),
-                         tokens=int(sum(len(c.tokens) for c in captured)), scored_tokens=scored,
-                         bytes=written.bytes, checksum=written.checksum, worker=plan.part.part.worker_index)
-    return record, skipped
+    assert (written.samples, written.scored_tokens) == (len(prepared), scored)
+    return written.record(key, j, plan.part.part.worker_index), skipped
 
 
 def _load_or_new_part(cfs: CacheFS, header: Manifest, job: CaptureJob) -> Manifest:

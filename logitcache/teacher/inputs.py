@@ -7,12 +7,15 @@ text to score) and ``response`` (an answer to score after ``prompt``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..format.errors import InputError
 
@@ -35,6 +38,30 @@ class InputTable:
 
     def rows(self, start: int, stop: int) -> list[dict]:
         return self.table.slice(start, stop - start).to_pylist()
+
+    def content_digest(self) -> str:
+        """``"sha256:<hex>"`` of the rows a capture reads (the role columns, after ``--limit``), so a
+        resume (or another worker) can tell whether the input is still the one the cache holds
+        (docs/format.md, ``inputs.content``). Per column: text as the byte lengths of its values (-1 for
+        null) and their bytes end to end; other columns (chat messages) as canonical JSON, row by row."""
+        h = hashlib.sha256()
+        for name in self.table.column_names:
+            h.update(name.encode() + b"\0")
+            col = self.table.column(name)
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type):
+                arr = col.cast(pa.large_string()).combine_chunks()
+                lengths = pc.binary_length(arr).fill_null(-1).to_numpy(zero_copy_only=False).astype("<i8")
+                h.update(lengths.tobytes())
+                if len(arr):
+                    offsets = np.frombuffer(arr.buffers()[1], dtype="<i8")[arr.offset:arr.offset + len(arr) + 1]
+                    data = arr.buffers()[2]
+                    if data is not None:
+                        h.update(memoryview(data)[int(offsets[0]):int(offsets[-1])])
+            else:
+                for start in range(0, len(col), 1 << 16):
+                    rows = col.slice(start, 1 << 16).to_pylist()
+                    h.update(json.dumps(rows, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode())
+        return "sha256:" + h.hexdigest()
 
 
 def builtin_prompts_path() -> Path:
@@ -61,7 +88,8 @@ def _read_file(path: Path) -> pa.Table:
                 raise InputError(f"{path}: a .json input must be a list of objects")
             return _table_from_records(path, data)
         records = []
-        for n, line in enumerate(lines.splitlines(), start=1):
+        # lines end at "\n" only: str.splitlines would also split inside strings at U+2028, U+0085, ...
+        for n, line in enumerate(lines.split("\n"), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))

@@ -80,6 +80,60 @@ def _text(value, role: str, where: str) -> str | None:
     return value
 
 
+@dataclass
+class ParsedRow:
+    """One input row read for its role: the conversation to send (None for plain text), the texts the
+    samples table records, or why the row is skipped."""
+
+    messages: list[dict] | None = None
+    prompt_text: str | None = None
+    response_text: str | None = None
+    skip: str = ""
+
+
+def parse_row(values: dict, mode: str, where: str) -> ParsedRow:
+    """Check one row (``InputError`` naming ``where`` when it cannot be captured) without tokenizing."""
+    if "messages" in values:
+        msgs = _messages(values["messages"], where)
+        response_text = None
+        if mode == "score":
+            if not msgs or msgs[-1]["role"] != "assistant":
+                raise InputError(f"{where}: score mode needs the conversation to end with an assistant message")
+            msgs, response_text = msgs[:-1], msgs[-1]["content"]
+        prompt_text = json.dumps(msgs, ensure_ascii=False)
+        if not any(m["content"].strip() for m in msgs):
+            return ParsedRow(skip="empty messages")
+        return ParsedRow(msgs, prompt_text, response_text)
+    if "text" in values:
+        text = _text(values["text"], "text", where)
+        if not text or not text.strip():
+            return ParsedRow(skip="empty text")
+        return ParsedRow(None, None, text)
+    prompt_text = _text(values["prompt"], "prompt", where)
+    if not prompt_text or not prompt_text.strip():
+        return ParsedRow(skip="empty prompt")
+    response_text = None
+    if mode == "score":
+        response_text = _text(values["response"], "response", where)
+        if not response_text or not response_text.strip():
+            return ParsedRow(skip="empty response")
+    return ParsedRow([{"role": "user", "content": prompt_text}], prompt_text, response_text)
+
+
+def validate_rows(table, source: str, mode: str, batch_rows: int = 1 << 16) -> None:
+    """Check every row a capture will read before anything is captured, so a malformed row 8 is
+    reported before shard 0 is written. Text columns (Arrow strings) need no look; other columns
+    (chat messages, values of mixed kinds) are parsed row by row, ``batch_rows`` at a time."""
+    import pyarrow as pa
+
+    if all(pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_null(f.type)
+           for f in table.schema):
+        return
+    for start in range(0, table.num_rows, batch_rows):
+        for offset, values in enumerate(table.slice(start, batch_rows).to_pylist()):
+            parse_row(values, mode, f"{source}, row {start + offset}")
+
+
 def prepare_rows(rows: list[dict], first_row: int, input_key: str, source: str, source_name: str, split: str,
                  cfg: CaptureConfig, tk: Tokenize) -> tuple[list[PreparedSample], list[SkipRecord]]:
     out: list[PreparedSample] = []
@@ -93,34 +147,11 @@ def prepare_rows(rows: list[dict], first_row: int, input_key: str, source: str, 
         def skip(reason: str) -> None:
             skipped.extend(SkipRecord(input_key, row, sid, reason) for sid in ids)
 
-        prompt_text = response_text = None
-        if "messages" in values:
-            msgs = _messages(values["messages"], where)
-            if cfg.mode == "score":
-                if not msgs or msgs[-1]["role"] != "assistant":
-                    raise InputError(f"{where}: score mode needs the conversation to end with an assistant message")
-                msgs, response_text = msgs[:-1], msgs[-1]["content"]
-            prompt_text = json.dumps(msgs, ensure_ascii=False)
-            if not any(m["content"].strip() for m in msgs):
-                skip("empty messages")
-                continue
-        elif "text" in values:
-            response_text = _text(values["text"], "text", where)
-            if not response_text or not response_text.strip():
-                skip("empty text")
-                continue
-            msgs = None
-        else:
-            prompt_text = _text(values["prompt"], "prompt", where)
-            if not prompt_text or not prompt_text.strip():
-                skip("empty prompt")
-                continue
-            msgs = [{"role": "user", "content": prompt_text}]
-            if cfg.mode == "score":
-                response_text = _text(values["response"], "response", where)
-                if not response_text or not response_text.strip():
-                    skip("empty response")
-                    continue
+        parsed = parse_row(values, cfg.mode, where)
+        if parsed.skip:
+            skip(parsed.skip)
+            continue
+        msgs, prompt_text, response_text = parsed.messages, parsed.prompt_text, parsed.response_text
 
         if msgs is None:                       # plain text, score mode
             prompt_ids, response_ids = [], tk.text(response_text)
