@@ -25,7 +25,6 @@ Writes OUT/query_samples.json (every number, every repeat) and OUT/query_samples
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -36,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from logitcache import __version__, open_cache
 from logitcache.format import SAMPLES_SCHEMA, cache_fingerprint, layout
@@ -49,8 +47,9 @@ from logitcache.query.engine import Engine
 from logitcache.query.selection import read_selection, write_selection
 from logitcache.query.shortcuts import Shortcut, select_samples
 from logitcache.store import codecs
+from logitcache.store.checksum import recipe_digest, sha256
 from logitcache.store.fs import CacheFS
-from logitcache.store.shard_writer import write_shard
+from logitcache.store.shard_writer import samples_parquet, write_shard
 
 QUERIES = [
     ("issue example: filter + sort + limit 1000",
@@ -127,12 +126,14 @@ def build_samples_cache(root: Path, rows: int, per_shard: int, seed: int = 0) ->
             "row": np.arange(start, stop, dtype=np.int64), "sample_index": np.zeros(n, np.int32),
             "prompt": pool.take(pa.array(prompts[start:stop])), "response": pool.take(pa.array(responses[start:stop])),
         }).select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        cfs.write_atomic(layout.shard_samples(name), buf.getvalue())
+        data = samples_parquet(table)                 # as a capture writes it: zstd, page checksums
+        cfs.write_atomic(layout.shard_samples(name), data)
         scored = int((table["scored_end"].to_numpy() - table["scored_start"].to_numpy()).sum())
-        records.append(ShardRecord(name, "ibench0000", j, n, int(lengths.sum()), scored, len(buf.getvalue()),
-                                   "sha256:synthetic-" + name, 0))
+        # no arrays: the whole-shard checksum is that of the samples file alone (queries never verify it
+        # whole: they check samples_checksum)
+        records.append(ShardRecord(name, "ibench0000", j, n, int(lengths.sum()), scored, len(data),
+                                   recipe_digest([(layout.SAMPLES, data)]), 0, metadata_checksum=recipe_digest([]),
+                                   samples_checksum=sha256(data)))
     manifest = fake_manifest(rows, records)
     cfs.write_atomic(layout.MANIFEST, manifest.to_json().encode())
     build_samples = time.perf_counter() - t0
@@ -199,6 +200,25 @@ def bench_queries(root: Path, info: dict, repeats: int, workdir: Path, index: bo
     return rows
 
 
+def bench_verification(root: Path, info: dict, repeats: int) -> list[dict]:
+    """The cost of checking every file DuckDB reads (issue 12): a few queries with the reader's checks
+    on (as every command runs them) and off (``verify_reads=False``), interleaved."""
+    rows = []
+    picks = [QUERIES[0], QUERIES[3]]            # the index (no texts) and the shards' files (all columns)
+    for label, sql in picks:
+        sql = sql.format(probe=info["probe"])
+        times = {True: [], False: []}
+        for _ in range(repeats):
+            for verify in (True, False):
+                t0 = time.perf_counter()
+                Engine(open_cache(str(root), verify_reads=verify), THRESHOLD).run(sql)
+                times[verify].append(time.perf_counter() - t0)
+        on, off = min(times[True]), min(times[False])
+        rows.append({"what": label, "on_s": on, "off_s": off, "cost": on / off - 1, "all_on_s": times[True],
+                     "all_off_s": times[False]})
+    return rows
+
+
 def bench_token_pass(root: Path, tokens: int, seed: int = 1) -> dict:
     """A cache with real Zarr arrays (top-k 8, no hidden): stream its entropy through compute_token_stats."""
     rng = np.random.default_rng(seed)
@@ -229,7 +249,7 @@ def bench_token_pass(root: Path, tokens: int, seed: int = 1) -> dict:
             "prompt": ["p"] * n, "response": ["r"] * n,
         })
         w = write_shard(cfs, name, arrays, specs, table)
-        records.append(ShardRecord(name, "ibench0001", j, n, rows, rows - n, w.bytes, w.checksum, 0))
+        records.append(w.record("ibench0001", j, worker=0))
     cfs.write_atomic(layout.MANIFEST, fake_manifest(n_samples, records, top_k=8).to_json().encode())
     cache = open_cache(str(root))
     t0 = time.perf_counter()
@@ -274,6 +294,13 @@ def render(results: dict) -> str:
                 rows = "" if r["rows"] is None else f"{r['rows']:,}"
                 lines.append(f"| {r['what']} | {rows} | {r['best_s']:.2f} | ({r['first_s']:.2f}) |")
             lines.append("")
+        if "verification" in lay:
+            lines += ["Read verification (every file DuckDB reads checked against its checksum first), on against "
+                      "off (`verify_reads=False`), interleaved:", "",
+                      "| query | checks on, s | checks off, s | cost |", "|---|---:|---:|---:|"]
+            for r in lay["verification"]:
+                lines.append(f"| {r['what']} | {r['on_s']:.2f} | {r['off_s']:.2f} | {100 * r['cost']:+.0f}% |")
+            lines.append("")
     t = results["token_pass"]
     lines += ["## Token-level pass (real Zarr arrays)", "",
               f"{t['tokens']:,} tokens in {t['shards']} shards ({t['samples']:,} samples of 512 tokens, top-k 8).", "",
@@ -315,6 +342,7 @@ def main() -> None:
                 entry[key] = bench_queries(root, build, args.repeats, work, index=index)
                 for r in entry[key]:
                     print(f"  {key} {r['what']}: {r['best_s']:.2f} s", flush=True)
+            entry["verification"] = bench_verification(root, build, args.repeats)
             results["layouts"].append(entry)
             shutil.rmtree(root)
         results["token_pass"] = bench_token_pass(work / "tokens", args.token_rows)

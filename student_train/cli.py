@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from logitcache.cli.common import echo_json, handle_errors
@@ -82,7 +84,7 @@ def cli(cache, out, config_file, loss_args, layer_map, teachers, teacher_weights
 
     base = {}
     if config_file:
-        base = TrainConfig.load(config_file).to_dict()
+        base = TrainConfig.load(config_file)
     if cache:
         base["cache"] = cache
     if out:
@@ -104,7 +106,14 @@ def cli(cache, out, config_file, loss_args, layer_map, teachers, teacher_weights
     for required in ("cache", "out"):
         if not base.get(required):
             raise LogitcacheError(f"missing {'CACHE' if required == 'cache' else '--out'} (or give it in --config)")
-    report = train(TrainConfig.from_dict(base), progress=not no_progress)
+    cfg = TrainConfig.from_dict(base)
+    existed = os.path.exists(cfg.out)
+    try:
+        report = train(cfg, progress=not no_progress)
+    except BaseException:
+        if not existed and os.environ.get("RANK", "0") == "0":
+            remove_failed_run(cfg.out)
+        raise
     if not report:
         return                                   # not the main process
     if as_json:
@@ -124,6 +133,17 @@ def cli(cache, out, config_file, loss_args, layer_map, teachers, teacher_weights
                    f"{start.get('kl_reverse_exact', float('nan')):.3f} -> {end['kl_reverse_exact']:.3f} nats")
     click.echo(f"student: {report['student_dir']} ({report['parameters'] / 1e6:.1f} M parameters); "
                f"curves: {report['plot']}")
+
+
+def remove_failed_run(out: str) -> None:
+    """A run that failed before its first checkpoint leaves nothing behind (a later run would otherwise
+    append to its logs); one with a checkpoint is kept, to resume."""
+    import shutil
+
+    from .checkpoint import find_checkpoint
+
+    if os.path.isdir(out) and find_checkpoint(out) is None:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _loss_arg(item: str) -> tuple[str, float]:

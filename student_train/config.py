@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 from logitcache.format.errors import LogitcacheError
@@ -57,21 +60,56 @@ class TrainConfig:
         def bad(flag: str, msg: str):
             raise LogitcacheError(f"--{flag.replace('_', '-')}: {msg}")
 
+        check_types(self)
         for name in ("seq_len", "batch_size", "grad_accum", "epochs", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad("max_steps", f"must be >= 1, got {self.max_steps}")
+        for name in ("max_steps", "eval_batches"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "seed", "num_workers"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "hidden_weight"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.clip > 0:
+            bad("clip", f"must be > 0, got {self.clip}")
         if not 0 <= self.eval_frac < 1:
             bad("eval_frac", f"must be in [0, 1), got {self.eval_frac}")
+        for name in ("entropy_top_frac", "entropy_bottom_frac"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
+                bad(name, f"must be in (0, 1], got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", f"{self.precision!r}: choose auto, fp32 or bf16")
         if self.hidden_loss not in ("cosine", "mse"):
             bad("hidden_loss", f"{self.hidden_loss!r}: choose cosine or mse")
-        self.layer_map = [[int(s), int(t)] for s, t in self.layer_map]
+        if "://" in self.out or self.out.startswith(("s3:", "gs:", "gcs:", "az:", "hf:")):
+            bad("out", f"{self.out!r}: a run directory must be local (checkpoints, logs and the student are written "
+                       "with local file operations); copy it to object storage afterwards")
+        try:
+            self.layer_map = [[int(s), int(t)] for s, t in self.layer_map]
+        except (TypeError, ValueError):
+            bad("layer_map", f"{self.layer_map!r}: expected [[student_layer, teacher_layer], ...]")
         if self.teacher_weights and len(self.teacher_weights) != 1 + len(self.teachers):
             bad("teacher_weights", f"{len(self.teacher_weights)} weight(s) for {1 + len(self.teachers)} teacher caches "
                                    "(the main cache and each --teacher)")
+        self.objective()
+
+    def objective(self):
+        """The distillation loss these settings describe (``losses.DistillationConfig``), checked:
+        divergence, tail policy, temperature, CE share and the divergence's arguments."""
+        from .losses import DistillationConfig
+
+        try:
+            return DistillationConfig(kind=self.loss, tail=self.tail, temperature=self.temperature,
+                                      ce_alpha=self.ce_alpha, kind_kwargs=dict(self.loss_args))
+        except ValueError as e:
+            raise LogitcacheError(f"--loss {self.loss} / --tail / --temperature / --ce-alpha / --loss-arg: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,11 +124,56 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str) -> "TrainConfig":
+        """The settings of a JSON file (complete or partial: flags may add the rest), not yet validated."""
         try:
             with open(path) as f:
-                return cls.from_dict(json.load(f))
+                d = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise LogitcacheError(f"--config {path}: {e}") from None
+        if not isinstance(d, dict):
+            raise LogitcacheError(f"--config {path}: expected a JSON object of settings, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise LogitcacheError(f"--config {path}: unknown training setting(s) {', '.join(unknown)}")
+        return d
+
+
+def check_types(cfg) -> None:
+    """Every setting has the type its field declares (a JSON ``"max_steps": "2"`` is refused naming the
+    setting, not a TypeError later). int fields take ints (not bools), float fields ints or finite
+    floats, ``X | None`` also None."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, kinds = getattr(cfg, f.name), _kinds(hints[f.name])
+        if value is None and type(None) in kinds:
+            continue
+        ok = any(_is(value, k) for k in kinds if k is not type(None))
+        if not ok:
+            want = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+            raise LogitcacheError(f"--{f.name.replace('_', '-')} ({f.name} in --config): must be {want}, "
+                                  f"got {value!r}")
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+def _kinds(hint) -> tuple:
+    args = typing.get_args(hint)
+    if args and (typing.get_origin(hint) in (typing.Union, types.UnionType)):
+        return tuple(typing.get_origin(a) or a for a in args)
+    return (typing.get_origin(hint) or hint,)
+
+
+def _is(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
 
 
 def parse_layer_map(text: str | None) -> list[list[int]]:

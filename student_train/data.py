@@ -75,6 +75,7 @@ place in the stream where they happened.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
@@ -362,6 +363,16 @@ class _Failure:
 
 
 _DONE = object()
+# stop events of live prefetch threads: set at interpreter exit, before daemon threads would be frozen
+# in the middle of a torch call (which aborts the process: "terminate called without an active exception")
+_PREFETCHERS: dict[threading.Thread, threading.Event] = {}
+
+
+@atexit.register
+def _stop_prefetchers() -> None:
+    for thread, stop in list(_PREFETCHERS.items()):
+        stop.set()
+        thread.join(timeout=10)
 
 
 class CacheStream(IterableDataset):
@@ -564,7 +575,9 @@ class CacheStream(IterableDataset):
         state["_cache"] = None  # reopened (manifest only) where the copy runs
         return state
 
-    def _get_cache(self) -> Cache:
+    @property
+    def cache(self) -> Cache:
+        """The cache this stream reads (reopened, manifest only, in a process the stream was copied to)."""
         if self._cache is None or self._pid != os.getpid():
             self._cache = open_cache(self.url, allow_partial=self._allow_partial, storage_options=self._storage_options)
             self._pid = os.getpid()
@@ -604,6 +617,7 @@ class CacheStream(IterableDataset):
                 put(_Failure(e))
 
         thread = threading.Thread(target=produce, name="logitcache-prefetch", daemon=True)
+        _PREFETCHERS[thread] = stop
         thread.start()
         try:
             while True:
@@ -616,6 +630,7 @@ class CacheStream(IterableDataset):
         finally:
             stop.set()
             thread.join(timeout=30)
+            _PREFETCHERS.pop(thread, None)
 
     def _rank_rows(self, plan: EpochPlan, batch: int) -> np.ndarray:
         """Global rows of one of this rank's batches; -1 for padding rows."""
@@ -624,7 +639,7 @@ class CacheStream(IterableDataset):
         return np.where(local < count, plan.rank_start[self.rank] + local, -1)
 
     def _build_batch(self, plan: EpochPlan, batch: int) -> dict[str, torch.Tensor]:
-        cache = self._get_cache()
+        cache = self.cache
         B, T = self.batch_size, self.seq_len
         W, enc = self.teacher_width, self.encoding["name"]
         ragged = enc not in ("topk", "full")
@@ -751,9 +766,12 @@ class CacheLoader:
         return len(self.stream)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in DataLoader(self.stream, **self.kwargs):
-            self.stream.mark_consumed(batch["input_ids"].shape[0])
-            yield batch
+        try:
+            for batch in DataLoader(self.stream, **self.kwargs):
+                self.stream.mark_consumed(batch["input_ids"].shape[0])
+                yield batch
+        except LogitcacheError as e:
+            raise _unwrap_worker_error(e) from None
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
@@ -763,6 +781,17 @@ class CacheLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
+
+
+def _unwrap_worker_error(e: LogitcacheError) -> LogitcacheError:
+    """torch's DataLoader re-raises a worker's error as ``type(e)(<its whole traceback as text>)``; give
+    the user the original one-line message back (the traceback of a user-facing error is noise)."""
+    text = str(e)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return e
+    last = text.strip().splitlines()[-1]                 # "package.module.Class: message"
+    message = last.split(": ", 1)[1] if ": " in last else last
+    return type(e)(message)
 
 
 def make_dataloader(stream: CacheStream, num_workers: int = 0, pin_memory: bool = False,

@@ -2,29 +2,42 @@
 
     stream = CacheStream("./cache", seq_len=512, batch_size=1)           # one row per item
     trainer = DistillationTrainer(model=student, args=TrainingArguments(..., per_device_train_batch_size=8),
-                                  train_dataset=stream, data_collator=distillation_collator,
-                                  distillation=DistillationConfig(kind="forward_kl"))
+                                  train_dataset=stream, distillation=DistillationConfig(kind="forward_kl"))
     trainer.train()
 
 Trainer batches ``per_device_train_batch_size`` items of the stream with ``distillation_collator``.
-Under several processes give the stream its ``rank``/``world_size`` (it splits the data itself) and
-keep Trainer from splitting it again (``accelerator_config={"dispatch_batches": False,
-"split_batches": False}``). Our own loop (``student_train.train``) adds exact resume of the data
-position, held-out evaluation against the teacher and feature distillation.
+Under several processes (torchrun, accelerate launch) the stream splits the data itself: each rank
+gets its own rows, the same number on every rank, every sample exactly once (the stream takes its
+rank and world size from the process group, or from ``RANK``/``WORLD_SIZE``). ``DistillationTrainer``
+therefore hands the stream to a plain DataLoader instead of letting accelerate shard it a second
+time (which kept each rank's half of its half: half the data, silently), and refuses a stream whose
+rank or world size is not the Trainer's. Our own loop (``student_train.train``) adds exact resume
+of the data position, held-out evaluation against the teacher and feature distillation.
 """
 
 from __future__ import annotations
 
+import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from logitcache.format.errors import LogitcacheError
+
 from . import losses
-from .data import concat_batches
+from .data import CacheStream, concat_batches
 from .train import forward, teacher_loss
 
 
 def distillation_collator(items: list[dict]) -> dict:
     """Items of a ``CacheStream`` (each a [1, T, ...] batch) -> one [B, T, ...] batch."""
     return concat_batches(items)
+
+
+class _StreamLoader(DataLoader):
+    """A DataLoader over a CacheStream that forwards ``set_epoch`` (Trainer calls it every epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
 
 
 class DistillationTrainer(Trainer):
@@ -37,6 +50,19 @@ class DistillationTrainer(Trainer):
             training_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
         self.distillation = distillation or losses.DistillationConfig()
+
+    def get_train_dataloader(self) -> DataLoader:
+        stream = self.train_dataset
+        if not isinstance(stream, CacheStream):
+            return super().get_train_dataloader()
+        if (stream.rank, stream.world_size) != (self.args.process_index, self.args.world_size):
+            raise LogitcacheError(
+                f"the CacheStream is rank {stream.rank} of {stream.world_size}, the Trainer's process is rank "
+                f"{self.args.process_index} of {self.args.world_size}: create the stream after TrainingArguments "
+                "(or give it rank= and world_size=), so that each rank reads its own samples once")
+        return _StreamLoader(stream, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                             num_workers=self.args.dataloader_num_workers,
+                             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         d = self.distillation

@@ -13,9 +13,13 @@ How the two distributions are made comparable (``TailPolicy``):
   (clamped at 0; the k+1 values are then renormalised, which only matters when fp16 rounding made
   sum_i p_i > 1). Student: q_i = softmax(z)_{id_i}, q_tail = sum_{j not in ids} softmax(z)_j, computed
   directly as logsumexp(z over the complement) - logsumexp(z), never as 1 - sum q_i (exact, and finite
-  gradients when the tail is tiny). On rows where the student's tail is exactly empty (the ids cover
-  all of V) the teacher's m can only be fp16 rounding, so it is dropped and the top-k renormalised.
+  gradients when the tail is tiny). On rows whose ids cover all of V the tail outcome does not exist:
+  the teacher's m can only be fp16 rounding, so it is dropped and the top-k renormalised. On every
+  other row it is kept, so a student that gives the tail no mass at all (logits -inf on the whole
+  complement) while the teacher gives it some has an infinite forward KL, as it should.
   At T=1 every divergence on these k+1 outcomes is the exact divergence of the coarsened distributions.
+  A row without any stored id (ids all -1) has no teacher distribution: it contributes nothing to
+  the loss and does not count in its mean, whatever its weight.
 * ``RENORMALIZE``: p_i = exp(lp_i) / sum_j exp(lp_j) and q_i = softmax(z)_{id_i} / sum_j softmax(z)_{id_j}
   over the k stored ids only (biased for small k: arXiv 2503.16870).
 
@@ -299,10 +303,14 @@ class _StudentLogProbsAtIds(torch.autograd.Function):
     logq_ids (N, k) = z_id - L and logq_tail (N,) = L_rest - L, in ``compute_dtype``, where
     L = logsumexp_j z_j and L_rest = logsumexp_{j not in ids} z_j (-inf if the complement is empty).
 
+    Every row is shifted by its max M first and L, L_rest are kept shifted (L - M, L_rest - M): the
+    differences above then never subtract two large numbers, so log q keeps log_softmax's precision at
+    any logit offset (unshifted, logits near 1e4 lose 1e-3 to float32's spacing there).
+
     Backward (s = softmax(z), r_j = exp(z_j - L_rest) off the ids, 0 on them; g = incoming grads):
         dz_j = sum_o g_o [j = id_o] + g_tail r_j - (sum_o g_o + g_tail) s_j
-    recomputed chunk by chunk; only L, L_rest (N,) and the ids are saved besides the logits themselves.
-    Rows with valid = False are computed on zeros and get a zero gradient.
+    recomputed chunk by chunk; only M, L - M, L_rest - M (N,) and the ids are saved besides the logits
+    themselves. Rows with valid = False are computed on zeros and get a zero gradient.
     """
 
     @staticmethod
@@ -310,21 +318,21 @@ class _StudentLogProbsAtIds(torch.autograd.Function):
         n = logits.numel() // logits.shape[-1]
         k = ids.shape[1]
         dev = logits.device
-        lse = torch.zeros(n, dtype=compute_dtype, device=dev)
-        lse_rest = torch.zeros(n, dtype=compute_dtype, device=dev)
-        z_ids = torch.zeros(n, k, dtype=compute_dtype, device=dev)
+        row_max = torch.zeros(n, dtype=compute_dtype, device=dev)
+        lse = torch.zeros(n, dtype=compute_dtype, device=dev)             # L - M
+        lse_rest = torch.zeros(n, dtype=compute_dtype, device=dev)        # L_rest - M
+        z_ids = torch.zeros(n, k, dtype=compute_dtype, device=dev)        # z_id - M
         for s, e, rows in _row_chunks(logits, chunk_rows):
             v = valid[s:e]
             if not bool(v.any()):
                 continue
-            z = rows.to(compute_dtype, copy=True)                          # (c, V)
-            z.masked_fill_(~v[:, None], 0.0)
+            z = _shifted_rows(rows, v, compute_dtype, row_max[s:e])      # (c, V)
             lse[s:e] = torch.logsumexp(z, -1)
             z_ids[s:e] = z.gather(1, ids[s:e])
             if with_tail:
                 z.scatter_(1, ids[s:e], _NEG_INF)                          # the complement of the ids
                 lse_rest[s:e] = torch.logsumexp(z, -1)
-        ctx.save_for_backward(logits, ids, valid, lse, lse_rest)
+        ctx.save_for_backward(logits, ids, valid, row_max, lse, lse_rest)
         ctx.chunk_rows, ctx.with_tail, ctx.compute_dtype = chunk_rows, with_tail, compute_dtype
         logq_ids = z_ids - lse[:, None]
         logq_tail = lse_rest - lse if with_tail else torch.zeros_like(lse)
@@ -333,7 +341,7 @@ class _StudentLogProbsAtIds(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_ids, g_tail):
-        logits, ids, valid, lse, lse_rest = ctx.saved_tensors
+        logits, ids, valid, row_max, lse, lse_rest = ctx.saved_tensors
         cdt = ctx.compute_dtype
         grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)  # logits' shape and dtype
         grad_rows = grad.view(-1, grad.shape[-1])                          # (N, V)
@@ -344,8 +352,7 @@ class _StudentLogProbsAtIds(torch.autograd.Function):
             if not bool(v.any()):
                 continue
             idx, gi, gt = ids[s:e], g_ids[s:e], g_tail[s:e]
-            z = rows.to(cdt, copy=True)                                    # (c, V)
-            z.masked_fill_(~v[:, None], 0.0)
+            z = _shifted_rows(rows, v, cdt, row_max[s:e].clone())          # (c, V), the forward's shift
             out = (z - lse[s:e, None]).exp_()                              # softmax(z)
             out.mul_(-(gi.sum(-1) + gt)[:, None])
             if ctx.with_tail:
@@ -359,6 +366,16 @@ class _StudentLogProbsAtIds(torch.autograd.Function):
             out.masked_fill_(~v[:, None], 0.0)
             grad_rows[s:e] = out
         return grad, None, None, None, None, None
+
+
+def _shifted_rows(rows: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype, row_max: torch.Tensor) -> torch.Tensor:
+    """A chunk of logits in ``dtype``, invalid rows zeroed, each row minus its max (written into
+    ``row_max``; 0 for a row without a finite logit)."""
+    z = rows.to(dtype, copy=True)                                          # (c, V)
+    z.masked_fill_(~valid[:, None], 0.0)
+    m = z.amax(-1)
+    row_max.copy_(torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    return z.sub_(row_max[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,12 +418,14 @@ def _prepare(student_logits, teacher_ids, teacher_logprobs, mask_or_weights, tea
                          f"teacher_ids shape {tuple(teacher_ids.shape)}")
     cdt = _compute_dtype(student_logits)
     w = _weights(mask_or_weights, lead, "mask_or_weights", cdt, student_logits.device)
-    valid = w > 0
     n = math.prod(lead)
     z = student_logits  # kept in its own shape: reshaping a sliced (B, T, V) would copy it
     ids = teacher_ids.reshape(n, k).to(torch.int64)
     lp = teacher_logprobs.detach().reshape(n, k).to(cdt)
-    w, valid = w.reshape(n), valid.reshape(n)
+    # a row without any stored id (all -1: a ragged encoding's unscored or empty row) has no teacher
+    # distribution: it contributes nothing and does not count, whatever its weight
+    w = torch.where((ids >= 0).any(-1), w.reshape(n), torch.zeros_like(w.reshape(n)))
+    valid = w > 0
     ids = torch.where(valid[:, None], ids, torch.arange(k, device=ids.device))
     lp = torch.where(valid[:, None], lp, torch.full_like(lp, -math.log(k)))
     if bool(((ids < -1) | (ids >= vocab)).any()):
@@ -477,7 +496,7 @@ def _coarsen(z, ids, lp, valid, tail: TailPolicy, temperature: float, chunk_rows
             m = exact_tail
         else:  # teacher tail m = 1 - sum exp(lp) = -expm1(logsumexp(lp)): accurate when m is tiny
             m = (-torch.expm1(torch.logsumexp(lp, -1))).clamp_min(0.0)               # (N,)
-        log_m = torch.log(m).masked_fill(logq_tail == _NEG_INF, _NEG_INF)            # drop m if no student tail
+        log_m = teacher_tail_log_mass(m, ids_cover_vocab(present, n, k, z.shape[-1]))
         logp = torch.log_softmax(torch.cat([lp, log_m[:, None]], -1), -1)            # (N, k+1)
         logq = torch.cat([logq_ids, logq_tail[:, None]], -1)                        # (N, k+1)
         if temperature != 1.0:
@@ -491,6 +510,20 @@ def _coarsen(z, ids, lp, valid, tail: TailPolicy, temperature: float, chunk_rows
         logp = torch.log_softmax(lp / temperature, -1)                               # (N, k)
         logq = torch.log_softmax(z_ids / temperature, -1)                            # (N, k)
     return logp, logq
+
+
+def ids_cover_vocab(present: torch.Tensor | None, n: int, k: int, vocab: int) -> torch.Tensor:
+    """(N,) bool: the row's stored ids (distinct by contract) are the whole vocabulary."""
+    count = torch.full((n,), k) if present is None else present.sum(-1)
+    return count.to(torch.int64) == vocab
+
+
+def teacher_tail_log_mass(m: torch.Tensor, covers: torch.Tensor) -> torch.Tensor:
+    """log of the teacher's tail bucket m (N,): dropped (-inf) only where the ids cover the whole
+    vocabulary, where m can only be rounding of the stored values. Anywhere else it is a real outcome:
+    a student that gives it no mass (logits -inf on the whole complement) has an infinite forward KL,
+    and the loss says so."""
+    return torch.where(covers.to(m.device), torch.full_like(m, _NEG_INF), torch.log(m))
 
 
 def coarsen_distributions(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,

@@ -32,12 +32,19 @@ def teacher_directory(manifest) -> str:
 
 
 def parse_keep_layers(text: str, num_layers: int) -> list[int]:
-    """'0,2,4' or 'every:2' (layers 0, 2, 4, ... and always the last one)."""
+    """'0,2,4' or 'every:2' (layers 0, 2, 4, ... and always the last one) of a teacher with
+    ``num_layers`` decoder layers; anything else, or a choice that keeps almost nothing by accident
+    (a step of ``num_layers`` or more), is refused naming the flag."""
     text = text.strip()
     if text.startswith("every:"):
-        step = int(text.split(":", 1)[1])
-        if step < 1:
-            raise LogitcacheError(f"--keep-layers {text}: the step must be >= 1")
+        try:
+            step = int(text.split(":", 1)[1])
+        except ValueError:
+            raise LogitcacheError(f"--keep-layers {text!r}: every:N needs an integer step N") from None
+        if not 1 <= step < num_layers:
+            raise LogitcacheError(f"--keep-layers {text}: the step must be in [1, {num_layers - 1}] for a teacher with "
+                                  f"{num_layers} layers (every:{step} would keep only layers 0 and {num_layers - 1}); "
+                                  "list the layers to keep by index to mean that")
         keep = list(range(0, num_layers, step))
         if keep[-1] != num_layers - 1:
             keep.append(num_layers - 1)
@@ -71,6 +78,29 @@ def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     return student
 
 
+def student_num_layers(spec: str | None, keep_layers: str | None, manifest) -> int:
+    """The student's decoder layers, from the flags and configs alone (no weights loaded), so that
+    everything that depends on them is checked before the model is built."""
+    if (spec is None) == (keep_layers is None):
+        raise LogitcacheError("give exactly one of --student (model id, directory or config.json) and "
+                              "--keep-layers (derive from the teacher)")
+    if keep_layers is not None:
+        return len(parse_keep_layers(keep_layers, manifest.teacher.num_layers))
+    try:
+        if spec.endswith(".json"):
+            with open(spec) as f:
+                cfg = json.load(f)
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(spec).to_dict()
+        return int(cfg["num_hidden_layers"])
+    except FileNotFoundError:
+        raise LogitcacheError(f"--student {spec}: no such config file") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LogitcacheError(f"--student {spec}: cannot read its config ({type(e).__name__}: {e})") from None
+
+
 def build_student(spec: str | None, keep_layers: str | None, manifest, seed: int):
     """(model, tokenizer directory) for --student or --keep-layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -87,8 +117,11 @@ def build_student(spec: str | None, keep_layers: str | None, manifest, seed: int
     if spec.endswith(".json"):
         if not os.path.exists(spec):
             raise LogitcacheError(f"--student {spec}: no such config file")
-        with open(spec) as f:
-            cfg = AutoConfig.for_model(**json.load(f))
+        try:
+            with open(spec) as f:
+                cfg = AutoConfig.for_model(**json.load(f))
+        except (ValueError, KeyError, TypeError) as e:    # not JSON, no model_type, wrong values
+            raise LogitcacheError(f"--student {spec}: not a model config ({type(e).__name__}: {e})") from None
         return AutoModelForCausalLM.from_config(cfg), teacher_directory(manifest)
     try:
         return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32), spec

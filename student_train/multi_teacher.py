@@ -24,7 +24,7 @@ class TeacherJoin:
     def __init__(self, url: str, main: CacheStream):
         self.cache = open_cache(url)
         self.url = url
-        mine, theirs = main._get_cache().manifest.tokenizer, self.cache.manifest.tokenizer
+        mine, theirs = main.cache.manifest.tokenizer, self.cache.manifest.tokenizer
         if (mine.vocab_size, mine.vocab_sha256) != (theirs.vocab_size, theirs.vocab_sha256):
             raise LogitcacheError(f"teacher cache {url} has another tokenizer than {main.url}; "
                                   "multi-teacher distillation needs one vocabulary")

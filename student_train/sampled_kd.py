@@ -39,7 +39,7 @@ import torch
 
 from logitcache.format.encodings import SampledRows, SparseRows, TargetRows
 
-from .losses import DEFAULT_CHUNK_ROWS, _StudentLogProbsAtIds, forward_kl
+from .losses import DEFAULT_CHUNK_ROWS, _StudentLogProbsAtIds, forward_kl, ids_cover_vocab, teacher_tail_log_mass
 
 __all__ = ["bucket_forward_kl", "sparse_cross_entropy", "sampled_cross_entropy", "sampled_forward_kl",
            "estimated_forward_kl", "kd_loss",
@@ -151,7 +151,7 @@ def bucket_forward_kl(student_logits: torch.Tensor, ids, logprobs, tail=None, ma
             raise ValueError("tail must be a mass in [0, 1]")
     ids = torch.where(valid[:, None], ids, torch.zeros_like(ids))
     logq_ids, logq_tail = _StudentLogProbsAtIds.apply(student_logits, ids, valid, chunk_rows, True, cdt)
-    log_m = torch.log(m).masked_fill(logq_tail == _NEG_INF, _NEG_INF)
+    log_m = teacher_tail_log_mass(m, ids_cover_vocab(present, n, ids.shape[1], vocab))
     logp = torch.log_softmax(torch.cat([lp, log_m[:, None]], -1), -1)
     logp = torch.where(valid[:, None], logp, torch.full_like(logp, _NEG_INF))   # invalid rows: no terms
     logq = torch.cat([logq_ids, logq_tail[:, None]], -1)
@@ -223,7 +223,8 @@ def sampled_forward_kl(student_logits: torch.Tensor, ids, counts, entropy, log_w
     h = _as_tensor(entropy, "entropy", (n,), integer=False, device=student_logits.device).detach()
     ce = sampled_cross_entropy(student_logits, ids, counts, log_weights, mask, reduction="none",
                                chunk_rows=chunk_rows)
-    w = _weights(mask, n, ce.dtype, student_logits.device)
+    drawn = torch.as_tensor(counts).to(student_logits.device).sum(-1) > 0      # rows with draws
+    w = _weights(mask, n, ce.dtype, student_logits.device) * drawn
     return _reduce(ce - h.to(ce.dtype), w, reduction)
 
 
@@ -238,10 +239,10 @@ def estimated_forward_kl(student_logits: torch.Tensor, ids: torch.Tensor, target
     z = student_logits.reshape(-1, v)
     n = z.shape[0]
     m = None if mask is None else mask.reshape(n)
-    ce = sparse_cross_entropy(z, ids.reshape(n, -1), targets.reshape(n, -1), m, reduction="none",
-                              chunk_rows=chunk_rows)
+    t = targets.reshape(n, -1)
+    ce = sparse_cross_entropy(z, ids.reshape(n, -1), t, m, reduction="none", chunk_rows=chunk_rows)
     h = _as_tensor(entropy.reshape(n), "entropy", (n,), integer=False, device=z.device).detach().to(ce.dtype)
-    return _reduce(ce - h, _weights(m, n, ce.dtype, z.device), "mean")
+    return _reduce(ce - h, _weights(m, n, ce.dtype, z.device) * (t.sum(-1) > 0), "mean")
 
 
 def kd_loss(student_logits: torch.Tensor, decoded: SparseRows | SampledRows | TargetRows, mask=None, *,
@@ -262,7 +263,8 @@ def kd_loss(student_logits: torch.Tensor, decoded: SparseRows | SampledRows | Ta
         n, _ = _check_logits(student_logits)
         h = _as_tensor(entropy, "entropy", (n,), integer=False, device=student_logits.device).detach()
         ce = sparse_cross_entropy(student_logits, ids, t, mask, reduction="none", chunk_rows=chunk_rows)
-        return _reduce(ce - h.to(ce.dtype), _weights(mask, n, ce.dtype, student_logits.device), reduction)
+        has = torch.as_tensor(t).to(student_logits.device).sum(-1) > 0           # rows with targets
+        return _reduce(ce - h.to(ce.dtype), _weights(mask, n, ce.dtype, student_logits.device) * has, reduction)
     raise ValueError(f"decoded must be a SparseRows, SampledRows or TargetRows, got {type(decoded).__name__}")
 
 

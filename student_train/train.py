@@ -2,9 +2,13 @@
 
 One process per device; under torchrun/accelerate the ranks form a DDP group (NCCL on GPUs, gloo
 on the CPU) and the stream gives each rank its own rows, the same number on every rank. A
-checkpoint (model, projector, optimizer, scheduler, loader position, RNG states) is written
-atomically every ``save_every`` optimizer steps; re-running the same command continues from it and
-reaches the same weights as a run that was never interrupted.
+checkpoint (model, projector, optimizer, scheduler, loader position, RNG states; ``checkpoint.py``)
+is written atomically every ``save_every`` optimizer steps with checksums and the fingerprints of
+the caches it was trained on; re-running the same command continues from it and reaches the same
+weights as a run that was never interrupted, and refuses a damaged checkpoint or changed caches.
+
+Everything that can be checked without the student's weights is checked before they are loaded,
+and nothing is written into ``out`` before the loop starts.
 
 Loss per micro-batch: ``ce_alpha * CE + (1 - ce_alpha) * KD + hidden_weight * feature loss``, each a
 token-weighted mean over the micro-batch's loss tokens (``student_train.losses``).
@@ -27,19 +31,18 @@ import torch
 
 from logitcache.format.arrays import absolute_layer
 from logitcache.format.errors import LogitcacheError
+from logitcache.format.fingerprint import cache_fingerprint
 from logitcache.store.reader import open_cache
 
 from . import losses, sampled_kd
+from .checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import CacheStream, block_causal_mask, check_student_vocab, make_dataloader
-from .model import build_student, count_parameters
+from .model import build_student, count_parameters, student_num_layers
 from .multi_teacher import TeacherJoin
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint"
-# settings that may change between a run and its resumption (they do not change the numbers)
-RESUMABLE_CHANGES = {"resume", "eval_every", "eval_batches", "log_every", "save_every", "num_workers"}
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -241,50 +244,7 @@ def open_eval_stream(cfg: TrainConfig, manifest) -> CacheStream:
                        with_full=m.capture.encoding["name"] == "full")
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------
-def save_checkpoint(out: str, state: dict, cfg: TrainConfig) -> None:
-    """Write to a temporary directory, then swap it in: a crash leaves the previous checkpoint whole."""
-    final, tmp, old = os.path.join(out, CHECKPOINT), os.path.join(out, CHECKPOINT + ".tmp"), \
-        os.path.join(out, CHECKPOINT + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(out: str, cfg: TrainConfig) -> dict | None:
-    path = os.path.join(out, CHECKPOINT)
-    if not os.path.exists(os.path.join(path, "state.pt")):
-        old = os.path.join(out, CHECKPOINT + ".old")     # crash between the two renames
-        if not os.path.exists(os.path.join(old, "state.pt")):
-            return None
-        path = old
-    with open(os.path.join(path, "config.json")) as f:
-        saved = json.load(f)
-    now = cfg.to_dict()
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-    if changed:
-        k = changed[0]
-        raise LogitcacheError(f"{out} holds a checkpoint made with {k} = {saved.get(k)!r}, but this run has "
-                              f"{now[k]!r}; use another --out, or --no-resume to start over")
-    return torch.load(os.path.join(path, "state.pt"), weights_only=False)
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
+# ---- test hooks -------------------------------------------------------------------------------------
 def _fault_after(step: int) -> None:
     """Test hook: STUDENT_TRAIN_FAULT=kill-after-step:N kills this process after optimizer step N."""
     fault = os.environ.get("STUDENT_TRAIN_FAULT", "")
@@ -316,9 +276,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    if not cfg.resume and main_process:
-        shutil.rmtree(os.path.join(cfg.out, CHECKPOINT), ignore_errors=True)
 
     # -- setup: data
     cache = open_cache(cfg.cache)
@@ -332,6 +289,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         train_ids = [s for s in train_ids if s in keep]
         if not train_ids:
             raise LogitcacheError(f"--selection {cfg.selection}: every selected sample is in the held-out split")
+    n_student_layers = student_num_layers(cfg.student, cfg.keep_layers, manifest)   # before any weights load
+    for s, t in cfg.layer_map:
+        if not -n_student_layers - 1 <= s <= n_student_layers:
+            raise LogitcacheError(f"--layer-map {s}:{t}: the student has layers 0..{n_student_layers}")
     hidden_names = [f"hidden.{absolute_layer(t, manifest.teacher.num_layers)}" for _, t in cfg.layer_map]
     teacher_layers = [t for _, t in cfg.layer_map]
     stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, seed=cfg.seed, sample_ids=train_ids,
@@ -343,6 +304,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.eval_cache:                      # a separate held-out cache, e.g. captured with --encoding full
         eval_stream = open_eval_stream(cfg, manifest)
         eval_ids = eval_stream.sample_ids
+    data_fingerprints = {"cache": cache_fingerprint(manifest),   # what a checkpoint of this run was trained on
+                         "eval_cache": cache_fingerprint(eval_stream.cache.manifest) if cfg.eval_cache else None,
+                         "teachers": [cache_fingerprint(j.cache.manifest) for j in joins]}
 
     # -- setup: model
     model, tokenizer_dir = build_student(cfg.student, cfg.keep_layers, manifest, cfg.seed)
@@ -354,18 +318,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if width != manifest.teacher.vocab_size:
         raise LogitcacheError(f"the student's logits have {width} entries but the teacher's have "
                               f"{manifest.teacher.vocab_size}; distillation needs the same vocabulary")
-    n_student_layers = model.config.num_hidden_layers
-    for s, t in cfg.layer_map:
-        if not -n_student_layers - 1 <= s <= n_student_layers:
-            raise LogitcacheError(f"--layer-map {s}:{t}: the student has layers 0..{n_student_layers}")
     projector = losses.HiddenStateProjector([model.config.hidden_size] * len(cfg.layer_map),
                                             [manifest.teacher.hidden_size] * len(cfg.layer_map)) \
         if cfg.layer_map else None
     model.to(device).train()
     if projector is not None:
         projector.to(device)
-    kd = losses.DistillationConfig(kind=cfg.loss, tail=cfg.tail, temperature=cfg.temperature,
-                                   ce_alpha=cfg.ce_alpha, kind_kwargs=dict(cfg.loss_args))
+    kd = cfg.objective()
     params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(stream.batches_per_rank / cfg.grad_accum)
@@ -378,7 +337,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     amp_dtype = autocast_dtype(cfg.precision, device)
 
     step, epoch, history = 0, 0, {"train": [], "eval": []}
-    state = load_checkpoint(cfg.out, cfg) if cfg.resume else None
+    if not cfg.resume and main_process:
+        shutil.rmtree(os.path.join(cfg.out, CHECKPOINT), ignore_errors=True)
+    state = load_checkpoint(cfg.out, cfg.to_dict(), data_fingerprints) if cfg.resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         if projector is not None:
@@ -393,6 +354,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     elif eval_stream is not None and main_process:
         history["eval"].append({"step": 0, **evaluate(model, eval_stream, device, amp_dtype, cfg.eval_batches)})
 
+    os.makedirs(cfg.out, exist_ok=True)
     writer = _tensorboard(cfg.out) if main_process else None
     bar = _bar(progress and main_process, total_steps, step)
     t0, tokens_seen, tokens_at_start = time.perf_counter(), 0, 0
@@ -401,51 +363,56 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             loader.set_epoch(epoch)                     # a fresh epoch from its start
         state = {"epoch": epoch}                        # later epochs always start fresh
         group, parts_sum = 0, {}
-        for batch in loader:
-            for j, join in enumerate(joins, start=1):
-                batch.update(join(batch, f"teacher{j}"))
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            last_of_epoch = stream.rows_consumed >= stream.batches_per_rank * cfg.batch_size
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, parts = compute_loss(cfg, kd, ddp_model, batch, projector, hidden_names)
-            (loss / cfg.grad_accum).backward()
-            group += 1
-            tokens_seen += int((batch["document_ids"] != 0).sum())
-            _record_samples(stream, batch, rank)
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-            if group < cfg.grad_accum and not last_of_epoch:
-                continue
-            if group < cfg.grad_accum:                  # the epoch's last, partial group
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(cfg.grad_accum / group)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      **{k: v / group for k, v in parts_sum.items()}}
-            group, parts_sum = 0, {}
-            history["train"].append(record)
-            if main_process:
-                _log(cfg, writer, record, step)
-                if bar is not None:
-                    rate = (tokens_seen - tokens_at_start) / max(time.perf_counter() - t0, 1e-9)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate * world:.0f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and eval_stream is not None and main_process:
-                history["eval"].append({"step": step, **evaluate(model, eval_stream, device, amp_dtype,
-                                                                 cfg.eval_batches)})
-                _log(cfg, writer, {"eval": history["eval"][-1]}, step)
-            if step % cfg.save_every == 0 or step == total_steps:
-                _save(cfg, main_process, world, model, projector, optimizer, scheduler, loader, step, epoch, history)
-            _fault_after(step)
-            if step >= total_steps:
-                break
-        else:
-            epoch += 1
+        batches = iter(loader)       # closed below however the epoch ends: no prefetch thread outlives it
+        try:
+            for batch in batches:
+                for j, join in enumerate(joins, start=1):
+                    batch.update(join(batch, f"teacher{j}"))
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                last_of_epoch = stream.rows_consumed >= stream.batches_per_rank * cfg.batch_size
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, parts = compute_loss(cfg, kd, ddp_model, batch, projector, hidden_names)
+                (loss / cfg.grad_accum).backward()
+                group += 1
+                tokens_seen += int((batch["document_ids"] != 0).sum())
+                _record_samples(stream, batch, rank)
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                if group < cfg.grad_accum and not last_of_epoch:
+                    continue
+                if group < cfg.grad_accum:                  # the epoch's last, partial group
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(cfg.grad_accum / group)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          **{k: v / group for k, v in parts_sum.items()}}
+                group, parts_sum = 0, {}
+                history["train"].append(record)
+                if main_process:
+                    _log(cfg, writer, record, step)
+                    if bar is not None:
+                        rate = (tokens_seen - tokens_at_start) / max(time.perf_counter() - t0, 1e-9)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate * world:.0f}")
+                if cfg.eval_every and step % cfg.eval_every == 0 and eval_stream is not None and main_process:
+                    history["eval"].append({"step": step, **evaluate(model, eval_stream, device, amp_dtype,
+                                                                     cfg.eval_batches)})
+                    _log(cfg, writer, {"eval": history["eval"][-1]}, step)
+                if step % cfg.save_every == 0 or step == total_steps:
+                    _save(cfg, main_process, world, model, projector, optimizer, scheduler, loader, step, epoch,
+                          history, data_fingerprints)
+                _fault_after(step)
+                if step >= total_steps:
+                    break
+            else:
+                epoch += 1
+        finally:
+            batches.close()
     train_seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -467,13 +434,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
 
 # ---- small helpers of the loop ----------------------------------------------------------------------
-def _save(cfg, main_process, world, model, projector, optimizer, scheduler, loader, step, epoch, history):
+def _save(cfg, main_process, world, model, projector, optimizer, scheduler, loader, step, epoch, history, data):
     if main_process:
         save_checkpoint(cfg.out, {"model": model.state_dict(),
                                   "projector": projector.state_dict() if projector is not None else None,
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "loader": loader.state_dict(), "step": step, "epoch": epoch, "history": history,
-                                  "rng": rng_state()}, cfg)
+                                  "rng": rng_state()}, cfg.to_dict(), data)
     if world > 1:
         torch.distributed.barrier()
 

@@ -344,3 +344,57 @@ def test_unknown_logit_postprocessing_is_refused(tiny_teacher, monkeypatch):
     monkeypatch.setattr(LlamaForCausalLM, "forward", doubled)
     with pytest.raises(LogitcacheError, match=r"logits recomputed from the last hidden state differ from the model's own"):
         HFBackend(resolve_teacher(str(tiny_teacher)))
+
+
+# ---- issue 12: inputs identified by their content, rows checked before anything is captured ----------
+
+def test_a_changed_input_with_the_same_name_is_refused_not_skipped(tmp_path, tiny_teacher, text_file):
+    v1, v2 = tmp_path / "v1" / "data.jsonl", tmp_path / "v2" / "data.jsonl"
+    v1.parent.mkdir()
+    v2.parent.mkdir()
+    v1.write_text(text_file.read_text())
+    v2.write_text("".join(json.dumps({"text": f"another text number {i}"}) + "\n" for i in range(8)))
+    run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(v1)))
+    with pytest.raises(ConfigMismatchError, match=r"holds input 'data.jsonl' .* captured from other rows .* it changed "
+                                                  r"since; .* --source-name NAME"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(v2)))
+    # the explicit way to add it: another source name, its own sample ids
+    run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(v2), source_name="data-v2.jsonl"))
+    c = open_cache(str(tmp_path / "c"), verify=True)
+    assert c.manifest.num_samples == 16 and all(i.content.startswith("sha256:") for i in c.manifest.inputs)
+    assert set(c.samples.column("response").to_pylist()) >= {f"another text number {i}" for i in range(8)}
+
+
+def test_an_input_edited_between_a_crash_and_the_resume_is_refused(tmp_path, tiny_teacher, text_file):
+    data = tmp_path / "data.jsonl"
+    data.write_text(text_file.read_text())
+    code = ("from logitcache.teacher.capture import CaptureJob, run_capture\n"
+            f"run_capture(CaptureJob(cache={str(tmp_path / 'c')!r}, teacher={str(tiny_teacher)!r}, progress=False, "
+            f"encoding='topk', top_k=8, samples_per_shard=3, mode='score', backend='hf', source={str(data)!r}))\n")
+    ref = run_capture(job(tmp_path / "ref", tiny_teacher, mode="score", source=str(data)))
+    name = open_cache(str(tmp_path / "ref")).shards[1].name
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "LOGITCACHE_FAULT": f"kill-before-publish:{name}"})
+    assert proc.returncode == -9 and ref.complete
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:5] + [json.dumps({"text": "an edited row"})] + lines[6:]) + "\n")
+    with pytest.raises(ConfigMismatchError, match="captured from other rows"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(data)))
+    assert len(open_cache(str(tmp_path / "c"), allow_partial=True).shards) == 1     # nothing was added
+
+
+def test_rows_are_checked_before_the_first_shard_and_u2028_is_text(tmp_path, tiny_teacher):
+    chats = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    rows = [good] * 8 + [{"messages": [{"role": "user", "content": "no answer"}]}] + [good]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match=r"chats.jsonl, row 8: score mode needs the conversation to end with an "
+                                         r"assistant message"):
+        run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(chats), samples_per_shard=2))
+    assert not (tmp_path / "c").exists()                        # no shard of the first 8 rows was captured
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"text": "a line\u2028separator and a paragraph\u2029separator inside a string"}\n'
+                   '{"text": "next\u0085row"}\n', encoding="utf-8")
+    run_capture(job(tmp_path / "d", tiny_teacher, mode="score", source=str(odd)))
+    assert open_cache(str(tmp_path / "d")).samples.column("response").to_pylist() == \
+        ["a line\u2028separator and a paragraph\u2029separator inside a string", "next\u0085row"]

@@ -653,3 +653,72 @@ def test_ragged_rows_refuse_padding_before_ids_and_a_bad_tail():
     ok_lp = torch.tensor([[-1.0, -2.0, float("-inf")], [-1.0, -2.0, float("-inf")]])
     with pytest.raises(ValueError, match="teacher_tail must be a probability mass"):
         distillation_loss(z, ok_ids, ok_lp, None, teacher_tail=torch.tensor([0.5, 1.5]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases found by comparing with TRL, DistillKit, torchtune and DistiLLM (issue 12)
+# ---------------------------------------------------------------------------------------------
+def _with_empty_row(z, ids, lp, w):
+    """The same case plus one row without entries (-1 ids, -inf values) that has weight 1."""
+    k = ids.shape[1]
+    return (torch.cat([z, torch.randn(1, z.shape[1], dtype=z.dtype) * 3]), torch.cat([ids, torch.full((1, k), -1)]),
+            torch.cat([lp, torch.full((1, k), float("-inf"), dtype=lp.dtype)]), torch.cat([w, torch.ones(1, dtype=w.dtype)]))
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("kind,kw", KINDS, ids=KIND_IDS)
+def test_a_row_without_entries_contributes_nothing_and_does_not_count(kind, kw, tail):
+    z, ids, lp, w = make_case()
+    want, g_want = grad_of(lambda x: distillation_loss(x, ids, lp, w, kind=kind, tail=tail, **kw), z)
+    zp, idp, lpp, wp = _with_empty_row(z, ids, lp, w)
+    got, g_got = grad_of(lambda x: distillation_loss(x, idp, lpp, wp, kind=kind, tail=tail, **kw), zp)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got[:-1], g_want, rtol=1e-12, atol=1e-12)
+    assert (g_got[-1] == 0).all()
+    tail_mass = torch.cat([(-torch.expm1(torch.logsumexp(lp, -1))).clamp_min(0), torch.zeros(1, dtype=F64)])
+    if tail == "bucket":                   # the same with an exact tail stored beside the ids
+        got_t = distillation_loss(zp, idp, lpp, wp, kind=kind, tail=tail, teacher_tail=tail_mass, **kw)
+        torch.testing.assert_close(got_t, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,kw", [("reverse_kl", {}), ("generalized_jsd", {"beta": 0.5}), ("forward_kl", {})])
+def test_bucket_keeps_its_precision_at_large_logit_offsets(kind, kw):
+    """Logits around 1e4 (float32 spacing 1e-3 there): the log-probs are taken after subtracting the
+    row max, so the gradient is as accurate as log_softmax's."""
+    z, ids, lp, w = make_case(n=16, v=64, k=8)
+    z32 = (z + 1e4).float()
+    ref, g_ref = grad_of(lambda x: distillation_loss(x, ids, lp, w, kind=kind, tail="bucket", **kw), z32.double())
+    got, g_got = grad_of(lambda x: distillation_loss(x, ids, lp, w, kind=kind, tail="bucket", **kw), z32)
+    rel = float((g_got.double() - g_ref).norm() / g_ref.norm())
+    assert rel < 1e-5, rel
+    assert abs(float(got) - float(ref)) < 1e-5 * max(1.0, abs(float(ref)))
+
+
+def test_a_student_with_no_mass_outside_the_ids_has_infinite_forward_kl_when_the_teacher_has_some():
+    z = torch.tensor([[2.0, 1.0, 0.0] + [float("-inf")] * 5])
+    ids = torch.tensor([[0, 1, 2]])
+    lp = torch.log(torch.tensor([[0.5, 0.3, 0.1]]))                   # the teacher keeps 0.1 outside
+    assert distillation_loss(z, ids, lp, None, kind="forward_kl") == float("inf")
+    covering = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])                # the ids cover V: no tail outcome at all
+    lp_all = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1, -2, -3, -4, -5]]), -1).half()
+    assert torch.isfinite(distillation_loss(torch.randn(1, 8), covering, lp_all, None, kind="forward_kl"))
+
+
+def test_sampled_estimators_skip_rows_without_draws():
+    from student_train import sampled_kd as S
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 11, generator=g, dtype=F64)
+    ids = torch.tensor([[1, 4, -1], [0, 2, 3], [7, -1, -1], [5, 6, 9]])
+    counts = torch.tensor([[3, 1, 0], [1, 1, 2], [4, 0, 0], [2, 1, 1]])
+    entropy = torch.rand(4, generator=g, dtype=F64) + 0.5
+    zp = torch.cat([z, torch.randn(1, 11, generator=g, dtype=F64)])
+    idp, cp = torch.cat([ids, torch.full((1, 3), -1)]), torch.cat([counts, torch.zeros(1, 3, dtype=torch.long)])
+    hp = torch.cat([entropy, torch.tensor([2.0], dtype=F64)])
+    want = S.sampled_forward_kl(z, ids, counts, entropy)
+    torch.testing.assert_close(S.sampled_forward_kl(zp, idp, cp, hp), want, rtol=1e-12, atol=1e-12)
+    targets = counts.to(F64) / counts.sum(-1, keepdim=True)
+    want = S.estimated_forward_kl(z, ids, targets, entropy)
+    got = S.estimated_forward_kl(zp, idp, torch.cat([targets, torch.zeros(1, 3, dtype=F64)]), hp)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -495,3 +495,19 @@ def test_new_commands_help_is_light():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'duckdb', 'zarr', 'transformers'}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_selections_of_nothing_and_non_numbers_are_refused(cache, tmp_path):
+    out = tmp_path / "s.parquet"
+    for args, message in [(("--by", "mean_entropy", "--min", "nan"), "--min must be a finite number, got nan"),
+                          (("--by", "mean_entropy", "--max", "inf"), "--max must be a finite number, got inf"),
+                          (("--by", "mean_entropy", "--top-frac", "nan"), "a fraction must be in (0, 1], got nan"),
+                          (("--by", "mean_entropy", "--top-frac", "0.5", "--threshold", "nan"),
+                           "--threshold must be a finite number of nats, got nan"),
+                          (("--by", "num_tokens", "--min", "100000"), "the selection is empty: 'logitcache select "
+                                                                       "--by num_tokens --min 100000.0' matched no sample")]:
+        r = run("select", cache.url, *args, "--out", out)
+        assert r.exit_code == 1 and message in r.output, (args, r.output)
+    r = run("query", cache.url, "SELECT sample_id FROM samples WHERE num_tokens < 0", "--out", out)
+    assert r.exit_code == 1 and "the selection is empty" in r.output and "nothing written" in r.output
+    assert not out.exists()

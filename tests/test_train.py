@@ -306,3 +306,144 @@ def test_training_on_a_selection_file_sees_only_the_selected_samples(cache, tmp_
     pq.write_table(pq.read_table(sel).slice(0, 2).replace_schema_metadata({}), other)
     with pytest.raises(LogitcacheError, match="other.parquet"):
         train(config(cache, tmp_path / "bad", selection=str(other)), progress=False)
+
+
+# ---- issue 12: checkpoints tied to their data, clean failures, options checked before work -----------
+
+def perturbed_teacher(src, dest):
+    """The tiny teacher with other weights (another training run): another teacher fingerprint."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1.25)
+    model.save_pretrained(dest)
+    import shutil
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dest, name))
+    return dest
+
+
+def test_a_checkpoint_resumes_only_on_its_own_data_and_only_when_intact(cache, tmp_path, tiny_teacher):
+    import shutil
+
+    mine = shutil.copytree(cache, tmp_path / "cache")
+    out = tmp_path / "run"
+    train(config(str(mine), out, max_steps=2), progress=False)
+    state = out / "checkpoint" / "state.pt"
+    pristine = state.read_bytes()
+    damaged = bytearray(pristine)
+    rng = np.random.default_rng(0)
+    for at in rng.choice(np.arange(len(damaged) // 2, len(damaged) - 64), 100, replace=False):
+        damaged[at] ^= 1                                      # 100 flipped low bits
+    state.write_bytes(bytes(damaged))
+    with pytest.raises(LogitcacheError, match=r"checkpoint/state.pt does not match its checksum .* --no-resume"):
+        train(config(str(mine), out, max_steps=4), progress=False)
+    state.write_bytes(pristine[:len(pristine) // 2])          # truncated
+    with pytest.raises(LogitcacheError, match=r"checkpoint/state.pt does not match its checksum"):
+        train(config(str(mine), out, max_steps=4), progress=False)
+    state.write_bytes(pristine)
+    # the cache replaced under the run: same path, same sample ids, another teacher
+    other = perturbed_teacher(str(tiny_teacher), str(tmp_path / "other-teacher"))
+    rows = open_cache(str(mine)).manifest.inputs[0].source         # the same input file: the same sample ids
+    shutil.rmtree(mine)
+    run_capture(CaptureJob(encoding="topk", cache=str(mine), teacher=other, backend="hf", mode="score", source=rows,
+                           top_k=8, samples_per_shard=8, hidden_layers=[-1], progress=False))
+    assert open_cache(str(mine)).samples.column("sample_id").to_pylist() == \
+        open_cache(cache).samples.column("sample_id").to_pylist()
+    with pytest.raises(LogitcacheError, match=r"holds a checkpoint trained on cache with fingerprint .* would mix two "
+                                              r"teachers"):
+        train(config(str(mine), out, max_steps=4), progress=False)
+
+
+def test_options_are_checked_before_any_work_and_failed_runs_leave_nothing(cache, tmp_path):
+    from click.testing import CliRunner
+
+    from student_train.cli import cli as train_cli
+
+    def run(*args):
+        return CliRunner().invoke(train_cli, [str(a) for a in args] + ["--no-progress"])
+
+    bad_config = tmp_path / "run.json"
+    bad_config.write_text(json.dumps({"max_steps": "2"}))
+    bad_student = tmp_path / "student.json"
+    bad_student.write_text("{not json")
+    cases = [
+        ((cache, "--out", tmp_path / "a", "--keep-layers", "every:5"),
+         "--keep-layers every:5: the step must be in [1, 1] for a teacher with 2 layers"),
+        ((cache, "--out", tmp_path / "b", "--keep-layers", "every:x"), "every:N needs an integer step N"),
+        ((cache, "--out", tmp_path / "c", "--keep-layers", "0", "--config", bad_config),
+         "--max-steps (max_steps in --config): must be an integer or null, got '2'"),
+        ((cache, "--out", tmp_path / "d", "--keep-layers", "0", "--loss-arg", "alpha=0.1"),
+         "kind='forward_kl' takes no argument alpha=0.1"),
+        ((cache, "--out", tmp_path / "e", "--keep-layers", "0", "--lr", "nan"), "--lr (lr in --config): must be a number"),
+        ((cache, "--out", "s3://bucket/run", "--keep-layers", "0"), "a run directory must be local"),
+        ((cache, "--out", tmp_path / "f", "--student", bad_student), f"--student {bad_student}: cannot read its config"),
+        ((cache, "--out", tmp_path / "g", "--keep-layers", "0", "--layer-map", "5:-1"),
+         "--layer-map 5:-1: the student has layers 0..1"),
+        ((cache, "--out", tmp_path / "h", "--keep-layers", "0", "--selection", tmp_path / "none.parquet"),
+         "no such selection file"),
+    ]
+    for args, message in cases:
+        r = run(*args)
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (args, r.output)
+    assert sorted(os.listdir(tmp_path)) == ["run.json", "student.json"]      # no run directory, no "s3:"
+    assert not os.path.exists("s3:")
+
+
+def test_error_exits_are_one_line_even_from_dataloader_workers(cache, tmp_path):
+    """A damaged chunk met by a DataLoader worker process: exit 3 naming the shard, no traceback, no abort."""
+    import shutil
+
+    damaged = shutil.copytree(cache, tmp_path / "cache")
+    chunk = next((damaged / "shards").glob("*/arrays.zarr/topk_ids/c/0/0"))
+    data = bytearray(chunk.read_bytes())
+    data[20] ^= 0x55
+    chunk.write_bytes(bytes(data))
+    r = cli(damaged, "--out", tmp_path / "run", "--keep-layers", "0", "--seq-len", 48, "--batch-size", 2,
+            "--max-steps", 3, "--num-workers", 1, "--eval-frac", 0)
+    assert r.returncode == 3, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and f"shard '{chunk.parents[4].name}' is corrupt: array topk_ids" in lines[0]
+    assert "Traceback" not in r.stderr and "terminate called" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_transformers_trainer_under_two_processes_sees_every_sample_once(cache, tmp_path, random_student):
+    script = tmp_path / "hf_ddp.py"
+    script.write_text(f"""
+import json, os, torch
+from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+from student_train.data import CacheStream
+from student_train.hf_trainer import DistillationTrainer, distillation_collator
+from student_train.train import split_ids
+from logitcache import open_cache
+
+args = TrainingArguments(output_dir={str(tmp_path / 'hf')!r}, per_device_train_batch_size=3, num_train_epochs=1,
+                         learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                         ddp_backend="gloo")
+ids, _ = split_ids(open_cache({cache!r}).samples.column("sample_id").to_pylist(), 0.0)
+stream = CacheStream({cache!r}, seq_len=48, batch_size=1, seed=0, sample_ids=ids)
+seen = open(os.path.join({str(tmp_path)!r}, f"seen.{{args.process_index}}"), "w")
+
+def collate(items):
+    batch = distillation_collator(items)
+    for i in batch["sample_index"].unique().tolist():
+        if i >= 0:
+            seen.write(stream.sample_id(i) + "\\n")
+    seen.flush()
+    return batch
+
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**json.load(open({random_student!r}))))
+DistillationTrainer(model=model, args=args, train_dataset=stream, data_collator=collate).train()
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541", script]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()})
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = [(tmp_path / f"seen.{rank}").read_text().split() for rank in (0, 1)]
+    ids = open_cache(cache).samples.column("sample_id").to_pylist()
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(ids)           # every sample once over the two processes

@@ -13,10 +13,25 @@ class FormatError(LogitcacheError):
     """A cache (or part of one) that does not follow the format contract."""
 
 
-class CorruptShardError(FormatError):
-    """A committed shard whose bytes no longer match the checksum in the manifest."""
+class CorruptCacheError(FormatError):
+    """Stored bytes or records that no longer say what was written (the CLI exits with code 3)."""
 
-    def __init__(self, shard: str, detail: str):
+
+class CorruptManifestError(CorruptCacheError):
+    """A manifest whose checksum does not match, whose records contradict each other, or whose names
+    would point outside the cache."""
+
+
+class CorruptShardError(CorruptCacheError):
+    """A committed shard whose bytes no longer match the checksums in the manifest (or a record it
+    contradicts). ``CorruptShardError(message)`` rebuilds one from its message (as torch's DataLoader
+    does with errors raised in its workers)."""
+
+    def __init__(self, shard: str, detail: str | None = None):
+        if detail is None:                      # one argument: an already formatted message
+            self.shard = shard.split("'")[1] if shard.startswith("shard '") else ""
+            super().__init__(shard)
+            return
         self.shard = shard
         super().__init__(f"shard {shard!r} is corrupt: {detail}")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import layout
 from .arrays import ArraySpec
-from .errors import ConfigMismatchError, FormatError
+from .errors import ConfigMismatchError, CorruptManifestError, FormatError
 from .version import FORMAT_NAME, FORMAT_VERSION, check_readable, parse_version
 
 CHECKSUM_SINCE = (1, 3)   # manifests of this version on must carry their checksum
@@ -292,7 +292,7 @@ class Manifest:
         shards are listed once, counts are non-negative, ``totals`` (when given) add up, every shard of
         a listed input is one it planned, and a complete cache lists every planned shard."""
         def bad(msg: str):
-            raise FormatError(f"{where}: {msg}")
+            raise CorruptManifestError(f"{where}: {msg}")
 
         def name(kind, value, pattern):
             problem = layout.check_name(kind, value, pattern)
@@ -374,7 +374,7 @@ def check_manifest_checksum(d: dict, where: str) -> None:
     (one that does is checked too)."""
     if "checksum" not in d:
         if parse_version(str(d.get("format_version", ""))) >= CHECKSUM_SINCE:
-            raise FormatError(f"{where}: has no checksum (required from format 1.3 on): it was edited or "
+            raise CorruptManifestError(f"{where}: has no checksum (required from format 1.3 on): it was edited or "
                               "damaged after it was written")
         return
     try:
@@ -382,7 +382,7 @@ def check_manifest_checksum(d: dict, where: str) -> None:
     except ValueError as e:   # NaN or other values that cannot be in a manifest
         raise FormatError(f"{where}: cannot be checked ({e})") from None
     if d["checksum"] != want:
-        raise FormatError(f"{where}: checksum {d['checksum']!r} does not match its content ({want}): the manifest "
+        raise CorruptManifestError(f"{where}: checksum {d['checksum']!r} does not match its content ({want}): the manifest "
                           "was edited or damaged after it was written; restore it, or re-run the capture")
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 
 import duckdb
@@ -112,6 +113,8 @@ class Engine:
     def __init__(self, cache: Cache, threshold: float = ts.DEFAULT_THRESHOLD, persist: bool = True,
                  threads: int | None = None, index_min_shards: int = INDEX_MIN_SHARDS):
         self.cache = cache
+        if not math.isfinite(float(threshold)):
+            raise QueryError(f"--threshold must be a finite number of nats, got {threshold}")
         self.threshold = float(threshold)
         self.persist = persist
         self.index_min_shards = index_min_shards
@@ -119,7 +122,8 @@ class Engine:
         if not cache.cfs.is_local:
             self.con.register_filesystem(cache.cfs.fs)
         # queries read the cache and nothing else: no other file, no setting changed back
-        self.con.execute(f"SET allowed_directories = [{_quote(self.url('').rstrip('/') + '/')}]")
+        root = self.url("").rstrip("/") + "/"
+        self.con.execute(f"SET allowed_directories = [{_quote(root)}, {_quote(_literal_path(root))}]")
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
         # what the shards store (a newer minor version may add columns): the first file's schema

@@ -84,8 +84,12 @@ def write_atomic(path: str, data: bytes) -> None:
 def write_selection(table: pa.Table, path: str, cache: Cache, query: str, shortcut: str = "",
                     entropy_threshold: float | None = None) -> SelectionInfo:
     """Write ``table`` (with a unique ``sample_id`` column) as a selection of ``cache`` to ``path``.
-    Nothing is written when the table is not a valid selection."""
+    Nothing is written when the table is not a valid selection, or is empty (a selection of nothing
+    would only fail later, in training or export)."""
     selection_ids(table, "the query's result")
+    if table.num_rows == 0:
+        raise SelectionError(f"the selection is empty: {shortcut or query!r} matched no sample of {cache.url}; "
+                             f"nothing written to {path}")
     info = SelectionInfo(cache=cache.url, cache_fingerprint=cache_fingerprint(cache.manifest), query=query,
                          count=table.num_rows, shortcut=shortcut, entropy_threshold=entropy_threshold,
                          created_by=f"logitcache {__version__}")

@@ -54,6 +54,9 @@ class Shortcut:
         for f in fracs:
             if not 0 < f <= 1:
                 raise QueryError(f"a fraction must be in (0, 1], got {f}")
+        for flag, v in (("--min", self.min), ("--max", self.max)):
+            if v is not None and not math.isfinite(v):
+                raise QueryError(f"{flag} must be a finite number, got {v}")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise QueryError(f"--min {self.min} is above --max {self.max}")
 

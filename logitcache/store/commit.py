@@ -102,6 +102,9 @@ def current_state(cfs: CacheFS) -> Manifest | None:
 def finalize(cfs: CacheFS, allow_incomplete: bool = False) -> Manifest:
     """Merge the parts into manifest.json (under the manifest lock) and remove leftovers of crashed
     writers: unlisted shard directories, ``_tmp/`` and stale temporary files."""
+    cfs.check_directory()
+    if not cfs.exists(""):
+        raise FormatError(f"{cfs.url}: no such directory: not a logitcache cache")
     with manifest_lock(cfs):
         merged = current_state(cfs)
         if merged is None:
