@@ -50,6 +50,7 @@ bench: venv
 	$(PY) benchmarks/capture_hf.py
 	$(PY) benchmarks/capture_vllm.py
 	$(PY) benchmarks/query_samples.py
+	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/distribution_encodings.py
 	$(PY) benchmarks/distillation_quality.py
 

@@ -71,7 +71,7 @@ SHORTCUTS = [
 THRESHOLD = 1.0
 
 
-def fake_manifest(num_rows: int, shards: list[ShardRecord], top_k: int = 64) -> Manifest:
+def fake_manifest(num_rows: int, shards: list[ShardRecord], top_k: int = 64, input_key: str = "ibench0000") -> Manifest:
     specs = array_specs(49152, top_k, "float16", [], 576, "bfloat16")
     return Manifest(
         teacher=TeacherInfo("synthetic", "synthetic", "", "sha256-edges:synthetic", "LlamaForCausalLM", 30, 576,
@@ -81,7 +81,7 @@ def fake_manifest(num_rows: int, shards: list[ShardRecord], top_k: int = 64) -> 
                               hidden_layers=[], hidden_dtype="bfloat16", max_length=8192, truncate=False,
                               samples_per_shard=max(s.samples for s in shards), max_new_tokens=2048),
         arrays=specs, codecs=codecs.describe(specs),
-        inputs=[InputSpec("ibench0000", "synthetic.jsonl", "synthetic.jsonl", "", {"prompt": "prompt"}, None,
+        inputs=[InputSpec(input_key, "synthetic.jsonl", "synthetic.jsonl", "", {"prompt": "prompt"}, None,
                           num_rows, len(shards))],
         shards=shards, complete=True, created_by=f"benchmarks/query_samples.py (logitcache {__version__})")
 
@@ -250,7 +250,7 @@ def bench_token_pass(root: Path, tokens: int, seed: int = 1) -> dict:
         })
         w = write_shard(cfs, name, arrays, specs, table)
         records.append(w.record("ibench0001", j, worker=0))
-    cfs.write_atomic(layout.MANIFEST, fake_manifest(n_samples, records, top_k=8).to_json().encode())
+    cfs.write_atomic(layout.MANIFEST, fake_manifest(n_samples, records, top_k=8, input_key="ibench0001").to_json().encode())
     cache = open_cache(str(root))
     t0 = time.perf_counter()
     stats = ts.compute_token_stats(cache, THRESHOLD)

@@ -3,11 +3,13 @@
 __version__ = "0.1.0"
 
 
-def open_cache(url, verify=False, allow_partial=False, storage_options=None):
-    """Open a cache (local path or fsspec URL); see ``logitcache.store.reader.open_cache``."""
+def open_cache(url, verify=False, allow_partial=False, storage_options=None, verify_reads=True):
+    """Open a cache (local path or fsspec URL); see ``logitcache.store.reader.open_cache``. Every read
+    is verified (docs/format.md, "Integrity"); ``verify=True`` also recomputes every checksum now."""
     from .store.reader import open_cache as _open
 
-    return _open(url, verify=verify, allow_partial=allow_partial, storage_options=storage_options)
+    return _open(url, verify=verify, allow_partial=allow_partial, storage_options=storage_options,
+                 verify_reads=verify_reads)
 
 
 __all__ = ["open_cache", "__version__"]

@@ -22,13 +22,18 @@ def smollm2_dir() -> Path:
     return embedded_teacher_dir("smollm2-135m")
 
 
-@pytest.fixture(scope="session")
-def tiny_teacher(tmp_path_factory, smollm2_dir) -> Path:
-    """A 2-layer, d=32 Llama with random weights and SmolLM2's tokenizer and chat template."""
+def copy_tokenizer(src: Path, dest: Path) -> None:
+    """The tokenizer, chat template and generation config of a model directory, beside other weights."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (Path(src) / name).exists():
+            shutil.copy(Path(src) / name, Path(dest) / name)
+
+
+def make_tiny_teacher(out: Path, tokenizer_dir: Path) -> Path:
+    """A 2-layer, d=32 Llama with random weights (seed 0) and the tokenizer of ``tokenizer_dir``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-teacher")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -37,10 +42,14 @@ def tiny_teacher(tmp_path_factory, smollm2_dir) -> Path:
     with torch.no_grad():  # larger logits than the default init, so distributions are not flat
         model.model.embed_tokens.weight.mul_(40)
     model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if (smollm2_dir / name).exists():
-            shutil.copy(smollm2_dir / name, out / name)
+    copy_tokenizer(tokenizer_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer, d=32 Llama with random weights and SmolLM2's tokenizer and chat template."""
+    return make_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"), smollm2_dir)
 
 
 @pytest.fixture

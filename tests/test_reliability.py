@@ -239,13 +239,20 @@ def test_consistent_looking_edits_are_still_caught(tmp_path, tiny_teacher, data,
 # ---- paths are literal and stay inside the cache ---------------------------------------------------
 
 def test_a_cache_path_with_glob_characters_is_itself(tmp_path, tiny_teacher, data):
-    other = capture(tmp_path / "misc" / "g1", tiny_teacher, data, limit=4)
-    mine = capture(tmp_path / "misc" / "g[1]", tiny_teacher, data, limit=8)
+    """``misc/g[1]`` beside ``misc/g1``, holding other texts under the same input name (so the same
+    sample ids and shard names): a glob would read the neighbour's files and answer with its texts."""
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text("".join(json.dumps({"text": f"the neighbour's text {i}"}) + "\n" for i in range(8)))
+    other = capture(tmp_path / "misc" / "g1", tiny_teacher, theirs, source_name=data.name)
+    mine = capture(tmp_path / "misc" / "g[1]", tiny_teacher, data)
+    assert shard_names(other) == shard_names(mine)
     before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
-    r = run("query", mine, "SELECT count(*) AS n FROM samples", "--json")
-    assert r.exit_code == 0 and json.loads(r.stdout) == [{"n": 8}], r.output
-    r = run("query", mine, "SELECT count(DISTINCT sample_id) AS n FROM tokens", "--json")
-    assert r.exit_code == 0 and json.loads(r.stdout) == [{"n": 8}], r.output
+    r = run("query", mine, "SELECT response FROM samples ORDER BY row", "--json")
+    assert r.exit_code == 0 and [x["response"] for x in json.loads(r.stdout)] == TEXTS, r.output
+    want = open_cache(str(mine)).samples["num_tokens"].to_pylist()
+    r = run("query", mine, "SELECT sample_id, count(*) AS n FROM tokens GROUP BY 1 ORDER BY min(position), 1",
+            "--json")
+    assert r.exit_code == 0 and sorted(x["n"] for x in json.loads(r.stdout)) == sorted(want), r.output
     r = run("select", mine, "--by", "num_tokens", "--top-frac", "1", "--out", tmp_path / "sel[1].parquet")
     assert r.exit_code == 0, r.output
     r = run("export", mine, tmp_path / "misc" / "out[1]", "--selection", tmp_path / "sel[1].parquet")
@@ -385,3 +392,59 @@ def test_finalize_removes_stale_temporary_files(cache):
     assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if ".tmp-" in p.name) == \
         ["parts/worker-00000.json.tmp-dddd"]
     open_cache(str(cache), verify=True)
+
+
+def _unshare_available() -> bool:
+    """A private mount namespace (``unshare -rm``): a real read-only or full filesystem without root."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_available(), reason="needs `unshare -rm` (user + mount namespaces) to mount a "
+                                                     "read-only and a tiny filesystem without root")
+def test_read_only_and_full_filesystems_are_clean_errors(tmp_path, tiny_teacher, data, pristine):
+    """Inside a private mount namespace: a read-only tmpfs and a 32 KiB one (a real ENOSPC)."""
+    ro, small = tmp_path / "ro", tmp_path / "small"
+    ro.mkdir()
+    small.mkdir()
+    shutil.copy(data, tmp_path / "texts.jsonl")
+    py = f"PYTHONPATH={Path.cwd()} {sys.executable}"
+    capture_args = (f"--teacher {tiny_teacher} --backend hf --mode score --input {tmp_path / 'texts.jsonl'} "
+                    "--encoding topk --top-k 64 --samples-per-shard 8 --no-progress")
+    script = f"""
+mount -t tmpfs -o ro tmpfs {ro} && mount -t tmpfs -o size=32k tmpfs {small} || exit 99
+{py} -m logitcache.cli.main capture {ro}/c {capture_args} 2> {tmp_path}/ro-capture.err; echo "ro-capture $?"
+{py} -m logitcache.cli.main query {pristine} "SELECT sample_id FROM samples" --out {ro}/s.parquet \\
+    2> {tmp_path}/ro-query.err; echo "ro-query $?"
+{py} -m student_train.cli {pristine} --out {ro}/run --keep-layers 0 --max-steps 1 --seq-len 32 --no-progress \\
+    2> {tmp_path}/ro-train.err; echo "ro-train $?"
+{py} -m logitcache.cli.main capture {small}/c {capture_args} 2> {tmp_path}/full-capture.err; echo "full-capture $?"
+find {small} -name '*.tmp-*' | wc -l | sed 's/^/full-leftovers /'
+"""
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 99, r.stderr
+    codes = dict(line.split() for line in r.stdout.splitlines() if line.split()[0] in
+                 ("ro-capture", "ro-query", "ro-train", "full-capture", "full-leftovers"))
+    assert codes == {"ro-capture": "1", "ro-query": "1", "ro-train": "1", "full-capture": "1",
+                     "full-leftovers": "0"}, (codes, r.stdout, [(tmp_path / f).read_text()[-800:] for f in
+                                                               ("ro-capture.err", "ro-query.err", "ro-train.err",
+                                                                "full-capture.err")])
+    for name, what in (("ro-capture", "Read-only file system"), ("ro-query", "Read-only file system"),
+                       ("ro-train", "Read-only file system"), ("full-capture", "No space left on device")):
+        err = (tmp_path / f"{name}.err").read_text()
+        assert f"error: {what}" in err and "Traceback" not in err, (name, err)
+
+
+def test_every_test_docs_reliability_cites_exists():
+    """docs/reliability.md names the test behind each fault: each must exist, in the file it says."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    tests_dir = Path(__file__).resolve().parent
+    cited = re.findall(r"`(?:(test_\w+)\.py::)?(test_\w+)`", doc)
+    assert len(cited) > 30
+    everything = {p.stem: p.read_text() for p in tests_dir.glob("test_*.py")}
+    for module, name in cited:
+        where = [module] if module else list(everything)
+        assert any(f"def {name}(" in everything.get(m, "") for m in where), f"docs/reliability.md cites {module}::{name}"

@@ -15,6 +15,7 @@ from logitcache.format import LogitcacheError
 from logitcache.teacher.capture import CaptureJob, run_capture
 from student_train.config import TrainConfig
 from student_train.train import split_ids, train
+from tests.conftest import copy_tokenizer
 
 WORDS = ("river stone light garden number seven quiet engine paper window market summer code list table "
          "function value cloud north simple").split()
@@ -318,10 +319,7 @@ def perturbed_teacher(src, dest):
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(1.25)
     model.save_pretrained(dest)
-    import shutil
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(dest, name))
+    copy_tokenizer(src, dest)
     return dest
 
 

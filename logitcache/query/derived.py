@@ -67,7 +67,7 @@ def find(cache: Cache, name: str, params: dict) -> DerivedTable | None:
     for t in cache.manifest.derived:
         if t.name == name and t.params == params and t.cache_fingerprint == fp:
             if all(cache.cfs.exists(f.path) and cache.cfs.size(f.path) == f.bytes for f in t.files):
-                if all(cache.check_file(f.path, f.checksum) for f in t.files):
+                if not cache.check_files([(f.path, f.checksum) for f in t.files]):
                     return t
                 log.warning("%s: a file of derived table %s does not match its checksum; recomputing", cache.url, name)
             else:

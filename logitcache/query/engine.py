@@ -21,7 +21,7 @@ A query is parsed and bound against empty stand-ins of the views first, so malfo
 unknown column fails before any file is read, anything is computed or anything is written.
 
 What DuckDB reads is verified first: each shard's ``samples.parquet`` against its record's checksum
-(``Cache.check_samples_file``), each derived file against its own (``derived.find``). Paths are given
+(``Cache.check_samples_files``), each derived file against its own (``derived.find``). Paths are given
 to DuckDB with its glob characters escaped (a cache at ``runs/g[1]`` is never read as
 ``runs/g1``), and a query can read nothing but the cache: DuckDB's external access is switched off
 once the connection is set up (only the cache's own directory stays allowed) and its

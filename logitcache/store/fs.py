@@ -12,6 +12,7 @@ relative path must stay inside the root: ``path`` refuses ``..`` components and 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import shutil
@@ -58,6 +59,14 @@ class CacheFS:
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
+
+    def sha256(self, rel: str, block: int = 1 << 22) -> str:
+        """``"sha256:<hex>"`` of a file, read a block at a time (derived tables can be large)."""
+        h = hashlib.sha256()
+        with self.fs.open(self.path(rel), "rb") as f:
+            while chunk := f.read(block):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         target = self.path(rel)

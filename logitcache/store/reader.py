@@ -232,36 +232,38 @@ class Cache:
         except Exception as e:    # crc32c mismatch, undecodable chunk, ... : never a value
             raise CorruptShardError(shard, f"array {name}, rows [{start}, {stop}): {type(e).__name__}: {e}") from None
 
+    def check_files(self, files: list[tuple[str, str]]) -> list[str]:
+        """The paths among ``(path, "sha256:<hex>")`` pairs whose content does not match, each file hashed
+        once per Cache, several at a time (hashing releases the GIL)."""
+        if not self.verify_reads:
+            return []
+        todo = [(rel, want) for rel, want in files if rel not in self._verified_files]
+
+        def bad(item: tuple[str, str]) -> str | None:
+            rel, want = item
+            if self.cfs.sha256(rel) != want:
+                return rel
+            self._verified_files.add(rel)
+            return None
+
+        return [rel for rel in _in_parallel(bad, todo) if rel is not None]
+
     def check_file(self, rel: str, checksum: str) -> bool:
         """Whether the whole file ``rel`` has sha256 ``checksum`` (checked once per Cache)."""
-        if not self.verify_reads or rel in self._verified_files:
-            return True
-        ok = sha256(self.cfs.read_bytes(rel)) == checksum
-        if ok:
-            self._verified_files.add(rel)
-        return ok
-
-    def check_samples_file(self, shard: str) -> None:
-        """Check a shard's samples.parquet before a reader other than ours (DuckDB) reads it."""
-        if not self.verify_reads:
-            return
-        record = self.record(shard)
-        if not record.verified_per_read:
-            self._verify_whole(shard)
-        elif not self.check_file(layout.shard_samples(shard), record.samples_checksum):
-            raise CorruptShardError(shard, f"{layout.SAMPLES} does not match its checksum {record.samples_checksum}")
+        return not self.check_files([(rel, checksum)])
 
     def check_samples_files(self, shards: list[str]) -> None:
-        """``check_samples_file`` for many shards, a few at a time (hashing and reads overlap)."""
-        todo = [s for s in shards if layout.shard_samples(s) not in self._verified_files]
-        if not self.verify_reads or not todo:
+        """Check shards' samples.parquet before a reader other than ours (DuckDB) reads them: against
+        their checksums, or, for shards written before 1.3, by verifying the shards whole."""
+        if not self.verify_reads:
             return
-        if len(todo) == 1:
-            return self.check_samples_file(todo[0])
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-            list(pool.map(self.check_samples_file, todo))
+        records = [self.record(s) for s in shards]
+        _in_parallel(self._verify_whole, [r.name for r in records if not r.verified_per_read])
+        per_read = [r for r in records if r.verified_per_read]
+        bad = set(self.check_files([(layout.shard_samples(r.name), r.samples_checksum) for r in per_read]))
+        for r in per_read:
+            if layout.shard_samples(r.name) in bad:
+                raise CorruptShardError(r.name, f"{layout.SAMPLES} does not match its checksum {r.samples_checksum}")
 
     # ---- per-sample table -------------------------------------------------------------------
     def shard_samples(self, shard: str, columns: list[str] | None = None) -> pa.Table:
@@ -418,6 +420,16 @@ class Cache:
                 if name in out:
                     out[name] += size
         return out
+
+
+def _in_parallel(fn, items: list, workers: int = 8) -> list:
+    """``[fn(x) for x in items]``, a few at a time (file reads and hashing release the GIL)."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def open_cache(url: str, verify: bool = False, allow_partial: bool = False,
