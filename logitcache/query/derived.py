@@ -62,7 +62,7 @@ def _parquet_bytes(table: pa.Table, meta: dict) -> bytes:
 
 def find(cache: Cache, name: str, params: dict) -> DerivedTable | None:
     """The recorded, current table ``name`` with ``params`` whose files are all present and match their
-    checksums (``Cache.check_file``: a derived file is verified before anything reads it), or None."""
+    checksums (``Cache.check_files``: a derived file is verified before anything reads it), or None."""
     fp = cache_fingerprint(cache.manifest)
     for t in cache.manifest.derived:
         if t.name == name and t.params == params and t.cache_fingerprint == fp:

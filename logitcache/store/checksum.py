@@ -63,9 +63,3 @@ def shard_digests(cfs: CacheFS, rel_dir: str) -> ShardDigests:
         elif name == layout.SAMPLES:
             samples = sha256(data)
     return ShardDigests(PREFIX + whole.hexdigest(), total, recipe_digest(metadata), samples)
-
-
-def shard_checksum(cfs: CacheFS, rel_dir: str) -> tuple[str, int]:
-    """Return ("sha256:<hex>", total bytes) of the files under ``rel_dir``."""
-    d = shard_digests(cfs, rel_dir)
-    return d.checksum, d.bytes

@@ -248,10 +248,6 @@ class Cache:
 
         return [rel for rel in _in_parallel(bad, todo) if rel is not None]
 
-    def check_file(self, rel: str, checksum: str) -> bool:
-        """Whether the whole file ``rel`` has sha256 ``checksum`` (checked once per Cache)."""
-        return not self.check_files([(rel, checksum)])
-
     def check_samples_files(self, shards: list[str]) -> None:
         """Check shards' samples.parquet before a reader other than ours (DuckDB) reads them: against
         their checksums, or, for shards written before 1.3, by verifying the shards whole."""
