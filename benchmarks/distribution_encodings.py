@@ -368,8 +368,8 @@ def concat_rows(parts):
         return E.SparseRows(np.concatenate([p.ids for p in parts]), np.concatenate([p.logprobs for p in parts]),
                             np.concatenate([p.counts for p in parts]),
                             None if a.tail is None else np.concatenate([p.tail for p in parts]))
-    return E.SampledRows(np.concatenate([p.ids for p in parts]), np.concatenate([p.counts for p in parts]),
-                         np.concatenate([p.row_counts for p in parts]),
+    return E.SampledRows(np.concatenate([p.ids for p in parts]), np.concatenate([p.draw_counts for p in parts]),
+                         np.concatenate([p.counts for p in parts]),
                          None if a.log_weights is None else np.concatenate([p.log_weights for p in parts]),
                          a.temperature)
 
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         t_dec_c, back_arrays = best_of(lambda: {k: np.frombuffer(comp.decode(blobs[k]), dtype=v.dtype).reshape(v.shape)
                                                 for k, v in arrays_all.items()})
         t_dec, _ = best_of(lambda: decode(s, back_arrays, vocab))
-        entries = (rows.row_counts if isinstance(rows, E.SampledRows) else rows.counts).astype(np.float64)
+        entries = rows.counts.astype(np.float64)
         r = {"name": s["name"], "family": s["family"],
              "params": {k: v for k, v in s.items() if k not in ("name", "family")},
              "bytes_per_token": total_auto / n, "bytes_per_token_best_codec": total_best / n,
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             q = kl_to_stored(rows, lp_full, entropy)
         else:
             ids = rows.ids
-            cnt = rows.row_counts if isinstance(rows, E.SampledRows) else rows.counts
+            cnt = rows.counts
             row = np.repeat(np.arange(n), cnt)
             q = {"mass": np.bincount(row, np.exp(lp_full[row, ids].astype(np.float64)), n)}
         r["_per_token"] = q

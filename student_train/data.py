@@ -44,17 +44,18 @@ student's logits at position ``t`` are compared with ``teacher_*[t]`` with no sh
 **Loss rows.** ``loss_on="scored"``: a sample's rows ``[scored_start, scored_end)``.
 ``loss_on="completion"`` (the default for generate-mode caches; score-mode caches default to
 "scored"): only rows from ``prompt_tokens - 1`` on, i.e. those predicting response tokens,
-intersected with the scored rows. Teacher arrays are copied on loss rows only; everywhere else
-``teacher_ids`` is 0 and ``teacher_logprobs`` / ``teacher_entropy`` are 0 (never NaN). Hidden
-states (``hidden.<layer>``) are copied for every real token (0 on padding).
+intersected with the scored rows. Teacher values are copied on loss rows only; everywhere else the
+targets hold their padding and ``teacher_entropy`` is 0 (never NaN). Hidden states
+(``hidden.<layer>``) are copied for every real token (0 on padding).
 
-**Encodings** (format 1.2, ``capture.encoding``; ``teacher_width`` columns per token):
-``topk`` / ``full``: ``teacher_ids`` (B, T, k) and ``teacher_logprobs`` as stored.
-``adaptive`` / ``compact``: ragged rows decoded and padded to k: ``teacher_ids`` -1 and
-``teacher_logprobs`` -inf after a token's entries, plus ``teacher_tail`` (B, T), the exact mass
-outside them. ``sampled`` / ``hybrid``: ``teacher_ids`` (-1 padding) and ``teacher_targets`` (B, T, W),
-unbiased estimates of the teacher's p on those ids (``losses.estimated_forward_kl``).
-``with_full=True`` on a ``full`` cache adds ``teacher_full_logprobs`` (B, T, V) for exact metrics.
+**Teacher targets** (``batch["teacher"]``, typed: ``targets``), from the cache's encoding decoded
+by ``Cache.teacher_rows``, ``teacher_width`` = ``Encoding.width(k)`` columns per token:
+``SparseTargets`` for exact encodings: ``ids`` (B, T, W) and ``logprobs`` in rank order (topk and full
+as stored, 0 / 0 outside the loss rows; ragged encodings -1 / -inf after a token's entries) and, where
+the encoding stores it, ``tail`` (B, T), the exact mass outside the ids; ``EstimatedTargets`` for
+sampled / hybrid: ``ids`` (-1 padding), ``targets`` (B, T, W), unbiased estimates of the teacher's p
+on those ids, and the exact ``entropy``. ``with_full=True`` on a cache that stores the full
+distribution adds ``teacher_full_logprobs`` (B, T, V) for exact metrics.
 
 **Resumption.** A stream's position is ``(epoch, rows_consumed)``: rows of this rank's epoch
 already consumed by the trainer. It is the same number on every rank (all ranks consume equal
@@ -94,9 +95,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitcache.format import LogitcacheError
 from logitcache.format.arrays import FULL_LOGPROBS, absolute_layer
-from logitcache.format.dist_arrays import ESTIMATED, decode_rows, stored_names
-from logitcache.format.encodings import SampledRows
+from logitcache.format.encodings import as_targets
 from logitcache.store.reader import Cache, open_cache
+
+from .targets import EstimatedTargets, SparseTargets
 
 STATE_VERSION = 1
 LOSS_ON = ("completion", "scored")
@@ -409,13 +411,11 @@ class CacheStream(IterableDataset):
         self.pack_window = int(pack_window) if packing else 1
         self.prefetch, self.pad_id = int(prefetch), int(pad_id)
 
-        self.encoding = dict(manifest.capture.encoding)
-        name, k = self.encoding["name"], manifest.capture.top_k
-        self.teacher_width = {"sampled": self.encoding.get("draws", 0),
-                              "hybrid": k + self.encoding.get("draws", 0)}.get(name, k)
-        if with_full and name != "full":
-            raise LogitcacheError(f"{self.url} was captured with --encoding {name}: it holds no full distributions "
-                                  "(capture the evaluation set with --encoding full)")
+        self.encoding = self._cache.encoding
+        self.teacher_width = self.encoding.width(manifest.capture.top_k)
+        if with_full and not stores_full_distribution(self._cache):
+            raise LogitcacheError(f"{self.url} was captured with --encoding {self.encoding.name}: it holds no full "
+                                  "distributions (capture the evaluation set with --encoding full)")
         self.with_full = bool(with_full)
         self.loss_on = loss_on or ("completion" if manifest.capture.mode == "generate" else "scored")
         if self.loss_on not in LOSS_ON:
@@ -638,11 +638,11 @@ class CacheStream(IterableDataset):
         count = plan.rank_count[self.rank]
         return np.where(local < count, plan.rank_start[self.rank] + local, -1)
 
-    def _build_batch(self, plan: EpochPlan, batch: int) -> dict[str, torch.Tensor]:
+    def _build_batch(self, plan: EpochPlan, batch: int) -> dict:
         cache = self.cache
         B, T = self.batch_size, self.seq_len
-        W, enc = self.teacher_width, self.encoding["name"]
-        ragged = enc not in ("topk", "full")
+        W, enc = self.teacher_width, self.encoding
+        pad_id, pad_value = (-1, -np.inf) if enc.ragged else (0, 0.0)
         out = {
             "input_ids": np.full((B, T), self.pad_id, np.int64),
             "labels": np.full((B, T), -100, np.int64),
@@ -650,15 +650,11 @@ class CacheStream(IterableDataset):
             "position_ids": np.zeros((B, T), np.int64),
             "document_ids": np.zeros((B, T), np.int64),
             "sample_index": np.full((B, T), -1, np.int64),
-            "teacher_ids": np.full((B, T, W), -1 if ragged else 0, np.int64),
             "teacher_entropy": np.zeros((B, T), np.float32),
         }
-        if enc in ESTIMATED:
-            out["teacher_targets"] = np.zeros((B, T, W), np.float32)
-        else:
-            out["teacher_logprobs"] = np.full((B, T, W), -np.inf if ragged else 0.0, np.float32)
-        if ragged and enc not in ESTIMATED:
-            out["teacher_tail"] = np.zeros((B, T), np.float32)
+        t_ids = np.full((B, T, W), pad_id, np.int64)
+        t_values = np.full((B, T, W), 0.0 if enc.estimated else pad_value, np.float32)   # targets or log-probs
+        t_tail = np.zeros((B, T), np.float32) if enc.ragged and not enc.estimated else None
         if self.with_full:
             out["teacher_full_logprobs"] = np.zeros((B, T, cache.manifest.teacher.vocab_size), np.float32)
         d = cache.manifest.teacher.hidden_size
@@ -673,67 +669,61 @@ class CacheStream(IterableDataset):
                 idx = np.arange(plan.row_ptr[g], plan.row_ptr[g + 1])
                 seg_idx.append(idx)
                 seg_row.append(np.full(len(idx), b, np.int64))
-        if not seg_idx:
-            return {name: torch.from_numpy(a) for name, a in out.items()}
-        seg_idx_a, seg_row_a = np.concatenate(seg_idx), np.concatenate(seg_row)
-        samples = plan.seg_sample[seg_idx_a]
-        # rows to read per sample: the kept tokens plus the next one (the last label)
-        n_read = np.minimum(self._num_tokens[samples], self._used[samples] + 1)
-        order = np.lexsort((self._offset[samples], self._shard_code[samples]))
-        arange = np.arange(T + 1, dtype=np.int64)
-        names = list(READ_ARRAYS) + stored_names(self.encoding) + [f"hidden/{layer}" for layer in self.hidden_layers]
-        names += [FULL_LOGPROBS] if self.with_full else []
-        vocab = cache.manifest.teacher.vocab_size
+        if seg_idx:
+            seg_idx_a, seg_row_a = np.concatenate(seg_idx), np.concatenate(seg_row)
+            samples = plan.seg_sample[seg_idx_a]
+            # rows to read per sample: the kept tokens plus the next one (the last label)
+            n_read = np.minimum(self._num_tokens[samples], self._used[samples] + 1)
+            order = np.lexsort((self._offset[samples], self._shard_code[samples]))
+            arange = np.arange(T + 1, dtype=np.int64)
+            names = list(READ_ARRAYS) + [f"hidden/{layer}" for layer in self.hidden_layers]
+            names += [FULL_LOGPROBS] if self.with_full else []
 
-        i = 0
-        while i < len(order):  # one read per run of nearby samples of one shard
-            shard = self._shard_code[samples[order[i]]]
-            start = int(self._offset[samples[order[i]]])
-            stop = start + int(n_read[order[i]])
-            j = i + 1
-            while j < len(order):
-                s = samples[order[j]]
-                if self._shard_code[s] != shard or self._offset[s] > stop + self.merge_gap_rows:
-                    break
-                stop = max(stop, int(self._offset[s] + n_read[order[j]]))
-                j += 1
-            data = self._read(cache, self._shard_names[shard], start, stop, names)
-            decoded = None
-            if ragged:
-                decoded = decode_rows(self.encoding, data, vocab)
-                decoded = decoded.to_targets() if isinstance(decoded, SampledRows) else decoded
-            for m in order[i:j].tolist():
-                s, b = int(samples[m]), int(seg_row_a[m])
-                col, used = int(plan.seg_col[seg_idx_a[m]]), int(self._used[s])
-                lo, hi = int(self._loss_lo[s]), int(self._loss_hi[s])
-                at = int(self._offset[s]) - start
-                cols = slice(col, col + used)
-                out["input_ids"][b, cols] = data["tokens"][at:at + used]
-                out["position_ids"][b, cols] = arange[:used]
-                out["document_ids"][b, cols] = plan.seg_doc[seg_idx_a[m]]
-                out["sample_index"][b, cols] = s
-                for layer in self.hidden_layers:
-                    out[f"hidden.{layer}"][b, cols] = data[f"hidden/{layer}"][at:at + used]
-                if hi > lo:
-                    loss = slice(col + lo, col + hi)
-                    out["labels"][b, loss] = data["tokens"][at + lo + 1:at + hi + 1]
-                    out["loss_mask"][b, loss] = True
-                    out["teacher_entropy"][b, loss] = data["entropy"][at + lo:at + hi]
-                    if decoded is None:
-                        out["teacher_ids"][b, loss] = data["topk_ids"][at + lo:at + hi]
-                        out["teacher_logprobs"][b, loss] = data["topk_logprobs"][at + lo:at + hi]
-                    else:
-                        rows = decoded.rows(at + lo, at + hi)
-                        out["teacher_ids"][b, loss], values = rows.padded(W)
-                        if "teacher_targets" in out:
-                            out["teacher_targets"][b, loss] = values
-                        else:
-                            out["teacher_logprobs"][b, loss] = values
-                            out["teacher_tail"][b, loss] = rows.tail
-                    if self.with_full:
-                        out["teacher_full_logprobs"][b, loss] = data[FULL_LOGPROBS][at + lo:at + hi]
-            i = j
-        return {name: torch.from_numpy(a) for name, a in out.items()}
+            i = 0
+            while i < len(order):  # one read per run of nearby samples of one shard
+                shard = self._shard_code[samples[order[i]]]
+                start = int(self._offset[samples[order[i]]])
+                stop = start + int(n_read[order[i]])
+                j = i + 1
+                while j < len(order):
+                    s = samples[order[j]]
+                    if self._shard_code[s] != shard or self._offset[s] > stop + self.merge_gap_rows:
+                        break
+                    stop = max(stop, int(self._offset[s] + n_read[order[j]]))
+                    j += 1
+                data = self._read(cache, self._shard_names[shard], start, stop, names)
+                decoded = as_targets(cache.teacher_rows(self._shard_names[shard], start, stop))
+                for m in order[i:j].tolist():
+                    s, b = int(samples[m]), int(seg_row_a[m])
+                    col, used = int(plan.seg_col[seg_idx_a[m]]), int(self._used[s])
+                    lo, hi = int(self._loss_lo[s]), int(self._loss_hi[s])
+                    at = int(self._offset[s]) - start
+                    cols = slice(col, col + used)
+                    out["input_ids"][b, cols] = data["tokens"][at:at + used]
+                    out["position_ids"][b, cols] = arange[:used]
+                    out["document_ids"][b, cols] = plan.seg_doc[seg_idx_a[m]]
+                    out["sample_index"][b, cols] = s
+                    for layer in self.hidden_layers:
+                        out[f"hidden.{layer}"][b, cols] = data[f"hidden/{layer}"][at:at + used]
+                    if hi > lo:
+                        loss = slice(col + lo, col + hi)
+                        out["labels"][b, loss] = data["tokens"][at + lo + 1:at + hi + 1]
+                        out["loss_mask"][b, loss] = True
+                        out["teacher_entropy"][b, loss] = data["entropy"][at + lo:at + hi]
+                        part = decoded.rows(at + lo, at + hi)
+                        t_ids[b, loss], t_values[b, loss] = part.padded(W)
+                        if t_tail is not None:
+                            t_tail[b, loss] = part.tail
+                        if self.with_full:
+                            out["teacher_full_logprobs"][b, loss] = data[FULL_LOGPROBS][at + lo:at + hi]
+                i = j
+        batch_out: dict = {name: torch.from_numpy(a) for name, a in out.items()}
+        ids, values = torch.from_numpy(t_ids), torch.from_numpy(t_values)
+        if enc.estimated:
+            batch_out["teacher"] = EstimatedTargets(ids, values, batch_out["teacher_entropy"])
+        else:
+            batch_out["teacher"] = SparseTargets(ids, values, None if t_tail is None else torch.from_numpy(t_tail))
+        return batch_out
 
     def _read(self, cache: Cache, shard: str, start: int, stop: int, names: list[str]) -> dict[str, np.ndarray]:
         """Rows [start, stop) of a shard; the reader refuses a shard with a missing or truncated file
@@ -800,9 +790,16 @@ def make_dataloader(stream: CacheStream, num_workers: int = 0, pin_memory: bool 
     return CacheLoader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
 
 
-def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def concat_batches(batches: list[dict]) -> dict:
     """Batches of the stream joined along the batch dimension (for accumulation or checks)."""
-    return {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
+    return {name: (torch.cat([b[name] for b in batches]) if isinstance(first, torch.Tensor)
+                   else type(first).cat([b[name] for b in batches]))
+            for name, first in batches[0].items()}
+
+
+def stores_full_distribution(cache: Cache) -> bool:
+    """Whether the cache holds every value of the teacher's distribution (``--encoding full``)."""
+    return FULL_LOGPROBS in cache.manifest.arrays
 
 
 def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:

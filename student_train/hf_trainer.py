@@ -12,7 +12,8 @@ rank and world size from the process group, or from ``RANK``/``WORLD_SIZE``). ``
 therefore hands the stream to a plain DataLoader instead of letting accelerate shard it a second
 time (which kept each rank's half of its half: half the data, silently), and refuses a stream whose
 rank or world size is not the Trainer's. Our own loop (``student_train.train``) adds exact resume
-of the data position, held-out evaluation against the teacher and feature distillation.
+of the data position, held-out evaluation against the teacher and feature distillation; this adapter
+imports the objective only (``student_train.objective``), not the loop.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from logitcache.format.errors import LogitcacheError
 
 from . import losses
 from .data import CacheStream, concat_batches
-from .train import forward, teacher_loss
+from .objective import forward, teacher_loss
 
 
 def distillation_collator(items: list[dict]) -> dict:
@@ -67,7 +68,7 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         d = self.distillation
         outputs = forward(model, inputs, False)
-        loss = teacher_loss(outputs.logits, inputs, inputs["loss_mask"], d)     # any encoding of the cache
+        loss = teacher_loss(outputs.logits, inputs["teacher"], inputs["loss_mask"], d)   # any encoding of the cache
         if d.ce_alpha > 0:
             ce = losses.hard_label_cross_entropy(outputs.logits, inputs["labels"], chunk_rows=d.chunk_rows)
             loss = losses.mix_ce_and_kd(ce, loss, d.ce_alpha)

@@ -2,10 +2,11 @@
 joined to the main stream's rows by ``sample_id``.
 
 The main cache decides what is trained on and how rows are packed; for each document of a batch the
-other teacher's rows of that sample are read and placed at the same positions. Tokens are compared,
-so two caches that tokenised a sample differently are refused rather than silently misaligned. A
-row counts for the other teacher only where it is a loss row of the batch and a scored row of that
-cache. Reads are per sample (random access), so joining is slower than the main stream.
+other teacher's rows of that sample are read (``Cache.teacher_rows``) and placed at the same
+positions. Tokens are compared, so two caches that tokenised a sample differently are refused rather
+than silently misaligned. A row counts for the other teacher only where it is a loss row of the batch
+and a scored row of that cache. Reads are per sample (random access), so joining is slower than the
+main stream.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from logitcache.format.dist_arrays import ESTIMATED, decode_rows, stored_names
 from logitcache.format.errors import LogitcacheError
 from logitcache.store.reader import open_cache
 
 from .data import CacheStream
+from .targets import SparseTargets
 
 
 class TeacherJoin:
@@ -37,21 +38,21 @@ class TeacherJoin:
             raise LogitcacheError(f"teacher cache {url} lacks {len(missing)} sample(s) of {main.url}: "
                                   f"{', '.join(missing[:5])}{more}")
         self.main = main
-        self.k = self.cache.manifest.capture.top_k
-        self.encoding = self.cache.manifest.capture.encoding
-        if self.encoding["name"] in ESTIMATED:
-            raise LogitcacheError(f"teacher cache {url} is a {self.encoding['name']} cache: multi-teacher training "
+        self.encoding = self.cache.encoding
+        if self.encoding.estimated:
+            raise LogitcacheError(f"teacher cache {url} is a {self.encoding.name} cache: multi-teacher training "
                                   "combines bucket divergences and needs topk, adaptive, compact or full caches")
-        self.ragged = self.encoding["name"] not in ("topk", "full")
+        self.k = self.encoding.width(self.cache.manifest.capture.top_k)
 
-    def __call__(self, batch: dict, prefix: str) -> dict[str, torch.Tensor]:
-        """This teacher's ``{prefix}_ids`` (B, T, k), ``{prefix}_logprobs`` (B, T, k), ``{prefix}_mask``
-        (B, T) and, for ragged caches, ``{prefix}_tail`` (B, T), at the batch's positions."""
+    def __call__(self, batch: dict, prefix: str) -> dict:
+        """This teacher's targets ``{prefix}`` (``SparseTargets``: ids and log-probs (B, T, k), the exact tail
+        (B, T) for ragged caches) and ``{prefix}_mask`` (B, T), at the batch's positions."""
         tokens, doc = batch["input_ids"].numpy(), batch["document_ids"].numpy()
         pos, index, loss = batch["position_ids"].numpy(), batch["sample_index"].numpy(), batch["loss_mask"].numpy()
         B, T = tokens.shape
-        ids = np.full((B, T, self.k), -1 if self.ragged else 0, np.int64)
-        lps = np.full((B, T, self.k), -np.inf if self.ragged else 0.0, np.float32)
+        ragged = self.encoding.ragged
+        ids = np.full((B, T, self.k), -1 if ragged else 0, np.int64)
+        lps = np.full((B, T, self.k), -np.inf if ragged else 0.0, np.float32)
         tail = np.zeros((B, T), np.float32)
         mask = np.zeros((B, T), bool)
         for b, t in zip(*np.nonzero((pos == 0) & (doc != 0))):          # one document at a time
@@ -59,22 +60,17 @@ class TeacherJoin:
             sid = self.main.sample_id(int(index[b, t]))
             rec = self.index[sid]
             start = rec["token_offset"]
-            rows = self.cache.read_rows(rec["shard"], start, start + n, ["tokens"] + stored_names(self.encoding))
-            if not np.array_equal(rows["tokens"].astype(np.int64), tokens[b, t:t + n]):
+            stored = self.cache.read_rows(rec["shard"], start, start + n, ["tokens"])["tokens"]
+            if not np.array_equal(stored.astype(np.int64), tokens[b, t:t + n]):
                 raise LogitcacheError(f"sample {sid}: teacher cache {self.url} holds other tokens than {self.main.url}")
             m = loss[b, t:t + n].copy()
             m[:rec["scored_start"]] = False
             m[rec["scored_end"]:] = False
-            if self.ragged:                                                 # decoded, padded to k
-                d = decode_rows(self.encoding, rows, self.cache.manifest.teacher.vocab_size)
-                r_ids, r_lp = d.padded(self.k)
-                ids[b, t:t + n][m], lps[b, t:t + n][m] = r_ids[m], r_lp[m]
-                tail[b, t:t + n][m] = d.tail[m]
-            else:
-                ids[b, t:t + n][m] = rows["topk_ids"][m]
-                lps[b, t:t + n][m] = rows["topk_logprobs"][m]
+            rows = self.cache.teacher_rows(rec["shard"], start, start + n)      # decoded, padded to k
+            r_ids, r_lp = rows.padded(self.k)
+            ids[b, t:t + n][m], lps[b, t:t + n][m] = r_ids[m], r_lp[m]
+            if rows.tail is not None:
+                tail[b, t:t + n][m] = rows.tail[m]
             mask[b, t:t + n] = m
-        out = {f"{prefix}_ids": ids, f"{prefix}_logprobs": lps, f"{prefix}_mask": mask}
-        if self.ragged:
-            out[f"{prefix}_tail"] = tail
-        return {k: torch.from_numpy(v) for k, v in out.items()}
+        targets = SparseTargets(torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(tail) if ragged else None)
+        return {prefix: targets, f"{prefix}_mask": torch.from_numpy(mask)}

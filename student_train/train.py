@@ -1,4 +1,8 @@
-"""The training loop: setup -> (evaluate) -> train -> evaluate -> save, in one readable function.
+"""The training recipe: setup -> (evaluate) -> train -> evaluate -> save, in one readable function.
+
+The library parts it uses are modules of their own, importable without it: the objective
+(``objective``: forward pass and losses), evaluation (``evaluation``), checkpoints (``checkpoint``),
+the data (``data``), the student (``model``).
 
 One process per device; under torchrun/accelerate the ranks form a DDP group (NCCL on GPUs, gloo
 on the CPU) and the stream gives each rank its own rows, the same number on every rank. A
@@ -10,8 +14,6 @@ weights as a run that was never interrupted, and refuses a damaged checkpoint or
 Everything that can be checked without the student's weights is checked before they are loaded,
 and nothing is written into ``out`` before the loop starts.
 
-Loss per micro-batch: ``ce_alpha * CE + (1 - ce_alpha) * KD + hidden_weight * feature loss``, each a
-token-weighted mean over the micro-batch's loss tokens (``student_train.losses``).
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from logitcache.format.errors import LogitcacheError
 from logitcache.format.fingerprint import cache_fingerprint
 from logitcache.store.reader import open_cache
 
-from . import losses, sampled_kd
+from . import losses
 from .checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import CacheStream, block_causal_mask, check_student_vocab, make_dataloader
+from .data import CacheStream, check_student_vocab, make_dataloader, stores_full_distribution
+from .evaluation import evaluate
 from .model import build_student, count_parameters, student_num_layers
 from .multi_teacher import TeacherJoin
+from .objective import check_loss_supported, compute_loss
 
 log = logging.getLogger(__name__)
 
@@ -95,141 +99,6 @@ def selected_ids(cfg: TrainConfig, cache) -> list[str] | None:
     return read_selection(cfg.selection, cache)
 
 
-# ---- one step's loss --------------------------------------------------------------------------------
-def forward(model, batch: dict, need_hidden: bool):
-    mask = block_causal_mask(batch["document_ids"])[:, None]              # (B, 1, T, T)
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
-                 output_hidden_states=need_hidden, use_cache=False)
-
-
-def token_weights(cfg: TrainConfig, batch: dict) -> torch.Tensor:
-    mask = batch["loss_mask"]
-    if all(v is None for v in (cfg.entropy_above, cfg.entropy_below, cfg.entropy_top_frac, cfg.entropy_bottom_frac)):
-        return mask.float()
-    return losses.entropy_token_weights(batch["teacher_entropy"], mask, above=cfg.entropy_above,
-                                        below=cfg.entropy_below, top_frac=cfg.entropy_top_frac,
-                                        bottom_frac=cfg.entropy_bottom_frac)
-
-
-def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: dict, projector,
-                 hidden_names: list[str]) -> tuple[torch.Tensor, dict]:
-    out = forward(model, batch, bool(hidden_names))
-    logits = out.logits                                                    # (B, T, V)
-    weights = token_weights(cfg, batch)
-    kd_loss = teacher_loss(logits, batch, weights, kd)
-    parts = {"kd": kd_loss.detach()}
-    if cfg.teachers:          # other teachers' rows, joined by sample id (multi_teacher.TeacherJoin)
-        each = [kd_loss] + [losses.distillation_loss(logits, batch[f"teacher{j}_ids"], batch[f"teacher{j}_logprobs"],
-                                                     weights * batch[f"teacher{j}_mask"],
-                                                     teacher_tail=batch.get(f"teacher{j}_tail"), **kd.kd_kwargs())
-                            for j in range(1, len(cfg.teachers) + 1)]
-        kd_loss = losses.combine_teacher_losses(each, cfg.teacher_weights or [1.0] * len(each))
-        parts.update({f"kd_teacher{j}": v.detach() for j, v in enumerate(each)})
-        parts["kd"] = kd_loss.detach()
-    loss = kd_loss
-    if cfg.ce_alpha > 0:
-        ce = losses.hard_label_cross_entropy(logits, batch["labels"], chunk_rows=kd.chunk_rows)
-        loss = losses.mix_ce_and_kd(ce, kd_loss, cfg.ce_alpha)
-        parts["ce"] = ce.detach()
-    if hidden_names:
-        real = batch["document_ids"] != 0
-        feat = sum(losses.hidden_state_loss(out.hidden_states[s], batch[name], real, kind=cfg.hidden_loss,
-                                            projector=projector, pair=i)
-                   for i, ((s, _), name) in enumerate(zip(cfg.layer_map, hidden_names)))
-        loss = loss + cfg.hidden_weight * feat
-        parts["hidden"] = feat.detach()
-    parts["loss"] = loss.detach()
-    return loss, parts
-
-
-def teacher_loss(logits: torch.Tensor, batch: dict, weights: torch.Tensor,
-                 kd: losses.DistillationConfig | None = None) -> torch.Tensor:
-    """The distillation loss the cache's encoding supports: the chosen divergence over the stored ids
-    + tail bucket (topk, adaptive, compact; with the exact tail where stored), or the unbiased forward-KL
-    estimate from target weights (sampled, hybrid). ``kd`` None: forward KL, T = 1 (evaluation)."""
-    kw = kd.kd_kwargs() if kd is not None else {}
-    if "teacher_targets" in batch:
-        if kd is not None and (kd.kind != "forward_kl" or kd.temperature != 1.0):
-            raise LogitcacheError(f"a sampled / hybrid cache trains forward_kl at temperature 1 only, not {kd.kind} "
-                                  f"at {kd.temperature}")
-        return sampled_kd.estimated_forward_kl(logits, batch["teacher_ids"], batch["teacher_targets"],
-                                               batch["teacher_entropy"], weights,
-                                               chunk_rows=kw.get("chunk_rows") or losses.DEFAULT_CHUNK_ROWS)
-    return losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"], weights,
-                                    teacher_tail=batch.get("teacher_tail"), **kw)
-
-
-def check_loss_supported(cfg: TrainConfig, encoding: dict, where: str) -> None:
-    """Sampled and hybrid caches hold estimates of p, not p: only forward KL at T = 1 is unbiased."""
-    name = encoding["name"]
-    if name in ("sampled", "hybrid"):
-        if cfg.loss != "forward_kl" or cfg.temperature != 1.0:
-            raise LogitcacheError(f"{where} is a {name} cache: it supports --loss forward_kl at --temperature 1 "
-                                  f"(an unbiased estimate), not --loss {cfg.loss} at temperature {cfg.temperature}; "
-                                  "capture with --encoding compact or topk for other divergences")
-        if cfg.teachers:
-            raise LogitcacheError(f"{where} is a {name} cache: multi-teacher training needs topk caches")
-
-
-def teacher_top1(batch: dict) -> torch.Tensor:
-    """(B, T) the teacher's most probable id: from the full distribution when loaded, else from the
-    stored entries (rank order for topk; the largest value or target otherwise)."""
-    if "teacher_full_logprobs" in batch:
-        return batch["teacher_full_logprobs"].argmax(-1)
-    values = batch["teacher_targets"] if "teacher_targets" in batch else batch["teacher_logprobs"]
-    return batch["teacher_ids"].gather(-1, values.argmax(-1, keepdim=True))[..., 0]
-
-
-def exact_kl_sums(logits: torch.Tensor, full_logprobs: torch.Tensor, mask: torch.Tensor,
-                  chunk_rows: int = 256) -> tuple[float, float]:
-    """Sums over the masked tokens of forward KL(p || q) and reverse KL(q || p) over the whole vocabulary,
-    p from the cache's full distribution (renormalised after its fp16 rounding), q the student's."""
-    z, lp = logits[mask].float(), full_logprobs[mask].float()
-    fwd = rev = 0.0
-    for s in range(0, z.shape[0], chunk_rows):
-        logq = torch.log_softmax(z[s:s + chunk_rows], -1)
-        logp = torch.log_softmax(lp[s:s + chunk_rows], -1)
-        fwd += float((logp.exp() * (logp - logq)).sum())
-        rev += float((logq.exp() * (logq - logp)).sum())
-    return fwd, rev
-
-
-@torch.no_grad()
-def evaluate(model, stream: CacheStream, device, amp_dtype, max_batches: int | None = None) -> dict:
-    """Against the cached teacher on held-out samples: forward KL(p_teacher || q_student) as the cache's
-    encoding gives it (stored ids + tail bucket, or the sampled estimate), the student's perplexity on
-    the tokens, top-1 agreement; on a ``--encoding full`` cache also the exact forward and reverse KL
-    over the whole vocabulary (``kl_forward_exact``, ``kl_reverse_exact``)."""
-    was_training = model.training
-    model.eval()
-    kl_sum = nll_sum = agree = n = 0.0
-    exact_fwd = exact_rev = 0.0
-    for i, batch in enumerate(stream):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = forward(model, batch, False).logits
-        mask = batch["loss_mask"]
-        count = float(mask.sum())
-        if count == 0:
-            continue
-        kl_sum += float(teacher_loss(logits, batch, mask)) * count
-        nll_sum += float(losses.hard_label_cross_entropy(logits, batch["labels"])) * count
-        agree += float(((logits.argmax(-1) == teacher_top1(batch)) & mask).sum())
-        if "teacher_full_logprobs" in batch:
-            f, r = exact_kl_sums(logits, batch["teacher_full_logprobs"], mask)
-            exact_fwd, exact_rev = exact_fwd + f, exact_rev + r
-        n += count
-    model.train(was_training)
-    if n == 0:
-        return {"tokens": 0}
-    out = {"tokens": int(n), "kl_forward": kl_sum / n, "perplexity": math.exp(nll_sum / n), "top1_agreement": agree / n}
-    if stream.with_full:
-        out.update(kl_forward_exact=exact_fwd / n, kl_reverse_exact=exact_rev / n)
-    return out
-
-
 def open_eval_stream(cfg: TrainConfig, manifest) -> CacheStream:
     """The ``--eval-cache`` stream: every sample of it, against the same teacher and tokenizer."""
     other = open_cache(cfg.eval_cache)
@@ -241,7 +110,7 @@ def open_eval_stream(cfg: TrainConfig, manifest) -> CacheStream:
     if m.tokenizer.vocab_sha256 != manifest.tokenizer.vocab_sha256:
         raise LogitcacheError(f"--eval-cache {cfg.eval_cache} was captured with another tokenizer")
     return CacheStream(other, cfg.seq_len, cfg.batch_size, shuffle=False, rank=0, world_size=1,
-                       with_full=m.capture.encoding["name"] == "full")
+                       with_full=stores_full_distribution(other))
 
 
 # ---- test hooks -------------------------------------------------------------------------------------
@@ -282,7 +151,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     manifest = cache.manifest
     chosen = selected_ids(cfg, cache)
     all_ids = cache.samples.column("sample_id").to_pylist()
-    check_loss_supported(cfg, manifest.capture.encoding, cfg.cache)
+    check_loss_supported(cfg, cache.encoding, cfg.cache)
     train_ids, eval_ids = split_ids(all_ids, 0.0 if cfg.eval_cache else cfg.eval_frac)
     if chosen is not None:
         keep = set(chosen)

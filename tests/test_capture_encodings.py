@@ -11,7 +11,7 @@ import zarr
 
 from logitcache import open_cache
 from logitcache.format import FORMAT_VERSION, LogitcacheError
-from logitcache.format.dist_arrays import decode_rows, resolve_encoding
+from logitcache.format.encodings import encoding_from, resolve_encoding
 from logitcache.format.encodings import EncodingError, SampledRows, max_abs_error
 from logitcache.teacher.capture import CaptureJob, run_capture
 from tests.conftest import assert_caches_equal
@@ -60,7 +60,7 @@ def test_bucket_encodings_store_the_most_probable_ids_and_the_exact_tail(tmp_pat
     for rec, a, logp in scored_rows(cache, tiny_model):
         s, e = rec["scored_start"], rec["scored_end"]
         assert (a["dist/counts"][:s] == 0).all() and (a["dist/counts"][e:] == 0).all()
-        rows = decode_rows(enc, a, 49152).rows(s, e)
+        rows = encoding_from(enc).decode(a, 49152).rows(s, e)
         off = rows.offsets
         for t in range(e - s):
             ids, lp = rows.ids[off[t]:off[t + 1]], rows.logprobs[off[t]:off[t + 1]].astype(np.float64)
@@ -94,7 +94,7 @@ def test_sampled_capture_draws_from_the_teacher_unbiased(tmp_path, tiny_teacher,
     errors, variances = [], []
     for rec, a, logp in scored_rows(cache, tiny_model):
         s, e = rec["scored_start"], rec["scored_end"]
-        d = decode_rows(enc, a, 49152)
+        d = encoding_from(enc).decode(a, 49152)
         assert isinstance(d, SampledRows)
         assert (d.n_draws[s:e] == n).all() and (d.n_draws[:s] == 0).all()
         t = d.to_targets().rows(s, e)
@@ -122,8 +122,8 @@ def test_hybrid_capture_head_exact_tail_drawn_outside_it(tmp_path, tiny_teacher,
     errors, variances = [], []
     for rec, a, logp in scored_rows(cache, tiny_model):
         s, e = rec["scored_start"], rec["scored_end"]
-        head = decode_rows({**enc, "name": "compact"}, a, 49152).rows(s, e)    # the head alone
-        t = decode_rows(enc, a, 49152).rows(s, e)
+        head = encoding_from({**enc, "name": "compact"}).decode(a, 49152).rows(s, e)    # the head alone
+        t = encoding_from(enc).decode(a, 49152).rows(s, e)
         ho, to = head.offsets, t.offsets
         for j in range(e - s):
             lp = logp[s + j]
@@ -218,16 +218,17 @@ def test_loader_pads_ragged_rows_and_training_reports_the_exact_kl(tmp_path, tin
     cache = open_cache(str(tmp_path / "c"))
     stream = CacheStream(cache, seq_len=32, batch_size=2, shuffle=False, prefetch=0)
     batch = next(iter(stream))
-    assert batch["teacher_ids"].shape[-1] == 8 and "teacher_tail" in batch
+    teacher = batch["teacher"]
+    assert teacher.ids.shape[-1] == 8 and teacher.tail is not None
     m = batch["loss_mask"]
-    ids, lp = batch["teacher_ids"][m], batch["teacher_logprobs"][m]
+    ids, lp = teacher.ids[m], teacher.logprobs[m]
     assert ((ids == -1) == torch.isinf(lp)).all() and (ids[:, 0] >= 0).all()
-    d = decode_rows(cache.manifest.capture.encoding, cache.sample(0), 49152)
+    d = encoding_from(cache.manifest.capture.encoding).decode(cache.sample(0), 49152)
     rec = cache.samples.to_pylist()[0]
     want_ids, want_lp = d.rows(rec["scored_start"], rec["scored_end"]).padded(8)
     row0 = batch["sample_index"][0] == 0
-    np.testing.assert_array_equal(batch["teacher_ids"][0][row0 & m[0]].numpy(), want_ids)
-    np.testing.assert_array_equal(batch["teacher_logprobs"][0][row0 & m[0]].numpy(), want_lp)
+    np.testing.assert_array_equal(teacher.ids[0][row0 & m[0]].numpy(), want_ids)
+    np.testing.assert_array_equal(teacher.logprobs[0][row0 & m[0]].numpy(), want_lp)
 
     cfg = TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "run"), student=str(tiny_teacher), seq_len=32,
                       batch_size=2, max_steps=2, warmup_steps=1, eval_cache=str(tmp_path / "e"), save_every=100)
@@ -307,7 +308,7 @@ def test_docs_ragged_reading_example_works(tmp_path, tiny_teacher, text_file):
     exec(ragged, ns)
     cache = open_cache(str(tmp_path / "c"))
     s = ns["s"]
-    rows = decode_rows(cache.manifest.capture.encoding, cache.sample(s["sample_id"]), 49152)
+    rows = encoding_from(cache.manifest.capture.encoding).decode(cache.sample(s["sample_id"]), 49152)
     first_row = rows.rows(s["scored_start"], s["scored_start"] + 1)
     np.testing.assert_array_equal(ns["ids"], first_row.ids)
     np.testing.assert_array_equal(ns["logprobs"], first_row.logprobs)

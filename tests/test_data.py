@@ -2,6 +2,7 @@
 mode, exactly once per epoch over ranks x DataLoader workers, exact resumption, selection, bad inputs
 and errors raised from the prefetch thread."""
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -54,12 +55,27 @@ def docs_of(batches):
     return out
 
 
+def flat(batch: dict) -> dict:
+    """A batch with its typed teacher targets laid out as ``teacher_<field>`` tensors."""
+    out = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    t = batch["teacher"]
+    out.update({f"teacher_{f.name}": getattr(t, f.name) for f in dataclasses.fields(t)
+                if getattr(t, f.name) is not None and f.name != "entropy"})
+    return out
+
+
+def same_batch(x: dict, y: dict) -> bool:
+    """Two batches hold the same tensors, teacher targets included, element by element."""
+    fx, fy = flat(x), flat(y)
+    return fx.keys() == fy.keys() and all(torch.equal(fx[k], fy[k]) for k in fx)
+
+
 def check_batches(cache: Cache, s: CacheStream, batches) -> list[int]:
     """Every row's tensors against the cache, element by element; returns the documents seen."""
     recs = {r["sample_id"]: r for r in cache.samples.to_pylist()}
     ids, T = s.sample_ids, s.seq_len
     seen = []
-    for batch in batches:
+    for batch in map(flat, batches):
         assert all(v.shape[:2] == (s.batch_size, T) for v in batch.values())
         assert torch.isfinite(batch["teacher_logprobs"]).all() and torch.isfinite(batch["teacher_entropy"]).all()
         for b in range(s.batch_size):
@@ -167,7 +183,7 @@ def test_memory_url_streams_the_same_rows(caches):
     b = list(stream(caches["score"], hidden_layers=[2]))
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert all(torch.equal(x[k], y[k]) for k in x)
+        assert same_batch(x, y)
 
 
 def test_block_causal_mask():
@@ -197,7 +213,7 @@ def test_two_ranks_two_workers_cover_every_sample_once(caches):
     # DataLoader interleaving of workers is the single-process order
     for r in range(2):
         alone = rank_batches(url, r, 2, workers=0)
-        assert all(torch.equal(x[k], y[k]) for x, y in zip(alone, per_rank[r]) for k in x)
+        assert all(same_batch(x, y) for x, y in zip(alone, per_rank[r]))
     assert docs_of(rank_batches(url, 0, 2, workers=2, epoch=1)) != docs_of(per_rank[0])
     assert docs_of(rank_batches(url, 0, 2, workers=0, seed=1)) != docs_of(per_rank[0])
     assert docs_of(rank_batches(url, 1, 2, workers=0)) == docs_of(per_rank[1])  # same seed, same order
@@ -231,7 +247,7 @@ def test_resume_yields_exactly_the_remaining_rows(caches):
     rest = list(resumed)
     assert len(got) + len(rest) == len(full)
     for x, y in zip(got + rest, full):
-        assert all(torch.equal(x[k], y[k]) for k in x)
+        assert same_batch(x, y)
     # the next epoch starts from its beginning
     resumed.set_epoch(1)
     assert len(list(resumed)) == resumed.stream.batches_per_rank

@@ -239,19 +239,19 @@ def test_sampled_round_trip(full, temperature):
     coded = E.encode_sampled(full, 40, temperature=temperature, rng=5, delta=True)
     a = E.decode_sampled(plain, temperature=temperature, delta=False)
     b = E.decode_sampled(coded, temperature=temperature, delta=True, vocab_size=V)
-    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.counts, b.counts)
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.draw_counts, b.draw_counts)
     assert (b.n_draws == 40).all()
     assert ("logprobs" in coded) == (temperature != 1.0)
-    for rid in np.split(b.ids, np.cumsum(b.row_counts)[:-1]):
+    for rid in np.split(b.ids, np.cumsum(b.counts)[:-1]):
         assert np.all(np.diff(rid) > 0)                                              # unique, ascending
     if temperature != 1.0:  # importance log-weights log(p/r), fp16 log-probs: error <= |1-1/T| |lp| 2^-11
-        row = np.repeat(np.arange(N), b.row_counts)
+        row = np.repeat(np.arange(N), b.counts)
         lp = full[row, b.ids].astype(np.float64)
         r = lp / temperature - np.log(np.exp(full.astype(np.float64) / temperature).sum(1))[row]
         err = np.abs(b.log_weights - (lp - r))
         assert np.all(err <= abs(1 - 1 / temperature) * np.abs(lp) * 2.0 ** -11 + 1e-6)
     big = E.encode_sampled(full[:2], 300, rng=1)
-    assert big["counts"].dtype == np.uint16 and (E.decode_sampled(big).n_draws == 300).all()
+    assert big["draw_counts"].dtype == np.uint16 and (E.decode_sampled(big).n_draws == 300).all()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 1.5, 3.0])
@@ -327,7 +327,7 @@ def test_hybrid_round_trip(full, tail_draws, delta):
         if len(tid):
             assert tt.sum() == pytest.approx(head.tail[i], rel=1e-9)
             assert np.all(np.isclose(tt * n_t / head.tail[i], np.round(tt * n_t / head.tail[i])))
-    n_tail = np.bincount(np.repeat(np.arange(N), enc["tail_row_counts"]), enc["tail_counts"].astype(np.int64), N)
+    n_tail = np.bincount(np.repeat(np.arange(N), enc["tail_counts"]), enc["tail_draw_counts"].astype(np.int64), N)
     expect = np.full(N, 20) if tail_draws == "fixed" else np.ceil(20 * enc["tail"].astype(np.float64) - 1e-12)
     assert np.array_equal(n_tail, expect.astype(np.int64))
 
@@ -419,7 +419,7 @@ def test_encoding_errors(full, cand):
         E.encode_sampled(full, 4, vocab_size=10)
     hot = E.encode_sampled(full, 4, temperature=2.0)
     with pytest.raises(E.EncodingError, match="missing array\\(s\\) logprobs, log_z"):
-        E.decode_sampled({k: hot[k] for k in ("ids", "counts", "row_counts")}, temperature=2.0)
+        E.decode_sampled({k: hot[k] for k in ("ids", "draw_counts", "counts")}, temperature=2.0)
     with pytest.raises(E.EncodingError, match="width=2 is smaller than the longest row"):
         E.decode_topk(E.encode_topk(ids, lp, tail, vocab_size=V, k=4)).padded(2)
     with pytest.raises(E.EncodingError, match="tail_draws must be 'fixed' or 'proportional'"):

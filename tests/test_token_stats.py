@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from logitcache.teacher.token_stats import next_token_stats
+from logitcache.teacher.distribution import next_token_stats
 
 
 def dense_reference(logits, targets, k):

@@ -177,7 +177,7 @@ def test_transformers_trainer_adapter_trains_with_our_loss(cache, tmp_path, rand
     batch = distillation_collator([b for b, _ in zip(stream, range(2))])
     mask = block_causal_mask(batch["document_ids"])[:, None]
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
-    direct = losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"], batch["loss_mask"])
+    direct = losses.distillation_loss(logits, batch["teacher"].ids, batch["teacher"].logprobs, batch["loss_mask"])
     torch.testing.assert_close(trainer.compute_loss(model, batch), direct)
     out = trainer.train()
     losses_logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -217,7 +217,7 @@ def test_second_teacher_rows_are_joined_by_sample_id(cache, second_teacher_cache
     checked = 0
     for batch in stream:
         got = join(batch, "t2")
-        ids, lps, mask = got["t2_ids"], got["t2_logprobs"], got["t2_mask"]
+        ids, lps, mask = got["t2"].ids, got["t2"].logprobs, got["t2_mask"]
         assert ids.shape[-1] == 4 and not (mask & ~batch["loss_mask"]).any()
         for b, t in zip(*torch.nonzero((batch["position_ids"] == 0) & (batch["document_ids"] != 0), as_tuple=True)):
             sid = stream.sample_id(int(batch["sample_index"][b, t]))
@@ -232,7 +232,7 @@ def test_second_teacher_rows_are_joined_by_sample_id(cache, second_teacher_cache
 
 
 def test_a_compact_second_teacher_is_joined_decoded_with_its_exact_tail(cache, second_teacher_cache, tmp_path):
-    from logitcache.format.dist_arrays import decode_rows
+    from logitcache.format.encodings import encoding_from
     from student_train.data import CacheStream
     from student_train.multi_teacher import TeacherJoin
 
@@ -249,14 +249,14 @@ def test_a_compact_second_teacher_is_joined_decoded_with_its_exact_tail(cache, s
                                              as_tuple=True)]
     sid = stream.sample_id(int(batch["sample_index"][b, t]))
     rec = other.samples.to_pylist()[other._index[sid]]
-    d = decode_rows(other.manifest.capture.encoding, other.sample(sid), 49152)
+    d = encoding_from(other.manifest.capture.encoding).decode(other.sample(sid), 49152)
     n = rec["scored_end"] - rec["scored_start"]
     want_ids, want_lp = d.padded(4)
     m = got["t3_mask"][b, t:t + rec["num_tokens"]].numpy()
     assert m.sum() == n
-    np.testing.assert_array_equal(got["t3_ids"][b, t:t + rec["num_tokens"]].numpy()[m], want_ids[m])
-    np.testing.assert_array_equal(got["t3_logprobs"][b, t:t + rec["num_tokens"]].numpy()[m], want_lp[m])
-    np.testing.assert_array_equal(got["t3_tail"][b, t:t + rec["num_tokens"]].numpy()[m], d.tail[m])
+    np.testing.assert_array_equal(got["t3"].ids[b, t:t + rec["num_tokens"]].numpy()[m], want_ids[m])
+    np.testing.assert_array_equal(got["t3"].logprobs[b, t:t + rec["num_tokens"]].numpy()[m], want_lp[m])
+    np.testing.assert_array_equal(got["t3"].tail[b, t:t + rec["num_tokens"]].numpy()[m], d.tail[m])
 
 
 def test_multi_teacher_training_combines_the_losses(cache, second_teacher_cache, tmp_path, random_student):

@@ -134,7 +134,7 @@ def test_compact_encoding_under_vllm_agrees_with_transformers(tmp_path):
     """--encoding compact from vLLM's top-k (tail = 1 - sum of its float32 values) against the hf backend
     (tail = logsumexp of the complement on the device): same token counts, ids up to ties, tails within
     1e-4, values within one code step."""
-    from logitcache.format.dist_arrays import decode_rows
+    from logitcache.format.encodings import encoding_from
     from logitcache.format.encodings import quantization_step
 
     src = tmp_path / "texts.jsonl"
@@ -149,8 +149,8 @@ def test_compact_encoding_under_vllm_agrees_with_transformers(tmp_path):
     same_count = total = 0
     for rec in v.samples.to_pylist():
         rows = slice(rec["scored_start"], rec["scored_end"])
-        a = decode_rows(enc, v.sample(rec["sample_id"]), 49152).rows(rows.start, rows.stop)
-        b = decode_rows(enc, h.sample(rec["sample_id"]), 49152).rows(rows.start, rows.stop)
+        a = encoding_from(enc).decode(v.sample(rec["sample_id"]), 49152).rows(rows.start, rows.stop)
+        b = encoding_from(enc).decode(h.sample(rec["sample_id"]), 49152).rows(rows.start, rows.stop)
         np.testing.assert_allclose(a.tail, b.tail, atol=1e-4, err_msg=f"sample {rec['row']}: tails")
         same_count += int((a.counts == b.counts).sum())
         total += len(a.counts)

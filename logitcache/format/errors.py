@@ -42,3 +42,7 @@ class InputError(LogitcacheError):
 
 class ConfigMismatchError(LogitcacheError):
     """A capture that would mix two teachers, tokenizers or configs in one cache."""
+
+
+class EncodingError(LogitcacheError, ValueError):
+    """Bad arguments to, or inconsistent arrays for, an encoding of the teacher's distribution."""

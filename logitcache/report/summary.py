@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 
-from ..format.arrays import ENTROPY, TOPK_LOGPROBS
-from ..format.dist_arrays import ESTIMATED, decode_rows, stored_names
+from ..format.arrays import ENTROPY
+from ..format.encodings import encoding_from
 from ..store.reader import Cache
 
 HIST_BINS = 2000  # quantiles below are read from this histogram: resolution log(V)/2000 nats
@@ -137,10 +137,8 @@ def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
     ent_sum = sel_sum = 0.0
     wanted = pa.array(selected if selected is not None else [], pa.string())
     shard, is_selected = None, None
-    enc = cache.manifest.capture.encoding
-    with_mass = enc["name"] not in ESTIMATED          # sampled / hybrid store estimates, not the top-k mass
-    names = [ENTROPY] + (stored_names(enc) if with_mass else [])
-    for chunk in iter_sample_rows(cache, names):
+    with_mass = not cache.encoding.estimated          # sampled / hybrid store estimates, not the top-k mass
+    for chunk in iter_sample_rows(cache, [ENTROPY]):
         ent = chunk.arrays[ENTROPY]
         ok = chunk.scored & ~np.isnan(ent)
         if not ok.any():
@@ -148,15 +146,12 @@ def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
         e = ent[ok].astype(np.float64)
         binned = np.histogram(np.clip(e, 0, hi), bins=HIST_BINS, range=(0, hi))[0]
         counts += binned
-        if with_mass:
-            if enc["name"] in ("topk", "full"):
-                lp, rest = chunk.arrays[TOPK_LOGPROBS][ok], None
-            else:                                     # ragged rows, padded to k (-inf), and the exact tail
-                rows = decode_rows(enc, chunk.arrays, vocab)
-                lp, rest = rows.padded(k)[1][ok], rows.tail[ok].astype(np.float64)
+        if with_mass:                                 # rows padded to k (-inf), and the exact tail if stored
+            rows = cache.teacher_rows(chunk.shard, chunk.start, chunk.stop)
+            lp = rows.padded(k)[1][ok]
             cum = np.cumsum(np.exp(lp.astype(np.float64)), axis=1)                          # (rows, k)
             mass_sum += cum.sum(0)
-            rest = 1 - cum[:, -1] if rest is None else rest
+            rest = 1 - cum[:, -1] if rows.tail is None else rows.tail[ok].astype(np.float64)
             tail += np.histogram(np.clip(rest, 0, 1), bins=HIST_BINS, range=(0, 1))[0]
         ent_sum += e.sum()
         n += e.size
@@ -221,12 +216,7 @@ def render_text(s: dict) -> str:
 
 
 def _encoding_text(c: dict) -> str:
-    enc = dict(c.get("encoding") or {"name": "topk"})
-    name = enc.pop("name")
-    if name == "topk":
-        return f"top-k {c['top_k']}"
-    params = ", ".join(f"{k} {v}" for k, v in enc.items())
-    return f"encoding {name} (k {c['top_k']}{', ' + params if params else ''})"
+    return encoding_from(c.get("encoding")).describe(c["top_k"])
 
 
 def render_selection(sel: dict) -> list[str]:

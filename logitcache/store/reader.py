@@ -37,6 +37,7 @@ from zarr.storage import WrapperStore
 
 from ..format import layout
 from ..format.arrays import bf16_bits_to_float32
+from ..format.encodings import Encoding, SampledRows, SparseRows, TargetRows, as_targets, encoding_from
 from ..format.errors import CorruptShardError, FormatError
 from ..format.manifest import Manifest, ShardRecord
 from ..format.samples import SAMPLES_SCHEMA
@@ -361,14 +362,65 @@ class Cache:
                 out[name] = self._read(shard, name, int(off[start]), int(off[stop]))
         return out
 
-    def sample(self, key: str | int, arrays: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Arrays of one sample, by ``sample_id`` or by row number in ``samples``."""
+    @cached_property
+    def encoding(self) -> Encoding:
+        """The encoding of the teacher's distribution (``capture.encoding``; topk for caches before 1.2)."""
+        return encoding_from(self.manifest.capture.encoding)
+
+    def teacher_rows(self, shard: str, start: int, stop: int) -> SparseRows | SampledRows | TargetRows:
+        """The teacher's distribution at token rows [start, stop) of a shard, decoded by the cache's
+        encoding: ``SparseRows`` (ids and float32 log-probs in rank order, the exact tail or None),
+        ``SampledRows`` or ``TargetRows`` (unbiased estimates of p). Rows whose distribution was not
+        captured have no entries (fill values for topk and full, whose rows all have k)."""
+        arrays = self.read_rows(shard, start, stop, self.encoding.stored_names())
+        return self.encoding.decode(arrays, self.manifest.teacher.vocab_size)
+
+    def _sample_record(self, key: str | int) -> dict:
         row = self._index.get(key) if isinstance(key, str) else key
         if row is None or not 0 <= row < self.samples.num_rows:
             raise KeyError(f"{self.url}: no sample {key!r}")
-        rec = self.samples.slice(row, 1).to_pylist()[0]
+        return self.samples.slice(row, 1).to_pylist()[0]
+
+    def sample(self, key: str | int, arrays: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The stored arrays of one sample (by ``sample_id`` or row number in ``samples``), by their
+        stored names and as stored: ``tokens``, ``entropy``, ``target_logprob``, ``hidden/<layer>``
+        (bfloat16 as float32), and the encoding's distribution arrays (``topk_ids`` / ``topk_logprobs``
+        for topk and full; the ``dist/`` arrays of the others, e.g. compact's delta-coded ``dist/ids``
+        and uint8 ``dist/codes``, which only their decoder turns into values: see ``sample_view``)."""
+        rec = self._sample_record(key)
         start = rec["token_offset"]
         return self.read_rows(rec["shard"], start, start + rec["num_tokens"], arrays)
+
+    def sample_view(self, key: str | int) -> dict[str, np.ndarray]:
+        """One sample decoded, with the same keys for every encoding: ``tokens``, ``entropy``,
+        ``target_logprob``, ``hidden/<layer>``, and the teacher's distribution at each row (n rows,
+        W = the most entries a row has): ``ids`` (n, W) int64 (-1 after a row's entries), ``probs``
+        (n, W) float32 (exact probabilities, or unbiased estimates of them for sampled / hybrid;
+        0 in padding), ``tail`` (n,) float32 (the mass outside the row's ids: exact where the encoding
+        stores it, 1 - sum(probs) for topk and full, NaN for the estimated encodings) and
+        ``estimated`` (bool). Rows outside [scored_start, scored_end) have no entries."""
+        rec = self._sample_record(key)
+        start, n = rec["token_offset"], rec["num_tokens"]
+        m = self.manifest
+        distribution = {sp.name for sp in self.encoding.specs(m.teacher.vocab_size, m.capture.logprob_dtype,
+                                                                m.capture.top_k)}
+        base = [name for name in m.arrays if name not in distribution]
+        out = self.read_rows(rec["shard"], start, start + n, base)
+        rows = as_targets(self.teacher_rows(rec["shard"], start, start + n))
+        scored = np.zeros(n, dtype=bool)
+        scored[rec["scored_start"]:rec["scored_end"]] = True
+        if isinstance(rows, SparseRows):
+            ids, lp = rows.padded()
+            probs = np.exp(lp.astype(np.float64))
+            tail = rows.tail_mass()
+        else:
+            ids, probs = rows.padded()
+            tail = np.full(n, np.nan)
+        ids[~scored], probs[~scored] = -1, 0.0
+        out.update(ids=ids, probs=np.where(ids >= 0, probs, 0.0).astype(np.float32),
+                   tail=np.where(scored, tail, np.nan).astype(np.float32),
+                   estimated=np.bool_(isinstance(rows, TargetRows)))
+        return out
 
     def iter_token_chunks(self, arrays: list[str] | None = None, chunk_tokens: int = 1 << 16) -> Iterator[TokenChunk]:
         """Every token row of every shard, ``chunk_tokens`` rows at a time (bounded memory)."""

@@ -1,16 +1,19 @@
-"""The one interface every teacher engine implements (``hf`` now, ``vllm`` next).
+"""The one interface every teacher engine implements (``hf``: transformers; ``vllm``).
 
 The capture loop tokenises, plans shards and writes; a backend only turns token sequences into
-per-position statistics. Tokenisation stays outside so that two engines read identical ids.
+per-position statistics. Tokenisation stays outside so that two engines read identical ids. What a
+backend computes beyond the top-k is what the cache's encoding declares (``Encoding.extras``); it
+comes back typed, in ``DeviceExtras``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
+from ..format.encodings import Encoding, ExtraSpec
 from ..format.manifest import TeacherInfo
 
 
@@ -37,12 +40,37 @@ class GenerationSettings:
     eos_token_ids: list[int]
 
 
+class DeviceExtras(Mapping[str, np.ndarray]):
+    """The device extras of one sequence: exactly the arrays its encoding declares (``ExtraSpec``), each
+    (n, *row_shape) of the declared dtype, holding the declared fill outside the scored rows. Set rows
+    with ``put``; an array the encoding does not declare, or of another shape, is refused."""
+
+    def __init__(self, specs: list[ExtraSpec], n: int):
+        self.specs = {e.name: e for e in specs}
+        self._values = {e.name: np.full((n, *e.row_shape), e.fill, dtype=e.dtype) for e in specs}
+
+    def put(self, name: str, rows, values: np.ndarray) -> None:
+        if name not in self.specs:
+            raise KeyError(f"the encoding declares no device extra {name!r} (it declares {', '.join(self.specs)})")
+        self._values[name][rows] = values
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 @dataclass
 class CapturedSequence:
     """Per-position results, one row per token (fill values outside the scored rows).
 
     Shapes: tokens (n,), topk_ids (n, k), topk_logprobs (n, k), entropy (n,), target_logprob (n,),
-    hidden[layer] (n, d).
+    hidden[layer] (n, d); ``extras``: the encoding's device extras (empty when the backend computes
+    none: vLLM, whose tail is then derived from its top-k values).
     """
 
     tokens: np.ndarray
@@ -55,7 +83,7 @@ class CapturedSequence:
     target_logprob: np.ndarray
     hidden: dict[int, np.ndarray] = field(default_factory=dict)
     finish_reason: str = "scored"
-    extra: dict[str, np.ndarray] = field(default_factory=dict)   # the encoding's device extras, (n, ...)
+    extras: DeviceExtras = field(default_factory=lambda: DeviceExtras([], 0))
 
 
 ProgressFn = Callable[[int], None]
@@ -69,10 +97,10 @@ class TeacherBackend(Protocol):
 
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
             generation: GenerationSettings | None, progress: ProgressFn | None = None,
-            dist: dict | None = None) -> list[CapturedSequence]:
-        """Generate where asked, then capture every request; results in request order. ``dist``: the
-        resolved encoding plus a ``seed`` for its draws; a backend that cannot compute its extras
-        (``token_stats.extras_fill``) must refuse it."""
+            encoding: Encoding | None = None, draw_seed: int = 0) -> list[CapturedSequence]:
+        """Generate where asked, then capture every request; results in request order. ``encoding``: the
+        cache's encoding, whose declared extras the backend computes (random draws from a generator of
+        their own seeded with ``draw_seed``); a backend that cannot compute them must refuse it."""
 
     def close(self) -> None:
         """Free the engine (GPU memory, worker processes)."""

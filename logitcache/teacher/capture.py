@@ -20,11 +20,9 @@ import pyarrow as pa
 
 from .. import __version__
 from ..format import layout
-from ..format.arrays import (ENTROPY, TARGET_LOGPROB, TOKENS, TOPK_IDS, TOPK_LOGPROBS, absolute_layer,
-                             array_specs)
-from ..format.dist_arrays import DEFAULT_TOP_K, NEEDS_FULL_DISTRIBUTION, encode_rows, resolve_encoding
-from ..format.encodings import EncodingError
-from ..format.errors import ConfigMismatchError, LogitcacheError
+from ..format.arrays import ENTROPY, TARGET_LOGPROB, TOKENS, absolute_layer, array_specs
+from ..format.encodings import Encoding, encoding_class, encoding_from
+from ..format.errors import ConfigMismatchError, EncodingError, LogitcacheError
 from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
 from ..format.samples import SAMPLES_SCHEMA
 from ..store import codecs as codec_lib
@@ -69,7 +67,7 @@ class CaptureJob:
     source_name: str | None = None
     limit: int | None = None
     top_k: int | None = None               # k of topk / the cap of the others; None = the encoding's default
-    encoding: str = "compact"              # how the distribution is stored (dist_arrays.ENCODINGS)
+    encoding: str = "compact"              # how the distribution is stored (a registered encoding's name)
     keep_mass: float | None = None         # adaptive / compact: per token the smallest set with this mass
     bits: int | None = None                # compact / hybrid: log-scale code bits
     draws: int | None = None               # sampled / hybrid: draws per token
@@ -136,12 +134,13 @@ def validate(job: CaptureJob) -> None:
         raise LogitcacheError(str(e)) from None
     if job.top_k is not None and job.top_k < 1:
         bad("--top-k", f"must be >= 1, got {job.top_k}")
-    if enc["name"] in NEEDS_FULL_DISTRIBUTION and job.backend == "vllm":
-        bad("--encoding", f"{enc['name']} needs the full distribution on the device (draws or every value); the vllm "
+    if enc.needs_full_distribution and job.backend == "vllm":
+        bad("--encoding", f"{enc.name} needs the full distribution on the device (draws or every value); the vllm "
                           "backend returns only the top-k: use --backend hf (auto picks it for this encoding)")
-    if enc["name"] == "full" and job.samples_per_shard is not None and job.samples_per_shard > 64:
-        bad("--samples-per-shard", f"{job.samples_per_shard} is too many for --encoding full: a shard's rows are held "
-                                   "in memory at V values each; use 64 or fewer (default 8)")
+    cap = enc.max_samples_per_shard
+    if cap is not None and job.samples_per_shard is not None and job.samples_per_shard > cap:
+        bad("--samples-per-shard", f"{job.samples_per_shard} is too many for --encoding {enc.name}: a shard's rows are "
+                                   f"held in memory; use {cap} or fewer (default {enc.default_samples_per_shard})")
     if job.logprob_dtype not in ("float16", "float32"):
         bad("--logprob-dtype", f"{job.logprob_dtype!r}: choose float16 or float32")
     if job.hidden_dtype not in ("bfloat16", "float16", "float32"):
@@ -166,20 +165,20 @@ def validate(job: CaptureJob) -> None:
             bad(f"--engine-arg {key}", f"logitcache sets this itself ({owner}); leave it out")
 
 
-def job_encoding(job: CaptureJob) -> dict:
-    """The resolved encoding of a validated job (what ``capture.encoding`` records)."""
-    return resolve_encoding(job.encoding, top_p=job.keep_mass, bits=job.bits, draws=job.draws,
-                            temperature=job.proposal_temperature)
+def job_encoding(job: CaptureJob) -> Encoding:
+    """The resolved encoding of a job (its ``to_dict()`` is what ``capture.encoding`` records)."""
+    return encoding_class(job.encoding).resolve(top_p=job.keep_mass, bits=job.bits, draws=job.draws,
+                                                temperature=job.proposal_temperature)
 
 
 def job_top_k(job: CaptureJob) -> int:
-    return job.top_k if job.top_k is not None else DEFAULT_TOP_K[job.encoding]
+    return job.top_k if job.top_k is not None else encoding_class(job.encoding).default_top_k
 
 
 def job_samples_per_shard(job: CaptureJob) -> int:
     if job.samples_per_shard is not None:
         return job.samples_per_shard
-    return 8 if job.encoding == "full" else 256
+    return encoding_class(job.encoding).default_samples_per_shard
 
 
 def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
@@ -212,30 +211,26 @@ def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence],
                 table: InputTable, decode, header: Manifest | None = None) -> tuple[dict[str, np.ndarray], pa.Table, int]:
     """Concatenate per-sequence results into the shard's arrays (the distribution in the capture's
     encoding) and its samples rows."""
-    arrays: dict[str, np.ndarray] = {}
-    enc = header.capture.encoding if header is not None else {"name": "topk"}
-    if enc["name"] != "topk":
-        k, v = header.capture.top_k, header.teacher.vocab_size
-        cat = lambda chunks, shape, dt: np.concatenate(chunks) if chunks else np.zeros((0, *shape), dt)
-        extras = {key: cat([c.extra[key] for c in captured], (), np.float32)
-                  for key in (captured[0].extra if captured else {})}
-        scored = np.isfinite(cat([c.entropy for c in captured], (), np.float32))
-        arrays.update(encode_rows(enc, k, v, cat([c.topk_ids for c in captured], (k,), np.int64),
-                                  cat([c.topk_logprobs for c in captured], (k,), np.float32), extras, scored,
-                                  header.capture.logprob_dtype))
-    parts = {TOKENS: [c.tokens for c in captured], TOPK_IDS: [c.topk_ids for c in captured],
-             TOPK_LOGPROBS: [c.topk_logprobs for c in captured], ENTROPY: [c.entropy for c in captured],
-             TARGET_LOGPROB: [c.target_logprob for c in captured]}
+    enc = encoding_from(header.capture.encoding if header is not None else None)
+    k = header.capture.top_k if header is not None else captured[0].topk_ids.shape[1] if captured else 1
+    vocab = header.teacher.vocab_size if header is not None else 1 << 32
+    value_dtype = header.capture.logprob_dtype if header is not None else "float16"
+
+    def cat(chunks: list[np.ndarray], row_shape: tuple, dtype) -> np.ndarray:
+        return np.concatenate(chunks) if chunks else np.zeros((0, *row_shape), dtype)
+
+    extras = {name: cat([c.extras[name] for c in captured], (), np.float32)
+              for name in (captured[0].extras if captured else {})}
+    scored = np.isfinite(cat([c.entropy for c in captured], (), np.float32))
+    arrays = enc.encode_rows(k, vocab, cat([c.topk_ids for c in captured], (k,), np.int64),
+                             cat([c.topk_logprobs for c in captured], (k,), np.float32), extras, scored, value_dtype)
+    per_row = {TOKENS: [c.tokens for c in captured], ENTROPY: [c.entropy for c in captured],
+               TARGET_LOGPROB: [c.target_logprob for c in captured]}
     for name, spec in specs.items():
         if name in arrays:
             continue
-        if name.startswith("hidden/"):
-            layer = int(name.split("/")[1])
-            chunks = [c.hidden[layer] for c in captured]
-        else:
-            chunks = parts[name]
-        empty = np.zeros((0, *spec.row_shape), dtype=np.float32)
-        arrays[name] = np.concatenate(chunks) if chunks else empty
+        chunks = [c.hidden[int(name.split("/")[1])] for c in captured] if name.startswith("hidden/") else per_row[name]
+        arrays[name] = cat(chunks, spec.row_shape, np.float32)
     lengths = np.array([len(c.tokens) for c in captured], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(captured) else np.zeros(0, np.int64)
     cols: dict[str, list] = {name: [] for name in SAMPLES_SCHEMA.names}
@@ -254,8 +249,8 @@ def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence],
                    p90_entropy=_percentile90(ent), teacher_logprob_sum=float(tgt.astype(np.float64).sum()),
                    finish_reason=reason, source=table.source_name, split=table.split, row=s.row,
                    sample_index=s.sample_index, prompt=s.prompt_text, response=response)
-        for k, v in row.items():
-            cols[k].append(v)
+        for key, v in row.items():
+            cols[key].append(v)
     return arrays, pa.table(cols, schema=SAMPLES_SCHEMA), scored_total
 
 
@@ -289,7 +284,7 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
     teacher = describe_teacher(resolved, resolve_backend(job.backend, job.encoding),
                                _resolve_dtype(job.dtype, job.device), job.max_length)
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-    top_k, enc, per_shard = job_top_k(job), job_encoding(job), job_samples_per_shard(job)
+    top_k, enc, per_shard = job_top_k(job), job_encoding(job).to_dict(), job_samples_per_shard(job)
     if top_k > teacher.vocab_size:
         raise LogitcacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
     layers = resolve_layers(job.hidden_layers, teacher.num_layers)
@@ -429,9 +424,9 @@ def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar) -> tupl
     if cfg.mode == "generate":
         gen = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, shard_seed(cfg.seed, name),
                                  plan.header.tokenizer.eos_token_ids)
-    dist = {**cfg.encoding, "seed": shard_seed(cfg.seed + 1, name)}   # draws: their own stream per shard
     captured = backend.run([p.request for p in prepared], cfg.top_k, cfg.hidden_layers, gen,
-                           progress=bar.update if bar is not None else None, dist=dist) if prepared else []
+                           progress=bar.update if bar is not None else None, encoding=encoding_from(cfg.encoding),
+                           draw_seed=shard_seed(cfg.seed + 1, name)) if prepared else []   # draws: a stream per shard
     arrays, samples, scored = build_shard(prepared, captured, plan.header.arrays, name, table,
                                           lambda ids: plan.tokenizer.decode(ids, skip_special_tokens=False),
                                           plan.header)
@@ -474,7 +469,7 @@ def resolve_backend(name: str, encoding: str = "topk") -> str:
     """``auto``: vllm when importable, except for encodings that need the full distribution (hf)."""
     if name != "auto":
         return name
-    if encoding in NEEDS_FULL_DISTRIBUTION:
+    if encoding_class(encoding).needs_full_distribution:
         return "hf"
     from .vllm_backend import vllm_available
 
@@ -490,10 +485,10 @@ def _make_backend(job: CaptureJob, resolved, dtype: str, max_length: int, hidden
                            gpu_memory_utilization=job.gpu_memory_utilization, engine_args=job.engine_args)
     from .hf_backend import HFBackend
 
-    # full: (batch tokens x V) float32 values leave the device per batch
-    batch_tokens = min(job.batch_tokens, 1024) if job.encoding == "full" else job.batch_tokens
+    enc = encoding_class(job.encoding)   # full: (batch tokens x V) float32 values leave the device per batch
+    batch_tokens = min(job.batch_tokens, enc.max_device_batch_tokens or job.batch_tokens)
     return HFBackend(resolved, dtype=dtype, device=job.device, batch_tokens=batch_tokens, max_length=max_length,
-                     generate_batch_size=8 if job.encoding == "full" else 32)
+                     generate_batch_size=enc.max_generate_batch or 32)
 
 
 def _progress(enabled: bool, desc: str):

@@ -16,11 +16,12 @@ import logging
 import numpy as np
 import torch
 
+from ..format.encodings import Encoding
 from ..format.errors import LogitcacheError
 from ..format.manifest import TeacherInfo
-from .backend import CapturedSequence, GenerationSettings, ProgressFn, SequenceRequest
+from .backend import CapturedSequence, DeviceExtras, GenerationSettings, ProgressFn, SequenceRequest
+from .distribution import distribution_extras, distribution_stats, extras_fill, next_token_stats
 from .identity import ResolvedTeacher, describe_teacher
-from .token_stats import distribution_extras, distribution_stats, extras_fill, next_token_stats
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +105,17 @@ class HFBackend:
     # ---- generation: one pass, statistics from the logits each decoding step computes anyway ----
     @torch.no_grad()
     def _generate(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
-                  gen: GenerationSettings, progress: ProgressFn | None, dist: dict | None) -> list[CapturedSequence]:
+                  gen: GenerationSettings, progress: ProgressFn | None, encoding: Encoding | None,
+                  draw_seed: int) -> list[CapturedSequence]:
         out: list[CapturedSequence | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
         rng = torch.Generator(device=self.device).manual_seed(gen.seed)
         eos = torch.tensor(gen.eos_token_ids or [-1], device=self.device)
-        draws = self._draw_generator(dist)                   # its own stream: the responses do not depend on it
+        draws = self._draw_generator(encoding, top_k, draw_seed)   # its own stream: responses do not depend on it
         for b in range(0, len(order), self.generate_batch_size):
             idx = order[b:b + self.generate_batch_size]
             batch = self._generate_batch([requests[i] for i in idx], top_k, hidden_layers, gen, eos, rng, progress,
-                                         dist, draws)
+                                         encoding, draws)
             for i, seq in zip(idx, batch):
                 out[i] = seq
         return out  # type: ignore[return-value]
@@ -121,13 +123,14 @@ class HFBackend:
     def _layer(self, out, layer: int) -> torch.Tensor:
         return out.last_hidden_state if layer == self.num_layers else out.hidden_states[layer]
 
-    def _draw_generator(self, dist: dict | None) -> torch.Generator | None:
-        if not extras_fill(dist, self.vocab_size):
+    def _draw_generator(self, encoding: Encoding | None, top_k: int, seed: int) -> torch.Generator | None:
+        if not extras_fill(encoding, top_k, self.vocab_size):
             return None
-        return torch.Generator(device=self.device).manual_seed(int((dist or {}).get("seed", 0)))
+        return torch.Generator(device=self.device).manual_seed(int(seed))
 
     def _generate_batch(self, reqs: list[SequenceRequest], top_k: int, layers: list[int], gen: GenerationSettings,
-                        eos: torch.Tensor, rng: torch.Generator, progress: ProgressFn | None, dist: dict | None,
+                        eos: torch.Tensor, rng: torch.Generator, progress: ProgressFn | None,
+                        encoding: Encoding | None,
                         draws: torch.Generator | None) -> list[CapturedSequence]:
         """Left-padded prefill, then a KV-cached decoding loop. Step t's distribution is row
         ``prompt_len - 1 + t``; the token it yields is fed next, which also gives its hidden state."""
@@ -150,7 +153,7 @@ class HFBackend:
         j = col - (width - torch.tensor(plen, device=dev)[:, None])          # position within each prompt
         starts = torch.tensor([q.score_from for q in reqs], device=dev)[:, None]
         prompt_rows = (j >= starts) & (j < torch.tensor(plen, device=dev)[:, None] - 1)
-        prompt_stats = self._stats_grid(out.last_hidden_state, prompt_rows, torch.roll(ids, -1, 1), top_k, dist,
+        prompt_stats = self._stats_grid(out.last_hidden_state, prompt_rows, torch.roll(ids, -1, 1), top_k, encoding,
                                         draws)
 
         caps = torch.tensor([q.max_new_tokens for q in reqs], device=dev)
@@ -166,7 +169,7 @@ class HFBackend:
             logits = self._head(h).float()                                  # (b, V)
             logp = torch.log_softmax(logits, -1)
             top_ids, top_lp, ent = distribution_stats(logp, top_k)
-            step_extras.append(distribution_extras(logp, top_ids, top_lp, dist, draws))
+            step_extras.append(distribution_extras(logp, top_ids, top_lp, encoding, draws))
             token = sample_next(logits, gen.temperature, gen.top_p, rng)
             steps.append((top_ids, top_lp, ent, logp.gather(-1, token[:, None])[:, 0], token))
             active = ~done
@@ -196,16 +199,17 @@ class HFBackend:
         for r, q in enumerate(reqs):
             p, R = plen[r], int(n_new[r])
             seq = _empty_sequence(np.concatenate([q.prompt_ids, s_tok[r, :R]]).astype(np.int64), p, top_k,
-                                  score_from=min(q.score_from, p - 1) if p else 0, fills=extras_fill(dist, self.vocab_size))
+                                  score_from=min(q.score_from, p - 1) if p else 0,
+                                  extras=encoding.extras(top_k, self.vocab_size) if encoding else [])
             seq.finish_reason = "stop" if stopped[r] else "length"
             lo = width - p                                                   # left padding of this row
             for name, grid in prompt_stats.items():
-                _field(seq, name)[:p - 1] = grid[r, lo:width - 1]
+                _put(seq, name, slice(None, p - 1), grid[r, lo:width - 1])
             rows = slice(p - 1, p - 1 + R)
             seq.topk_ids[rows], seq.topk_logprobs[rows] = s_ids[r, :R], s_lp[r, :R]
             seq.entropy[rows], seq.target_logprob[rows] = s_ent[r, :R], s_tgt[r, :R]
             for key, values in s_ext.items():
-                seq.extra[key][rows] = values[r, :R]
+                seq.extras.put(key, rows, values[r, :R])
             for layer in layers:
                 seq.hidden[layer] = np.concatenate([prompt_hidden[layer][r, lo:], s_hid[layer][r, :R]])
             results.append(seq)
@@ -226,18 +230,18 @@ class HFBackend:
         return batches
 
     def _stats_grid(self, final: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, top_k: int,
-                    dist: dict | None = None, draws: torch.Generator | None = None) -> dict:
+                    encoding: Encoding | None = None, draws: torch.Generator | None = None) -> dict:
         """Statistics of the ``rows`` (b, T) mask of ``final`` (b, T, d), scattered back into (b, T, ...)
         host arrays holding fill values elsewhere (extras under ``extra.<name>``)."""
         tk_ids, tk_lp, ent, tgt, extras = next_token_stats(final[rows], self._head, targets[rows], top_k,
-                                                           self.chunk_rows, dist, draws)
+                                                           self.chunk_rows, encoding, draws)
         b, T = rows.shape
         grid = {"topk_ids": torch.zeros((b, T, top_k), dtype=torch.int64, device=self.device),
                 "topk_logprobs": torch.full((b, T, top_k), float("nan"), device=self.device),
                 "entropy": torch.full((b, T), float("nan"), device=self.device),
                 "target_logprob": torch.full((b, T), float("nan"), device=self.device)}
         values = dict(zip(list(grid), (tk_ids, tk_lp, ent, tgt)))
-        for key, (shape, dtype, fill) in extras_fill(dist, self.vocab_size).items():
+        for key, (shape, dtype, fill) in extras_fill(encoding, top_k, self.vocab_size).items():
             grid[f"extra.{key}"] = torch.full((b, T, *shape), fill, dtype=dtype, device=self.device)
             if key in extras:                                              # absent when no row is scored
                 values[f"extra.{key}"] = extras[key]
@@ -247,12 +251,12 @@ class HFBackend:
 
     @torch.no_grad()
     def _score(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
-               progress: ProgressFn | None, dist: dict | None) -> list[CapturedSequence]:
+               progress: ProgressFn | None, encoding: Encoding | None, draw_seed: int) -> list[CapturedSequence]:
         seqs = [np.asarray(r.prompt_ids + list(r.response_ids), dtype=np.int64) for r in requests]
         results: list[CapturedSequence | None] = [None] * len(seqs)
         lengths = [len(s) for s in seqs]
         need_all = any(layer != self.num_layers for layer in hidden_layers)
-        draws = self._draw_generator(dist)
+        draws = self._draw_generator(encoding, top_k, draw_seed)
         for batch in self._batches(lengths):
             width = max(lengths[i] for i in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -270,16 +274,14 @@ class HFBackend:
             lens = torch.tensor([lengths[i] for i in batch], device=self.device)[:, None]
             starts = torch.tensor([requests[i].score_from for i in batch], device=self.device)[:, None]
             grid = self._stats_grid(out.last_hidden_state, (pos >= starts) & (pos < lens - 1),
-                                    torch.roll(ids, -1, dims=1), top_k, dist, draws)
+                                    torch.roll(ids, -1, dims=1), top_k, encoding, draws)
             hid = {layer: self._layer(out, layer).float().cpu().numpy() for layer in hidden_layers}
             for r, i in enumerate(batch):
                 n, q = lengths[i], requests[i]
-                seq = _empty_sequence(seqs[i], len(q.prompt_ids), top_k, score_from=min(q.score_from, max(n - 1, 0)))
+                seq = _empty_sequence(seqs[i], len(q.prompt_ids), top_k, score_from=min(q.score_from, max(n - 1, 0)),
+                                      extras=encoding.extras(top_k, self.vocab_size) if encoding else [])
                 for name, values in grid.items():
-                    if name.startswith("extra."):
-                        seq.extra[name[6:]] = values[r, :n]
-                    else:
-                        getattr(seq, name)[:] = values[r, :n]
+                    _put(seq, name, slice(None), values[r, :n])
                 seq.hidden = {layer: h[r, :n] for layer, h in hid.items()}
                 results[i] = seq
             if progress:
@@ -288,7 +290,7 @@ class HFBackend:
 
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
             generation: GenerationSettings | None, progress: ProgressFn | None = None,
-            dist: dict | None = None) -> list[CapturedSequence]:
+            encoding: Encoding | None = None, draw_seed: int = 0) -> list[CapturedSequence]:
         if top_k > self.vocab_size:
             raise LogitcacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({self.vocab_size})")
         to_generate = [i for i, r in enumerate(requests) if r.response_ids is None]
@@ -298,31 +300,33 @@ class HFBackend:
             if generation is None:
                 raise ValueError("requests without response_ids need generation settings")
             for i, seq in zip(to_generate, self._generate([requests[i] for i in to_generate], top_k, hidden_layers,
-                                                          generation, progress, dist)):
+                                                          generation, progress, encoding, draw_seed)):
                 out[i] = seq
         if to_score:
             for i, seq in zip(to_score, self._score([requests[i] for i in to_score], top_k, hidden_layers, progress,
-                                                    dist)):
+                                                    encoding, draw_seed)):
                 out[i] = seq
         return out  # type: ignore[return-value]
 
 
 def _empty_sequence(tokens: np.ndarray, prompt_len: int, top_k: int, score_from: int,
-                    fills: dict | None = None) -> CapturedSequence:
-    """A sequence whose rows all hold fill values, to be filled where scored."""
+                    extras: list | None = None) -> CapturedSequence:
+    """A sequence whose rows all hold fill values, to be filled where scored (``extras``: the
+    encoding's declared ``ExtraSpec``s)."""
     n = len(tokens)
-    extra = {key: np.full((n, *shape), fill, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
-             for key, (shape, dtype, fill) in (fills or {}).items()}
     return CapturedSequence(
         tokens=tokens, prompt_len=prompt_len, score_from=score_from, score_to=max(n - 1, 0),
         topk_ids=np.zeros((n, top_k), dtype=np.int64), topk_logprobs=np.full((n, top_k), np.nan, dtype=np.float32),
         entropy=np.full(n, np.nan, dtype=np.float32), target_logprob=np.full(n, np.nan, dtype=np.float32),
-        extra=extra)
+        extras=DeviceExtras(extras or [], n))
 
 
-def _field(seq: CapturedSequence, name: str) -> np.ndarray:
-    """A per-row array of a sequence by its grid name (``extra.<key>`` for an encoding's extras)."""
-    return seq.extra[name[6:]] if name.startswith("extra.") else getattr(seq, name)
+def _put(seq: CapturedSequence, name: str, rows, values: np.ndarray) -> None:
+    """Set rows of a sequence's array by its grid name (``extra.<key>`` for an encoding's extras)."""
+    if name.startswith("extra."):
+        seq.extras.put(name[6:], rows, values)
+    else:
+        getattr(seq, name)[rows] = values
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

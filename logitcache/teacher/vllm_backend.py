@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from ..format.encodings import Encoding
 from ..format.errors import LogitcacheError
 from ..format.manifest import TeacherInfo
 from .backend import CapturedSequence, GenerationSettings, ProgressFn, SequenceRequest
@@ -124,13 +125,11 @@ class VLLMBackend:
     # ---------------------------------------------------------------------------------------------
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
             generation: GenerationSettings | None, progress: ProgressFn | None = None,
-            dist: dict | None = None) -> list[CapturedSequence]:
+            encoding: Encoding | None = None, draw_seed: int = 0) -> list[CapturedSequence]:
         from vllm import SamplingParams
 
-        from ..format.dist_arrays import NEEDS_FULL_DISTRIBUTION
-
-        if (dist or {}).get("name") in NEEDS_FULL_DISTRIBUTION:   # capture.validate says so first
-            raise LogitcacheError(f"the vllm backend cannot capture --encoding {dist['name']}: use --backend hf")
+        if encoding is not None and encoding.needs_full_distribution:   # capture.validate says so first
+            raise LogitcacheError(f"the vllm backend cannot capture --encoding {encoding.name}: use --backend hf")
         from vllm.inputs import TokensPrompt
 
         if top_k != self.top_k or list(hidden_layers) != self.hidden_layers:
