@@ -19,7 +19,8 @@ from logitcache.cli.common import echo_json, handle_errors
                                     "'0,2,4,...' or 'every:2' (weights copied).")
 @click.option("--selection", type=click.Path(dir_okay=False),
               help="Train only on the samples of this selection file (logitcache select / query --out).")
-@click.option("--where", help="Train only on samples matching this filter, e.g. 'mean_entropy > 1.5 and response_tokens > 20'.")
+@click.option("--where", help="Train only on samples matching this SQL condition over the samples view of `logitcache "
+                              "query`, e.g. 'mean_entropy > 1.5 and response_tokens > 20'.")
 @click.option("--seq-len", type=int, help="Tokens per packed row (documents never cross rows).  [default: 512]")
 @click.option("--batch-size", type=int, help="Rows per micro-batch per process.  [default: 8]")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.  [default: 1]")

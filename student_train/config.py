@@ -20,7 +20,7 @@ class TrainConfig:
     student: str | None = None                  # HF id / local dir / config.json (random init)
     keep_layers: str | None = None              # or derive from the teacher: "0,2,4,..." or "every:2"
     selection: str | None = None                # selection file (logitcache select / query --out)
-    where: str | None = None                    # filter on the samples table, e.g. "mean_entropy > 1.5"
+    where: str | None = None                    # SQL condition on the samples view (logitcache query), e.g. "mean_entropy > 1.5"
     seq_len: int = 512
     batch_size: int = 8                         # rows per micro-batch per rank
     grad_accum: int = 1

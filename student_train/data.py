@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import math
 import os
 import queue
@@ -96,6 +95,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from logitcache.format import LogitcacheError
 from logitcache.format.arrays import FULL_LOGPROBS, absolute_layer
 from logitcache.format.encodings import as_targets
+from logitcache.format.fingerprint import vocab_sha256
 from logitcache.store.reader import Cache, open_cache
 
 from .targets import EstimatedTargets, SparseTargets
@@ -108,122 +108,24 @@ _PLAN_COLUMNS = ["sample_id", "shard", "token_offset", "num_tokens", "prompt_tok
 
 # ---- selection ---------------------------------------------------------------------------------
 
-_WHERE_TOKEN = re.compile(r"""\s*(?:
-    (?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
-  | (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
-  | (?P<op>==|!=|<=|>=|=|<|>)
-  | (?P<paren>[()])
-  | (?P<word>[A-Za-z_][A-Za-z_0-9]*)
-)""", re.VERBOSE)
-_OPS = {"==": "equal", "=": "equal", "!=": "not_equal", "<": "less", "<=": "less_equal", ">": "greater",
-        ">=": "greater_equal"}
-_FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "=": "=", "!=": "!="}
-_KEYWORDS = {"and", "or", "not", "true", "false", "null"}
+def where_ids(cache: Cache, where: str) -> pa.Array:
+    """The sample ids of ``cache`` whose samples-table row matches ``where``, a SQL condition in the
+    dialect of ``logitcache query`` (DuckDB; any column of its ``samples`` view, computed ones such as
+    ``perplexity`` included)."""
+    from logitcache.query.engine import Engine
+    from logitcache.query.errors import QueryError
 
-
-def parse_where(text: str, columns: list[str]) -> pc.Expression:
-    """``"mean_entropy > 1.5 and (finish_reason == 'stop' or num_tokens < 100)"`` as a pyarrow
-    expression. Grammar: comparisons ``column op literal`` (or ``literal op column``) with op one of
-    == = != < <= > >=, literals numbers, quoted strings, true/false/null; joined by and/or/not and
-    parentheses. Nothing is evaluated: the string can only name columns and literals."""
-    tokens: list[tuple[str, str]] = []
-    pos, text = 0, text.strip()
-    while pos < len(text):
-        m = _WHERE_TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            raise LogitcacheError(f"where {text!r}: cannot parse at {text[pos:pos + 20]!r}")
-        kind = m.lastgroup
-        tokens.append((kind, m.group(kind)))
-        pos = m.end()
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-    at = 0
-
-    def peek() -> tuple[str, str] | None:
-        return tokens[at] if at < len(tokens) else None
-
-    def take() -> tuple[str, str]:
-        nonlocal at
-        if at >= len(tokens):
-            raise LogitcacheError(f"where {text!r}: unexpected end")
-        at += 1
-        return tokens[at - 1]
-
-    def is_word(tok, word) -> bool:
-        return tok is not None and tok[0] == "word" and tok[1].lower() == word
-
-    def literal(tok) -> Any:
-        kind, value = tok
-        if kind == "num":
-            return float(value) if any(c in value for c in ".eE") else int(value)
-        if kind == "str":
-            return re.sub(r"\\(.)", r"\1", value[1:-1])
-        if kind == "word" and value.lower() in ("true", "false", "null"):
-            return {"true": True, "false": False, "null": None}[value.lower()]
-        raise LogitcacheError(f"where {text!r}: expected a literal, got {value!r}")
-
-    def column(tok) -> str:
-        name = tok[1]
-        if name not in columns:
-            raise LogitcacheError(f"where: unknown column {name!r}; valid columns: {', '.join(columns)}")
-        return name
-
-    def comparison() -> pc.Expression:
-        left, op, right = take(), take(), take()
-        if op[0] != "op":
-            raise LogitcacheError(f"where {text!r}: expected a comparison operator after {left[1]!r}, got {op[1]!r}")
-        symbol = op[1]
-        if left[0] == "word" and left[1].lower() not in _KEYWORDS:
-            name, value = column(left), literal(right)
-        elif right[0] == "word" and right[1].lower() not in _KEYWORDS:
-            name, value, symbol = column(right), literal(left), _FLIP[symbol]
-        else:
-            raise LogitcacheError(f"where {text!r}: a comparison needs a column name ({left[1]} {op[1]} {right[1]})")
-        field = pc.field(name)
-        if value is None:
-            if symbol not in ("==", "=", "!="):
-                raise LogitcacheError(f"where {text!r}: null compares with == or != only")
-            return field.is_null() if symbol != "!=" else field.is_valid()
-        return getattr(pc, _OPS[symbol])(field, pc.scalar(value))
-
-    def factor() -> pc.Expression:
-        tok = peek()
-        if is_word(tok, "not"):
-            take()
-            return ~factor()
-        if tok is not None and tok == ("paren", "("):
-            take()
-            inner = disjunction()
-            if take() != ("paren", ")"):
-                raise LogitcacheError(f"where {text!r}: missing ')'")
-            return inner
-        return comparison()
-
-    def conjunction() -> pc.Expression:
-        expr = factor()
-        while is_word(peek(), "and"):
-            take()
-            expr = expr & factor()
-        return expr
-
-    def disjunction() -> pc.Expression:
-        expr = conjunction()
-        while is_word(peek(), "or"):
-            take()
-            expr = expr | conjunction()
-        return expr
-
-    if not tokens:
-        raise LogitcacheError("where: empty expression")
-    expr = disjunction()
-    if at != len(tokens):
-        raise LogitcacheError(f"where {text!r}: unexpected {tokens[at][1]!r}")
-    return expr
+    try:
+        table = Engine(cache, persist=False).run(f"SELECT sample_id FROM samples WHERE {where}").table
+    except QueryError as e:
+        raise LogitcacheError(f"--where {where!r}: {e}") from None
+    return table.column("sample_id").combine_chunks()
 
 
 def select_samples(table: pa.Table, url: str, sample_ids: Iterable[str] | None = None,
-                   where: str | pc.Expression | None = None) -> pa.Table:
-    """The rows of ``table`` with the given ids (all must exist) that match ``where``; cache order."""
+                   where: pc.Expression | pa.Array | None = None) -> pa.Table:
+    """The rows of ``table`` with the given ids (all must exist) that match ``where`` (a pyarrow
+    expression, or the ids ``where_ids`` found); cache order."""
     columns = table.column_names
     if sample_ids is not None:
         wanted = list(dict.fromkeys(sample_ids))
@@ -235,10 +137,11 @@ def select_samples(table: pa.Table, url: str, sample_ids: Iterable[str] | None =
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise LogitcacheError(f"{len(missing)} sample id(s) are not in the cache {url}: "
                                   f"{', '.join(map(repr, missing[:5]))}{more}")
-    if where is not None:
-        expr = parse_where(where, columns) if isinstance(where, str) else where
+    if isinstance(where, (pa.Array, pa.ChunkedArray)):
+        table = table.filter(pc.is_in(table.column("sample_id"), value_set=where))
+    elif where is not None:
         try:
-            table = table.filter(expr)
+            table = table.filter(where)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, KeyError) as e:
             m = re.search(r"FieldRef\.Name\((\w+)\)", str(e))
             what = f"unknown column {m.group(1)!r}" if m else str(e).splitlines()[0]
@@ -247,13 +150,6 @@ def select_samples(table: pa.Table, url: str, sample_ids: Iterable[str] | None =
 
 
 # ---- tokenizer check ---------------------------------------------------------------------------
-
-def vocab_sha256(tokenizer) -> str:
-    """The manifest's ``tokenizer.vocab_sha256`` of a Hugging Face tokenizer: sha256 of the JSON list
-    of ``[token, id]`` pairs sorted by id (docs/format.md)."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-
 
 def check_student_vocab(cache: Cache | str, student) -> None:
     """Refuse a student whose tokenizer is not the cache's: ``student`` is a tokenizer (with
@@ -437,7 +333,8 @@ class CacheStream(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise LogitcacheError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
 
-        table = select_samples(self._cache.samples, self.url, sample_ids, where)
+        table = select_samples(self._cache.samples, self.url, sample_ids,
+                               where_ids(self._cache, where) if isinstance(where, str) else where)
         if table.num_rows == 0:
             raise LogitcacheError(f"the selection matches no sample of {self.url}")
         table = table.select(_PLAN_COLUMNS)

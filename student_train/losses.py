@@ -298,7 +298,7 @@ def _row_chunks(x: torch.Tensor, chunk_rows: int):
         offset += block.shape[0]
 
 
-class _StudentLogProbsAtIds(torch.autograd.Function):
+class StudentLogProbsAtIds(torch.autograd.Function):
     """logits (N, V) or (B, T, V) with N = B*T, any float dtype, ids (N, k) int64, valid (N,) bool ->
     logq_ids (N, k) = z_id - L and logq_tail (N,) = L_rest - L, in ``compute_dtype``, where
     L = logsumexp_j z_j and L_rest = logsumexp_{j not in ids} z_j (-inf if the complement is empty).
@@ -489,7 +489,7 @@ def _coarsen(z, ids, lp, valid, tail: TailPolicy, temperature: float, chunk_rows
     cdt = lp.dtype
     chunk = max(1, n) if chunk_rows is None else chunk_rows
     if tail is TailPolicy.BUCKET:
-        logq_ids, logq_tail = _StudentLogProbsAtIds.apply(z, ids, valid, chunk, True, cdt)
+        logq_ids, logq_tail = StudentLogProbsAtIds.apply(z, ids, valid, chunk, True, cdt)
         if present is not None:                                                     # ragged rows: padding
             logq_ids = torch.where(present, logq_ids, torch.full_like(logq_ids, _NEG_INF))
         if exact_tail is not None:                                                  # stored by the encoding
@@ -605,7 +605,7 @@ def hard_label_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor,
     y = torch.where(valid, y, torch.zeros_like(y))
     cdt = _compute_dtype(student_logits)
     chunk = max(1, n) if chunk_rows is None else chunk_rows
-    logq, _ = _StudentLogProbsAtIds.apply(student_logits, y[:, None], valid, chunk, False, cdt)
+    logq, _ = StudentLogProbsAtIds.apply(student_logits, y[:, None], valid, chunk, False, cdt)
     nll = torch.where(valid, -logq[:, 0], torch.zeros_like(logq[:, 0]))             # (N,)
     return _weighted_mean(nll, valid.to(cdt))
 

@@ -39,7 +39,7 @@ import torch
 
 from logitcache.format.encodings import SampledRows, SparseRows, TargetRows
 
-from .losses import DEFAULT_CHUNK_ROWS, _StudentLogProbsAtIds, forward_kl, ids_cover_vocab, teacher_tail_log_mass
+from .losses import DEFAULT_CHUNK_ROWS, StudentLogProbsAtIds, forward_kl, ids_cover_vocab, teacher_tail_log_mass
 
 __all__ = ["bucket_forward_kl", "sparse_cross_entropy", "sampled_cross_entropy", "sampled_forward_kl",
            "estimated_forward_kl", "kd_loss",
@@ -150,7 +150,7 @@ def bucket_forward_kl(student_logits: torch.Tensor, ids, logprobs, tail=None, ma
         if bool((m.isnan() | (m < 0) | (m > 1)).any()):
             raise ValueError("tail must be a mass in [0, 1]")
     ids = torch.where(valid[:, None], ids, torch.zeros_like(ids))
-    logq_ids, logq_tail = _StudentLogProbsAtIds.apply(student_logits, ids, valid, chunk_rows, True, cdt)
+    logq_ids, logq_tail = StudentLogProbsAtIds.apply(student_logits, ids, valid, chunk_rows, True, cdt)
     log_m = teacher_tail_log_mass(m, ids_cover_vocab(present, n, ids.shape[1], vocab))
     logp = torch.log_softmax(torch.cat([lp, log_m[:, None]], -1), -1)
     logp = torch.where(valid[:, None], logp, torch.full_like(logp, _NEG_INF))   # invalid rows: no terms
@@ -184,7 +184,7 @@ def sparse_cross_entropy(student_logits: torch.Tensor, ids, targets, mask=None, 
     valid = (w > 0) & (t.sum(-1) > 0)
     t = torch.where(present, t, torch.zeros_like(t))
     ids = torch.where(valid[:, None], ids, torch.zeros_like(ids))
-    logq, _ = _StudentLogProbsAtIds.apply(student_logits, ids, valid, chunk_rows, False, cdt)
+    logq, _ = StudentLogProbsAtIds.apply(student_logits, ids, valid, chunk_rows, False, cdt)
     per_token = -(t * logq).sum(-1)
     return _reduce(per_token, torch.where(valid, w, torch.zeros_like(w)), reduction)
 

@@ -16,14 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
 
 from logitcache import open_cache
 from logitcache.cli.main import cli as logitcache_cli
-from logitcache.format import CorruptShardError, FormatError, LogitcacheError
+from logitcache.format import CorruptShardError
 from logitcache.format.manifest import manifest_checksum
 from logitcache.teacher.capture import CaptureJob, run_capture
 

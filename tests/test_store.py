@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from logitcache import open_cache
-from logitcache.format import CorruptShardError, FormatError, SAMPLES_SCHEMA, ShardRecord, layout
+from logitcache.format import CorruptShardError, FormatError, SAMPLES_SCHEMA
 from logitcache.format.arrays import array_specs, float32_to_bf16_bits, bf16_bits_to_float32
 from logitcache.format.errors import LogitcacheError
 from logitcache.store import codecs

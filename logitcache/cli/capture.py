@@ -6,7 +6,7 @@ import os
 
 import click
 
-from ..format.encodings import names as encoding_names
+from ..format.encodings import DEFAULT_ENCODING, names as encoding_names
 from .common import echo_json, handle_errors
 
 
@@ -64,7 +64,7 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
               help="Name sample ids are derived from (default: the file name or dataset name).")
 @click.option("--limit", type=int, default=None, help="Use only the first N rows.")
 @click.option("--encoding", type=click.Choice(encoding_names()),
-              default="compact", show_default=True,
+              default=DEFAULT_ENCODING, show_default=True,
               help="How the distribution is stored (docs/format.md, 'Encodings'; which to pick: docs/results.md). "
                    "topk: k ids + fp16 log-probs (the 1.1 layout). adaptive: per token the fewest ids with mass >= --keep-mass, at "
                    "most --top-k. compact: adaptive with ids delta-coded and --bits-bit log-scale values. sampled: "

@@ -53,3 +53,11 @@ def cache_fingerprint(manifest: Manifest, recipe: int = RECIPE) -> str:
     """``"sha256:<hex>"`` over the canonical JSON of ``identity(manifest, recipe)``."""
     text = json.dumps(identity(manifest, recipe), sort_keys=True, separators=(",", ":"), allow_nan=False)
     return PREFIX + hashlib.sha256(text.encode()).hexdigest()
+
+
+def vocab_sha256(tokenizer) -> str:
+    """The manifest's ``tokenizer.vocab_sha256`` of a tokenizer (anything with ``get_vocab()``, e.g. a
+    Hugging Face tokenizer): sha256 of the JSON list of ``[token, id]`` pairs sorted by id
+    (docs/format.md). A student trained from a cache must have the same."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()

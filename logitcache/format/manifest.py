@@ -22,7 +22,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from . import layout
-from .arrays import ArraySpec
+from .encodings import LEGACY_ENCODING
+from .specs import ArraySpec
 from .errors import ConfigMismatchError, CorruptManifestError, FormatError
 from .version import FORMAT_NAME, FORMAT_VERSION, check_readable, parse_version
 
@@ -93,7 +94,7 @@ class CaptureConfig:
     seed: int = 0
     num_samples: int = 1
     # 1.2: how the distribution is stored (docs/format.md, "Encodings"); absent in 1.0/1.1 = topk
-    encoding: dict = field(default_factory=lambda: {"name": "topk"})
+    encoding: dict = field(default_factory=lambda: {"name": LEGACY_ENCODING})
 
 
 @dataclass

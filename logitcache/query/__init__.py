@@ -13,9 +13,7 @@ One concept per module:
 Modules import DuckDB only when used; ``read_selection`` is the entry point for trainers.
 """
 
-# nats: a token whose next-token entropy is above this counts as high-entropy ("forking") in the
-# token_stats view. Kept here, free of heavy imports, so the CLI's --help can show it.
-DEFAULT_THRESHOLD = 1.0
+from .thresholds import DEFAULT_THRESHOLD
 
 
 def read_selection(path, cache):

@@ -26,7 +26,7 @@ import pyarrow as pa
 from ..format.arrays import ENTROPY, TARGET_LOGPROB, TOKENS
 from ..format.manifest import ShardRecord
 from ..store.reader import Cache
-from . import DEFAULT_THRESHOLD  # noqa: F401  (re-exported)
+from .thresholds import DEFAULT_THRESHOLD  # noqa: F401  (re-exported)
 CHUNK_TOKENS = 1 << 16
 INDEX_COLUMNS = ["sample_id", "token_offset", "num_tokens", "scored_start", "scored_end"]
 

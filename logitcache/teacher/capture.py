@@ -21,7 +21,7 @@ import pyarrow as pa
 from .. import __version__
 from ..format import layout
 from ..format.arrays import ENTROPY, TARGET_LOGPROB, TOKENS, absolute_layer, array_specs
-from ..format.encodings import Encoding, encoding_class, encoding_from
+from ..format.encodings import DEFAULT_ENCODING, LEGACY_ENCODING, Encoding, encoding_class, encoding_from
 from ..format.errors import ConfigMismatchError, EncodingError, LogitcacheError
 from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
 from ..format.samples import SAMPLES_SCHEMA
@@ -67,7 +67,7 @@ class CaptureJob:
     source_name: str | None = None
     limit: int | None = None
     top_k: int | None = None               # k of topk / the cap of the others; None = the encoding's default
-    encoding: str = "compact"              # how the distribution is stored (a registered encoding's name)
+    encoding: str = DEFAULT_ENCODING       # how the distribution is stored (a registered encoding's name)
     keep_mass: float | None = None         # adaptive / compact: per token the smallest set with this mass
     bits: int | None = None                # compact / hybrid: log-scale code bits
     draws: int | None = None               # sampled / hybrid: draws per token
@@ -465,7 +465,7 @@ def _generation_eos(path) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def resolve_backend(name: str, encoding: str = "topk") -> str:
+def resolve_backend(name: str, encoding: str = LEGACY_ENCODING) -> str:
     """``auto``: vllm when importable, except for encodings that need the full distribution (hf)."""
     if name != "auto":
         return name

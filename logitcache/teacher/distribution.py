@@ -57,12 +57,12 @@ def _hybrid_tail(logp, top_ids, top_vals, enc, generator) -> dict[str, torch.Ten
             "tail_n": torch.where(has_tail, torch.ceil(n * m.double() - 1e-12).clamp(0, n).long(), 0)}
 
 
-def _full(logp, top_ids, top_vals, enc, generator) -> dict[str, torch.Tensor]:
-    return {"full": logp}
+def _every_value(logp, top_ids, top_vals, enc, generator) -> dict[str, torch.Tensor]:
+    return {"all_logprobs": logp}
 
 
 # the device computations an encoding's extras name (``ExtraSpec.producer``): one per kind of quantity
-PRODUCERS = {"tail": _tail, "draws": _draws, "hybrid_tail": _hybrid_tail, "full": _full}
+PRODUCERS = {"tail": _tail, "draws": _draws, "hybrid_tail": _hybrid_tail, "every_value": _every_value}
 
 
 def extras_fill(encoding: Encoding | None, top_k: int, vocab_size: int

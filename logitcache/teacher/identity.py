@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..format.errors import LogitcacheError
+from ..format.fingerprint import vocab_sha256
 from ..format.manifest import TokenizerInfo
 from .embedded import EMBEDDED, SOURCE_FILE, embedded_teacher_dir
 
@@ -77,15 +78,14 @@ def weights_fingerprint(path: Path) -> str:
 
 
 def tokenizer_info(tokenizer, extra_eos: list[int] | None = None) -> TokenizerInfo:
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    vocab_hash = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+    vocab_hash = vocab_sha256(tokenizer)
     template = getattr(tokenizer, "chat_template", None) or ""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for t in extra_eos or []:
         if t not in eos:
             eos.append(int(t))
     return TokenizerInfo(
-        vocab_size=len(vocab), vocab_sha256=vocab_hash, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer.get_vocab()), vocab_sha256=vocab_hash, bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
         chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if template else "",
     )

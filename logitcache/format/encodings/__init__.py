@@ -16,8 +16,8 @@ from . import sampled  # noqa: F401,I001
 from . import hybrid  # noqa: F401,I001
 from . import full  # noqa: F401,I001
 from .adaptive import decode_adaptive, encode_adaptive
-from .base import (FLAGS, REGISTRY, Encoding, ExtraSpec, Param, encoding_class, encoding_from, names, register,
-                   resolve_encoding)
+from .base import (DEFAULT_ENCODING, FLAGS, LEGACY_ENCODING, REGISTRY, Encoding, ExtraSpec, Param, encoding_class,
+                   encoding_from, names, register, resolve_encoding)
 from .coding import (delta_decode, delta_encode, max_abs_error, payload_bytes, quantization_step, select_topk,
                      unique_per_row)
 from .compact import decode_compact, encode_compact
@@ -27,7 +27,8 @@ from .sampled import decode_sampled, encode_sampled, pack_sampled, sample_draws
 from .topk import decode_topk, encode_topk
 
 __all__ = [
-    "Encoding", "ExtraSpec", "Param", "REGISTRY", "FLAGS", "register", "names", "encoding_class", "encoding_from",
+    "Encoding", "ExtraSpec", "Param", "REGISTRY", "FLAGS", "DEFAULT_ENCODING", "LEGACY_ENCODING", "register", "names",
+    "encoding_class", "encoding_from",
     "resolve_encoding", "EncodingError", "SparseRows", "SampledRows", "TargetRows", "as_targets", "select_topk",
     "encode_topk", "decode_topk", "encode_adaptive", "decode_adaptive", "encode_compact", "decode_compact",
     "quantization_step", "max_abs_error", "sample_draws", "encode_sampled", "pack_sampled", "decode_sampled",

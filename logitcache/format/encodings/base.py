@@ -196,6 +196,8 @@ def stored(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # ---- the registry ------------------------------------------------------------------------------------
+DEFAULT_ENCODING = "compact"      # what a capture writes unless told otherwise
+LEGACY_ENCODING = "topk"          # caches of format 1.0 and 1.1 record no encoding: they are this one
 REGISTRY: dict[str, type[Encoding]] = {}
 # the capture flag of every parameter name any encoding takes (filled by ``register``)
 FLAGS: dict[str, str] = {}
@@ -230,8 +232,8 @@ def encoding_from(config: Mapping[str, Any] | Encoding | str | None) -> Encoding
     if isinstance(config, Encoding):
         return config
     if config is None or isinstance(config, str):
-        return encoding_class(config or "topk")()
-    return encoding_class(config.get("name", "topk"))(config)
+        return encoding_class(config or LEGACY_ENCODING)()
+    return encoding_class(config.get("name", LEGACY_ENCODING))(config)
 
 
 def resolve_encoding(name: str, **given) -> dict:

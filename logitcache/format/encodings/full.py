@@ -30,9 +30,9 @@ class Full(TopK):
                       "log-softmax (T=1) of every id of the vocabulary: the whole next-token distribution")]
 
     def extras(self, top_k: int, vocab_size: int) -> list[ExtraSpec]:
-        return [ExtraSpec("full", (vocab_size,), "float32", float("nan"), "full")]
+        return [ExtraSpec("all_logprobs", (vocab_size,), "float32", float("nan"), "every_value")]
 
     def encode_rows(self, top_k, vocab_size, cand_ids, cand_logprobs, extras, scored, value_dtype="float16"):
         out = super().encode_rows(top_k, vocab_size, cand_ids, cand_logprobs, extras, scored, value_dtype)
-        out[FULL_LOGPROBS] = extras["full"].astype(value_dtype)
+        out[FULL_LOGPROBS] = extras["all_logprobs"].astype(value_dtype)
         return out
