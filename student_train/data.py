@@ -551,7 +551,7 @@ class CacheStream(IterableDataset):
         }
         t_ids = np.full((B, T, W), pad_id, np.int64)
         t_values = np.full((B, T, W), 0.0 if enc.estimated else pad_value, np.float32)   # targets or log-probs
-        t_tail = np.zeros((B, T), np.float32) if enc.ragged and not enc.estimated else None
+        t_tail = np.zeros((B, T), np.float32) if enc.stores_tail and not enc.estimated else None
         if self.with_full:
             out["teacher_full_logprobs"] = np.zeros((B, T, cache.manifest.teacher.vocab_size), np.float32)
         d = cache.manifest.teacher.hidden_size

@@ -46,7 +46,7 @@ class TeacherJoin:
 
     def __call__(self, batch: dict, prefix: str) -> dict:
         """This teacher's targets ``{prefix}`` (``SparseTargets``: ids and log-probs (B, T, k), the exact tail
-        (B, T) for ragged caches) and ``{prefix}_mask`` (B, T), at the batch's positions."""
+        (B, T) where the encoding stores it) and ``{prefix}_mask`` (B, T), at the batch's positions."""
         tokens, doc = batch["input_ids"].numpy(), batch["document_ids"].numpy()
         pos, index, loss = batch["position_ids"].numpy(), batch["sample_index"].numpy(), batch["loss_mask"].numpy()
         B, T = tokens.shape
@@ -72,5 +72,6 @@ class TeacherJoin:
             if rows.tail is not None:
                 tail[b, t:t + n][m] = rows.tail[m]
             mask[b, t:t + n] = m
-        targets = SparseTargets(torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(tail) if ragged else None)
+        targets = SparseTargets(torch.from_numpy(ids), torch.from_numpy(lps),
+                                torch.from_numpy(tail) if self.encoding.stores_tail else None)
         return {prefix: targets, f"{prefix}_mask": torch.from_numpy(mask)}

@@ -268,14 +268,20 @@ def kd_loss(student_logits: torch.Tensor, decoded: SparseRows | SampledRows | Ta
     raise ValueError(f"decoded must be a SparseRows, SampledRows or TargetRows, got {type(decoded).__name__}")
 
 
-def dense_cross_entropy(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask=None, *,
-                        reduction: str = "mean") -> torch.Tensor:
-    """Full-vocabulary CE(p, q) = -sum_j p_j log q_j from full (N, V) teacher log-probs (reference)."""
+def _dense_teacher(student_logits: torch.Tensor, teacher_logprobs, reduction: str):
+    """Checks of the dense references: (N, compute dtype, teacher log-probs (N, V) in it, detached)."""
     _check_reduction(reduction)
     n, vocab = _check_logits(student_logits)
     cdt = _cdt(student_logits)
     lp = _as_tensor(teacher_logprobs, "teacher_logprobs", (n, vocab), integer=False,
                     device=student_logits.device).detach().to(cdt)
+    return n, cdt, lp
+
+
+def dense_cross_entropy(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask=None, *,
+                        reduction: str = "mean") -> torch.Tensor:
+    """Full-vocabulary CE(p, q) = -sum_j p_j log q_j from full (N, V) teacher log-probs (reference)."""
+    n, cdt, lp = _dense_teacher(student_logits, teacher_logprobs, reduction)
     logq = torch.log_softmax(student_logits.to(cdt), -1)
     p = lp.exp()
     per_token = -(p * torch.where(p > 0, logq, torch.zeros_like(logq))).sum(-1)
@@ -285,11 +291,7 @@ def dense_cross_entropy(student_logits: torch.Tensor, teacher_logprobs: torch.Te
 def dense_forward_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask=None, *,
                      reduction: str = "mean") -> torch.Tensor:
     """Full-vocabulary KL(p || q) = CE(p, q) - H(p) (reference)."""
-    _check_reduction(reduction)
-    n, vocab = _check_logits(student_logits)
-    cdt = _cdt(student_logits)
-    lp = _as_tensor(teacher_logprobs, "teacher_logprobs", (n, vocab), integer=False,
-                    device=student_logits.device).detach().to(cdt)
+    n, cdt, lp = _dense_teacher(student_logits, teacher_logprobs, reduction)
     p = lp.exp()
     h = -(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
     ce = dense_cross_entropy(student_logits, lp, None, reduction="none")

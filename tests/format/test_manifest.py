@@ -11,7 +11,7 @@ from logitcache.format.arrays import bf16_bits_to_float32, chunk_rows, float32_t
 from logitcache.format.manifest import (CaptureConfig, ConfigMismatchError, InputSpec, PartInfo, ShardRecord,
                                         SkipRecord, TeacherInfo, TokenizerInfo, check_same_header, manifest_checksum)
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "format.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "format.md"
 
 
 def make_manifest(**capture_overrides) -> Manifest:

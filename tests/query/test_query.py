@@ -28,7 +28,7 @@ from logitcache.query.selection import load_selection, write_selection
 from logitcache.query.shortcuts import BY_COLUMNS, Shortcut, select_samples
 from logitcache.teacher.capture import CaptureJob, run_capture
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def run(*args):

@@ -16,7 +16,7 @@ from logitcache.store import codecs
 from logitcache.store.commit import finalize, save_part
 from logitcache.store.fs import CacheFS
 from logitcache.store.shard_writer import write_shard
-from tests.test_format import make_manifest
+from tests.format.test_manifest import make_manifest
 
 
 def random_shard(rng, n_tokens, k=8, hidden_layers=(2,), d=32, hidden_dtype="bfloat16", vocab=49152):
@@ -161,7 +161,7 @@ def test_crash_before_publish_leaves_nothing_that_looks_committed(tmp_path):
     sees that shard, and the next writer cleans it up."""
     code = f"""
 import numpy as np
-from tests.test_store import random_shard, samples_for
+from tests.store.test_store import random_shard, samples_for
 from logitcache.store.fs import CacheFS
 from logitcache.store.shard_writer import write_shard
 specs, arrays = random_shard(np.random.default_rng(0), 30)
@@ -175,10 +175,20 @@ write_shard(CacheFS({str(tmp_path)!r}), "i0-000000", arrays, specs, samples_for(
     assert not (tmp_path / "manifest.json").exists()
 
 
+def doc_code_block(containing: str) -> str:
+    """The python block of docs/format.md that contains ``containing``."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "format.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
 def _doc_block(heading: str, lang: str = "python") -> str:
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "format.md").read_text()
     section = doc.split(heading, 1)[1]
     return section.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
 
@@ -189,7 +199,13 @@ def test_docs_reading_example_and_checksum_recipe_work(tmp_path):
     m = commit(CacheFS(str(tmp_path)), "i0-000000", specs, arrays, [25, 35])
     ns = {}
     exec(_doc_block("## Reading without logitcache").replace('root = "cache"', f'root = {str(tmp_path)!r}'), ns)
-    np.testing.assert_array_equal(ns["ids"], arrays["topk_ids"][:25])
+    np.testing.assert_array_equal(ns["tokens"], arrays["tokens"][:25])
+    np.testing.assert_array_equal(ns["entropy"], arrays["entropy"][:25])
+    # the decoder of every encoding (this cache: topk, from the manifest's absence of an encoding record)
+    exec(doc_code_block("def distribution("), ns)
+    ids, probs, tail = ns["distribution"](ns["manifest"], ns["g"], 0)
+    np.testing.assert_array_equal(ids, arrays["topk_ids"][0])
+    np.testing.assert_allclose(probs, np.exp(arrays["topk_logprobs"][0].astype(np.float64)))
     ns2 = {}
     exec(_doc_block("### Shard checksum"), ns2)
     shard = str(tmp_path / "shards" / "i0-000000")

@@ -1,6 +1,8 @@
 """capture --encoding (format 1.2) on a tiny random Llama: what each encoding stores against a direct
 full-vocabulary computation, the estimators' statistics over captured draws, zarr-only reading,
-export, the loader's batches, training and its exact metrics, and the bad inputs."""
+the loader's batches, training and its exact metrics, and the bad inputs. What every encoding must
+do (round trip, docs reader, loader, losses, export, training) is the conformance class,
+tests/format/conformance.py."""
 
 import json
 
@@ -186,26 +188,6 @@ def test_generated_responses_do_not_depend_on_the_encoding(tmp_path, tiny_teache
         np.testing.assert_array_equal(a.sample(rec["sample_id"])["entropy"], b.sample(rec["sample_id"])["entropy"])
 
 
-def test_export_copies_ragged_rows_as_stored(tmp_path, tiny_teacher, text_file):
-    import pyarrow as pa
-
-    from logitcache.query.export import export_selection
-    from logitcache.query.selection import write_selection
-
-    run_capture(job(tmp_path / "c", tiny_teacher, source=str(text_file), encoding="compact", top_k=8))
-    cache = open_cache(str(tmp_path / "c"))
-    ids = cache.samples["sample_id"].to_pylist()[1::2]
-    write_selection(pa.table({"sample_id": ids}), str(tmp_path / "sel.parquet"), cache, "every other sample")
-    export_selection(cache, str(tmp_path / "sel.parquet"), str(tmp_path / "small"))
-    small = open_cache(str(tmp_path / "small"), verify=True)
-    assert small.manifest.num_samples == len(ids)
-    for sid in ids:
-        a, b = small.sample(sid), cache.sample(sid)
-        assert a.keys() == b.keys()
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-
-
 def test_loader_pads_ragged_rows_and_training_reports_the_exact_kl(tmp_path, tiny_teacher, text_file):
     from transformers import AutoModelForCausalLM
 
@@ -294,22 +276,3 @@ def test_resolve_encoding_fills_defaults():
     assert resolve_encoding("hybrid", draws=16)["draws"] == 16
     with pytest.raises(EncodingError, match="--draws applies to --encoding sampled/hybrid, not topk"):
         resolve_encoding("topk", draws=3)
-
-
-def test_docs_ragged_reading_example_works(tmp_path, tiny_teacher, text_file):
-    from pathlib import Path
-
-    run_capture(job(tmp_path / "c", tiny_teacher, source=str(text_file), encoding="adaptive", top_k=8))
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text()
-    blocks = doc.split("## Reading without logitcache", 1)[1].split("```python\n")[1:3]
-    first, ragged = (b.split("```", 1)[0] for b in blocks)
-    ns = {}
-    exec(first.replace('root = "cache"', f'root = {str(tmp_path / "c")!r}').split("ids, logprobs =")[0], ns)
-    exec(ragged, ns)
-    cache = open_cache(str(tmp_path / "c"))
-    s = ns["s"]
-    rows = encoding_from(cache.manifest.capture.encoding).decode(cache.sample(s["sample_id"]), 49152)
-    first_row = rows.rows(s["scored_start"], s["scored_start"] + 1)
-    np.testing.assert_array_equal(ns["ids"], first_row.ids)
-    np.testing.assert_array_equal(ns["logprobs"], first_row.logprobs)
-    assert ns["tail"] == first_row.tail[0]

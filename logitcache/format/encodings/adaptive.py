@@ -12,11 +12,18 @@ from __future__ import annotations
 import numpy as np
 
 from ..dtypes import count_dtype, id_dtype
-from ..errors import EncodingError
 from ..specs import ArraySpec, entry_spec, token_spec
 from .base import Encoding, ExtraSpec, Param, dist, inner, register, stored
-from .coding import (adaptive_counts, check_candidates, check_counts, check_int, check_top_p, check_value_dtype,
-                     check_vocab, require, tails_after)
+from .coding import (
+    adaptive_counts,
+    check_candidates,
+    check_int,
+    check_top_p,
+    check_value_dtype,
+    check_vocab,
+    ragged_arrays,
+    tails_after,
+)
 from .rows import SparseRows
 
 
@@ -46,13 +53,7 @@ def encode_adaptive(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, *, 
 
 
 def decode_adaptive(arrays: dict[str, np.ndarray]) -> SparseRows:
-    require(arrays, ("ids", "logprobs", "counts", "tail"), "adaptive")
-    ids, lp, tail = arrays["ids"], arrays["logprobs"], arrays["tail"]
-    if ids.ndim != 1 or lp.shape != ids.shape:
-        raise EncodingError(f"adaptive: ids {ids.shape} and logprobs {lp.shape} must be flat and of one length")
-    counts = check_counts(arrays["counts"], len(ids), "adaptive")
-    if tail.shape != counts.shape:
-        raise EncodingError(f"adaptive: tail shape {tail.shape} does not match {len(counts)} tokens")
+    ids, lp, counts, tail = ragged_arrays(arrays, "adaptive", "logprobs", tail=True)
     return SparseRows(ids.astype(np.int64), lp.astype(np.float32), counts, tail.astype(np.float32))
 
 
@@ -69,6 +70,7 @@ class Adaptive(Encoding):
     name = "adaptive"
     params = (KEEP_MASS,)
     default_top_k = 128
+    stores_tail = True
     summary = "per token the fewest ids with mass >= --keep-mass, at most --top-k, fp16 values, exact tail"
 
     def specs(self, vocab_size: int, logprob_dtype: str, top_k: int) -> list[ArraySpec]:

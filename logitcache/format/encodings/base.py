@@ -12,6 +12,8 @@ An encoding declares in one place (its module under ``format/encodings/``):
   arrays -> typed rows (``rows``);
 - its capabilities: ``needs_full_distribution`` (draws or every value: the hf backend only),
   ``estimated`` (its targets estimate p without bias: forward KL / cross-entropy at T = 1 only),
+  ``ragged`` (entries per token vary: padding is -1 / -inf), ``stores_tail`` (the exact mass outside
+  the ids is stored, not derived as 1 - sum p),
   ``default_top_k``, ``default_samples_per_shard``, limits on device batches.
 
 Nothing else in the project branches on an encoding's name: it looks the encoding up
@@ -67,6 +69,7 @@ class Encoding:
     needs_full_distribution: ClassVar[bool] = False
     estimated: ClassVar[bool] = False
     ragged: ClassVar[bool] = True                             # entries per token vary (entry arrays)
+    stores_tail: ClassVar[bool] = False                       # decode gives the exact tail (SparseRows.tail)
     max_device_batch_tokens: ClassVar[int | None] = None     # cap on a backend's tokens per forward pass
     max_generate_batch: ClassVar[int | None] = None          # cap on sequences generated at once
     max_samples_per_shard: ClassVar[int | None] = None
@@ -123,6 +126,11 @@ class Encoding:
     def stored_names(self) -> list[str]:
         """The stored arrays ``decode`` reads (all distribution arrays, by default)."""
         return [s.name for s in self.specs(2, "float16", 1)]
+
+    def value_tolerance(self, value_dtype: str) -> tuple[float, float]:
+        """The stated bound on a stored log-prob's error, ``|stored - exact| <= atol + rtol * |exact|``,
+        as (atol, rtol): the rounding of ``value_dtype`` by default."""
+        return 0.0, 2.0 ** -11 if value_dtype == "float16" else 2.0 ** -24
 
     def width(self, top_k: int) -> int:
         """Columns per token of the padded rows a loader makes (the most entries a token can have)."""

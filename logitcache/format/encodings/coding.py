@@ -156,6 +156,22 @@ def delta_encode(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return d
 
 
+def ragged_arrays(arrays: dict, encoding: str, values: str, tail: bool) -> tuple[np.ndarray, ...]:
+    """Check the stored arrays of a ragged encoding: ``ids`` and ``values`` (entry, flat, one length),
+    ``counts`` (token) adding up to them and, with ``tail``, a per-token ``tail``. Returns
+    (ids, values, counts int64[, tail]) as stored (counts excepted)."""
+    require(arrays, ("ids", values, "counts") + (("tail",) if tail else ()), encoding)
+    ids, vals = arrays["ids"], arrays[values]
+    if ids.ndim != 1 or vals.shape != ids.shape:
+        raise EncodingError(f"{encoding}: ids {ids.shape} and {values} {vals.shape} must be flat and of one length")
+    counts = check_counts(arrays["counts"], len(ids), encoding)
+    if not tail:
+        return ids, vals, counts
+    if arrays["tail"].shape != counts.shape:
+        raise EncodingError(f"{encoding}: tail shape {arrays['tail'].shape} does not match {len(counts)} tokens")
+    return ids, vals, counts, arrays["tail"]
+
+
 def delta_decode(deltas: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Inverse of ``delta_encode``: per-row cumulative sum."""
     c = np.cumsum(deltas.astype(np.int64))

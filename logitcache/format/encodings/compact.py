@@ -21,8 +21,19 @@ from ..errors import EncodingError
 from ..specs import ArraySpec, entry_spec
 from .adaptive import KEEP_MASS, TAIL_EXTRA, head_counts_spec, tail_spec
 from .base import Encoding, ExtraSpec, Param, dist, inner, register, stored
-from .coding import (adaptive_counts, check_candidates, check_counts, check_int, check_top_p, check_vocab,
-                     delta_decode, delta_encode, max_abs_error, quantization_step, require, tails_after)
+from .coding import (
+    adaptive_counts,
+    check_candidates,
+    check_int,
+    check_top_p,
+    check_vocab,
+    delta_decode,
+    delta_encode,
+    max_abs_error,
+    quantization_step,
+    ragged_arrays,
+    tails_after,
+)
 from .rows import SparseRows, offsets
 
 
@@ -96,13 +107,7 @@ def decode_compact(arrays: dict[str, np.ndarray], *, vocab_size: int, bits: int 
     v = check_vocab(vocab_size)
     step = quantization_step(bits, lo)
     order = _check_order(order)
-    require(arrays, ("ids", "codes", "counts", "tail"), "compact")
-    ids, codes, tail = arrays["ids"], arrays["codes"], arrays["tail"]
-    if ids.ndim != 1 or codes.shape != ids.shape:
-        raise EncodingError(f"compact: ids {ids.shape} and codes {codes.shape} must be flat and of one length")
-    counts = check_counts(arrays["counts"], len(ids), "compact")
-    if tail.shape != counts.shape:
-        raise EncodingError(f"compact: tail shape {tail.shape} does not match {len(counts)} tokens")
+    ids, codes, counts, tail = ragged_arrays(arrays, "compact", "codes", tail=True)
     fid, q = ids.astype(np.int64), codes.astype(np.int64)
     row = np.repeat(np.arange(len(counts)), counts)
     if order == "id":
@@ -137,6 +142,7 @@ class Compact(Encoding):
     name = "compact"
     params = (KEEP_MASS, bits_param(8), LO)
     default_top_k = 64
+    stores_tail = True
     summary = "adaptive with ids delta-coded and --bits-bit log-scale values (the default: ~70 B/token)"
 
     def specs(self, vocab_size: int, logprob_dtype: str, top_k: int) -> list[ArraySpec]:
@@ -146,6 +152,9 @@ class Compact(Encoding):
 
     def extras(self, top_k: int, vocab_size: int) -> list[ExtraSpec]:
         return [TAIL_EXTRA]
+
+    def value_tolerance(self, value_dtype: str) -> tuple[float, float]:
+        return max_abs_error(self["bits"], self["lo"]), 0.0
 
     def encode(self, top_k, vocab_size, ids, logprobs, tail, extras, value_dtype):
         return stored(encode_compact(ids, logprobs, tail, vocab_size=vocab_size, top_p=self["top_p"], k_max=top_k,

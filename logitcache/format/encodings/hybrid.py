@@ -18,14 +18,14 @@ import numpy as np
 
 from ..dtypes import count_dtype, id_dtype
 from ..errors import EncodingError
-from ..specs import ArraySpec, entry_spec, token_spec
+from ..specs import ArraySpec
 from .adaptive import TAIL_EXTRA, head_counts_spec, tail_spec
 from .base import Encoding, ExtraSpec, dist, inner, register, stored
-from .coding import (check_counts, check_int, check_vocab, delta_decode, delta_encode, describe, require,
-                     select_topk, unique_per_row)
+from .coding import (check_counts, check_int, check_vocab, delta_decode, delta_encode, describe, max_abs_error,
+                     require, select_topk, unique_per_row)
 from .compact import LO, bits_param, code_specs, decode_compact, encode_compact
 from .rows import TargetRows
-from .sampled import draws_param
+from .sampled import draw_specs, draws_param
 
 
 def _tail_arrays(draws: np.ndarray, n_t: np.ndarray, max_draws: int, v: int, delta: bool) -> dict[str, np.ndarray]:
@@ -148,17 +148,18 @@ class Hybrid(Encoding):
     summary = "exact top-k head + draws from the tail (unbiased; forward KL / CE only)"
 
     def specs(self, vocab_size: int, logprob_dtype: str, top_k: int) -> list[ArraySpec]:
-        d = count_dtype(self["draws"])
         return [head_counts_spec(top_k, "the k most probable ids with log-prob >= lo (the exact head)"),
                 *code_specs(vocab_size, self["bits"], self["lo"], dist("counts")), tail_spec(),
-                token_spec(dist("tail_counts"), d, True, "distinct ids drawn from the tail (p outside the head)"),
-                entry_spec(dist("tail_ids"), id_dtype(vocab_size), True,
-                           "drawn tail ids ascending within a token, delta-coded", dist("tail_counts")),
-                entry_spec(dist("tail_draw_counts"), d, True,
-                           "how many of the token's ceil(draws * tail) draws hit each", dist("tail_counts"))]
+                *draw_specs(vocab_size, self["draws"], "tail_", (
+                    "distinct ids drawn from the tail (p outside the head)",
+                    "drawn tail ids ascending within a token, delta-coded",
+                    "how many of the token's ceil(draws * tail) draws hit each"))]
 
     def width(self, top_k: int) -> int:
         return top_k + self["draws"]
+
+    def value_tolerance(self, value_dtype: str) -> tuple[float, float]:
+        return max_abs_error(self["bits"], self["lo"]), 0.0     # of the head's log-probs
 
     def extras(self, top_k: int, vocab_size: int) -> list[ExtraSpec]:
         n = self["draws"]

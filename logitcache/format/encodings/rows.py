@@ -46,16 +46,10 @@ def pad(counts: np.ndarray, width: int | None, *flat_and_fill):
     return outs, mask
 
 
-@dataclass(frozen=True)
-class SparseRows:
-    """Decoded top-k / adaptive / compact / full rows. ``ids`` (M,) int64 and ``logprobs`` (M,) float32
-    are the rows laid end to end, each in rank order (descending log-prob); ``counts`` (N,) int64
-    entries per token; ``tail`` (N,) float32 exact mass outside the row's ids, or None (derive it)."""
+class RaggedRows:
+    """What every decoded-row type shares: N tokens with ``counts`` (N,) entries each, laid end to end."""
 
-    ids: np.ndarray
-    logprobs: np.ndarray
     counts: np.ndarray
-    tail: np.ndarray | None
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +58,18 @@ class SparseRows:
     @property
     def offsets(self) -> np.ndarray:
         return offsets(self.counts)
+
+
+@dataclass(frozen=True)
+class SparseRows(RaggedRows):
+    """Decoded top-k / adaptive / compact / full rows. ``ids`` (M,) int64 and ``logprobs`` (M,) float32
+    are the rows laid end to end, each in rank order (descending log-prob); ``counts`` (N,) int64
+    entries per token; ``tail`` (N,) float32 exact mass outside the row's ids, or None (derive it)."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    counts: np.ndarray
+    tail: np.ndarray | None
 
     def tail_mass(self) -> np.ndarray:
         """The stored tail, or 1 - sum exp(logprobs) per token (clamped at 0), float64."""
@@ -88,7 +94,7 @@ class SparseRows:
 
 
 @dataclass(frozen=True)
-class SampledRows:
+class SampledRows(RaggedRows):
     """Decoded sampled rows: per token the unique drawn ids (ascending) ``ids`` (M,) int64, how many of
     the token's n draws hit each ``draw_counts`` (M,) int64, ``counts`` (N,) int64 unique ids per token,
     ``log_weights`` (M,) float64 importance log-weights log(p/r) (None: proposal T=1, all weights 1)."""
@@ -98,14 +104,6 @@ class SampledRows:
     counts: np.ndarray
     log_weights: np.ndarray | None
     temperature: float
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.counts)
-
-    @property
-    def offsets(self) -> np.ndarray:
-        return offsets(self.counts)
 
     @property
     def n_draws(self) -> np.ndarray:
@@ -138,7 +136,7 @@ class SampledRows:
 
 
 @dataclass(frozen=True)
-class TargetRows:
+class TargetRows(RaggedRows):
     """Decoded rows as ids with target weights: ``targets`` (M,) float64 are unbiased estimates of the
     teacher's p on ``ids`` (M,) int64 (the full-vocabulary CE is estimated by -sum targets * log q);
     ``counts`` (N,) int64 entries per token. Made by the hybrid encoding and ``SampledRows.to_targets``."""
@@ -146,14 +144,6 @@ class TargetRows:
     ids: np.ndarray
     targets: np.ndarray
     counts: np.ndarray
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.counts)
-
-    @property
-    def offsets(self) -> np.ndarray:
-        return offsets(self.counts)
 
     def padded(self, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N, W) int64, -1 pad; targets (N, W) float64, 0 pad)."""

@@ -21,8 +21,17 @@ from ..dtypes import count_dtype, id_dtype
 from ..errors import EncodingError
 from ..specs import ArraySpec, entry_spec, token_spec
 from .base import Encoding, ExtraSpec, Param, dist, inner, register, stored
-from .coding import (check_counts, check_int, check_temperature, check_value_dtype, check_vocab, delta_decode,
-                     delta_encode, describe, require)
+from .coding import (
+    check_int,
+    check_temperature,
+    check_value_dtype,
+    check_vocab,
+    delta_decode,
+    delta_encode,
+    describe,
+    ragged_arrays,
+    require,
+)
 from .rows import SampledRows
 
 
@@ -121,10 +130,7 @@ def decode_sampled(arrays: dict[str, np.ndarray], *, temperature: float = 1.0, d
     temperature != 1: log w = (1 - 1/T) * logprob + log_z."""
     t = check_temperature(temperature)
     require(arrays, ("ids", "draw_counts", "counts") + (("logprobs", "log_z") if t != 1.0 else ()), "sampled")
-    ids, hits = arrays["ids"], arrays["draw_counts"]
-    if ids.ndim != 1 or hits.shape != ids.shape:
-        raise EncodingError(f"sampled: ids {ids.shape} and draw_counts {hits.shape} must be flat and of one length")
-    counts = check_counts(arrays["counts"], len(ids), "sampled", "counts")
+    ids, hits, counts = ragged_arrays(arrays, "sampled", "draw_counts", tail=False)
     uid = delta_decode(ids, counts) if delta else ids.astype(np.int64)
     if vocab_size is not None and len(uid) and (uid.min() < 0 or uid.max() >= check_vocab(vocab_size)):
         raise EncodingError(f"sampled: decoded ids fall outside [0, {vocab_size}): wrong delta or vocab_size?")
@@ -140,6 +146,15 @@ def decode_sampled(arrays: dict[str, np.ndarray], *, temperature: float = 1.0, d
     return SampledRows(uid, c, counts, lw, t)
 
 
+def draw_specs(vocab_size: int, draws: int, prefix: str, descriptions: tuple[str, str, str]) -> list[ArraySpec]:
+    """The three arrays of drawn ids (sampled; hybrid's tail with ``prefix`` "tail_"): distinct ids per
+    token (``dist/<prefix>counts``), the ids ascending and delta-coded, and the draws of each."""
+    d, counts = count_dtype(draws), dist(f"{prefix}counts")
+    return [token_spec(counts, d, True, descriptions[0]),
+            entry_spec(dist(f"{prefix}ids"), id_dtype(vocab_size), True, descriptions[1], counts),
+            entry_spec(dist(f"{prefix}draw_counts"), d, True, descriptions[2], counts)]
+
+
 @register
 class Sampled(Encoding):
     name = "sampled"
@@ -151,11 +166,9 @@ class Sampled(Encoding):
     summary = "--draws ids drawn from the teacher (unbiased; forward KL / CE only)"
 
     def specs(self, vocab_size: int, logprob_dtype: str, top_k: int) -> list[ArraySpec]:
-        d = count_dtype(self["draws"])
-        out = [token_spec(dist("counts"), d, True, "distinct ids among this token's draws from the teacher"),
-               entry_spec(dist("ids"), id_dtype(vocab_size), True,
-                          "drawn ids ascending within a token, delta-coded: first id, then gaps", dist("counts")),
-               entry_spec(dist("draw_counts"), d, True, "how many of the token's draws hit each id", dist("counts"))]
+        out = draw_specs(vocab_size, self["draws"], "", ("distinct ids among this token's draws from the teacher",
+                         "drawn ids ascending within a token, delta-coded: first id, then gaps",
+                         "how many of the token's draws hit each id"))
         if self["temperature"] != 1.0:
             out += [entry_spec(dist("logprobs"), logprob_dtype, logprob_dtype == "float32",
                                "teacher log-prob (T=1) of each drawn id, for the importance weights", dist("counts"),
