@@ -1,5 +1,6 @@
-"""The capture job on a tiny random Llama (SmolLM2's tokenizer): stored numbers against a direct
-full-vocabulary computation, resume after a kill, workers + finalize, and every bad input."""
+"""The capture job on a tiny random Llama (SmolLM2's tokenizer): seeded sampling, resume after a kill,
+workers + finalize, inputs of every kind, and every bad input. The stored numbers against a direct
+full-vocabulary computation are the backend conformance class (backend_conformance.py)."""
 
 import json
 import os
@@ -15,103 +16,11 @@ from logitcache.format import ConfigMismatchError, InputError, LogitcacheError, 
 from logitcache.teacher.capture import CaptureJob, run_capture
 from tests.conftest import assert_caches_equal
 
-# fp16 storage of log-probs: relative precision 2^-11; entropy and target log-prob are float32.
-LOGPROB_ATOL, LOGPROB_RTOL = 2e-3, 1e-3
-ENTROPY_TOL = 1e-4
-
 
 def job(cache, teacher, **kw) -> CaptureJob:
     base = dict(cache=str(cache), teacher=str(teacher), progress=False, encoding="topk", top_k=8, samples_per_shard=3, backend="hf")
     base.update(kw)
     return CaptureJob(**base)
-
-
-def direct_stats(model, ids):
-    """Full-vocabulary log-softmax at every position of one unpadded sequence (float64)."""
-    with torch.no_grad():
-        out = model(torch.tensor([ids]), output_hidden_states=True)
-    return torch.log_softmax(out.logits[0].double(), -1), out.hidden_states
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_teacher):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
-
-
-def check_against_direct(cache, model, k):
-    for rec in cache.samples.to_pylist():
-        a = cache.sample(rec["sample_id"])
-        logp, hidden = direct_stats(model, a["tokens"].astype(np.int64).tolist())
-        s, e = rec["scored_start"], rec["scored_end"]
-        v, i = logp[s:e].topk(k, -1)
-        ids = a["topk_ids"][s:e].astype(np.int64)
-        same = ids == i.numpy()
-        # a swap is allowed only between (near-)equal log-probs
-        assert same.mean() > 0.99 and np.allclose(a["topk_logprobs"][s:e][~same].astype(np.float64),
-                                                  v.numpy()[~same], atol=LOGPROB_ATOL)
-        np.testing.assert_allclose(a["topk_logprobs"][s:e].astype(np.float64), v.numpy(),
-                                   atol=LOGPROB_ATOL, rtol=LOGPROB_RTOL)
-        p = logp[s:e].exp()
-        ent = -(p * logp[s:e]).nan_to_num().sum(-1)
-        np.testing.assert_allclose(a["entropy"][s:e], ent.numpy(), rtol=ENTROPY_TOL, atol=ENTROPY_TOL)
-        nxt = torch.tensor(a["tokens"][s + 1:e + 1].astype(np.int64))
-        np.testing.assert_allclose(a["target_logprob"][s:e], logp[s:e].gather(-1, nxt[:, None])[:, 0].numpy(),
-                                   atol=1e-4)
-        # outside the scored rows: fill values
-        assert np.isnan(a["entropy"][:s]).all() and np.isnan(a["entropy"][e:]).all()
-        assert (a["topk_ids"][e:] == 0).all()
-        assert rec["mean_entropy"] == pytest.approx(float(ent.mean()), rel=1e-4)
-        assert rec["teacher_logprob_sum"] == pytest.approx(float(a["target_logprob"][s:e].sum()), rel=1e-5)
-        for layer in cache.manifest.capture.hidden_layers:
-            want = hidden[layer][0].float().numpy()
-            np.testing.assert_allclose(a[f"hidden/{layer}"], want, rtol=1 / 128, atol=1e-2)  # bfloat16
-
-
-def test_score_mode_stores_what_a_direct_computation_gives(tmp_path, tiny_teacher, tiny_model, text_file):
-    run_capture(job(tmp_path / "c", tiny_teacher, mode="score", source=str(text_file), hidden_layers=[1, -1],
-                    batch_tokens=64))
-    cache = open_cache(str(tmp_path / "c"), verify=True)
-    assert cache.manifest.complete and cache.manifest.num_samples == 8
-    assert cache.manifest.capture.hidden_layers == [1, 2]
-    assert set(cache.samples.column("scored_start").to_pylist()) == {0}
-    check_against_direct(cache, tiny_model, k=8)
-
-
-def test_generate_mode_greedy_matches_unbatched_generate(tmp_path, tiny_teacher, tiny_model):
-    from transformers import AutoTokenizer
-
-    run_capture(job(tmp_path / "c", tiny_teacher, limit=5, max_new_tokens=12, system_prompt="Be brief.",
-                    hidden_layers=[0, 1, -1]))
-    cache = open_cache(str(tmp_path / "c"))
-    tok = AutoTokenizer.from_pretrained(tiny_teacher)
-    prompts = [json.loads(line)["prompt"] for line in open(os.path.join(
-        os.path.dirname(__import__("logitcache").__file__), "data", "prompts.jsonl"))][:5]
-    for rec, prompt in zip(cache.samples.to_pylist(), prompts):
-        text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}],
-                                       add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            ref = tiny_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=[2],
-                                      pad_token_id=2)[0, len(ids):].tolist()
-        stop = ref.index(2) + 1 if 2 in ref else len(ref)
-        tokens = cache.sample(rec["sample_id"])["tokens"].tolist()
-        assert tokens[:len(ids)] == ids and tokens[len(ids):] == ref[:stop]
-        assert rec["prompt_tokens"] == len(ids) and rec["scored_start"] == len(ids) - 1
-        assert rec["finish_reason"] == ("stop" if 2 in ref else "length")
-        assert rec["prompt"] == prompt
-    check_against_direct(cache, tiny_model, k=8)
-
-
-def test_with_prompt_scores_prompt_rows_too(tmp_path, tiny_teacher, tiny_model):
-    run_capture(job(tmp_path / "c", tiny_teacher, limit=3, max_new_tokens=4, with_prompt=True, hidden_layers=[1]))
-    cache = open_cache(str(tmp_path / "c"))
-    for rec in cache.samples.to_pylist():
-        assert rec["scored_start"] == 0 and rec["scored_end"] == rec["num_tokens"] - 1
-        ent = cache.sample(rec["sample_id"])["entropy"]
-        assert np.isfinite(ent[:-1]).all() and np.isnan(ent[-1])
-    check_against_direct(cache, tiny_model, k=8)
 
 
 def test_sampling_is_seeded_per_shard_and_follows_the_distribution(tmp_path, tiny_teacher):
@@ -398,3 +307,25 @@ def test_rows_are_checked_before_the_first_shard_and_u2028_is_text(tmp_path, tin
     run_capture(job(tmp_path / "d", tiny_teacher, mode="score", source=str(odd)))
     assert open_cache(str(tmp_path / "d")).samples.column("response").to_pylist() == \
         ["a line\u2028separator and a paragraph\u2029separator inside a string", "next\u0085row"]
+
+
+def test_capture_config_comes_from_the_job_by_field_name():
+    from dataclasses import fields
+
+    from logitcache.format.manifest import CaptureConfig
+    from logitcache.teacher.capture import CaptureJob, capture_config
+
+    resolved = dict(top_k=16, hidden_layers=[3], max_length=512, samples_per_shard=8, encoding={"name": "topk"})
+    job = CaptureJob(cache="unused", mode="generate", temperature=0.7, top_p=0.9, num_samples=3, max_new_tokens=5,
+                     system_prompt="be brief", seed=11, logprob_dtype="float32", with_prompt=True, truncate=True,
+                     hidden_dtype="float16", top_k=99, max_length=4)
+    cfg = capture_config(job, **resolved)
+    for f in fields(CaptureConfig):     # every field: resolved, else the job's own
+        assert getattr(cfg, f.name) == resolved.get(f.name, getattr(job, f.name)), f.name
+    # score mode records no sampling it never did
+    score = capture_config(CaptureJob(cache="unused", mode="score", temperature=0.7, top_p=0.9, num_samples=3,
+                                      max_new_tokens=5, seed=11), **resolved)
+    assert (score.temperature, score.top_p, score.num_samples, score.max_new_tokens) == (0.0, 1.0, 1, 0)
+    assert score.seed == 11
+    with pytest.raises(TypeError, match="not CaptureConfig fields"):
+        capture_config(job, **resolved, bogus=1)

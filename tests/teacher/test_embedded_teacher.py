@@ -10,7 +10,7 @@ from logitcache import open_cache
 from logitcache.format import LogitcacheError
 from logitcache.teacher import embedded
 from logitcache.teacher.capture import CaptureJob, run_capture
-from tests.test_capture import check_against_direct
+from tests.teacher.backend_conformance import BackendTests, check_against_direct
 
 
 def test_materialised_directory_is_a_plain_hugging_face_model(smollm2_dir):
@@ -48,7 +48,7 @@ def test_smollm2_knows_paris_and_stores_exact_statistics(tmp_path, smollm2_dir):
     a = cache.sample(0)
     paris = tok(" Paris", add_special_tokens=False)["input_ids"][0]
     assert a["tokens"][-1] == paris and a["topk_ids"][-2, 0] == paris  # "is" -> " Paris" is the top choice
-    check_against_direct(cache, AutoModelForCausalLM.from_pretrained(smollm2_dir).eval(), k=64)
+    check_against_direct(cache, AutoModelForCausalLM.from_pretrained(smollm2_dir).eval(), BackendTests)
 
 
 @pytest.mark.slow
