@@ -39,7 +39,8 @@ from logitcache.cli.common import echo_json, handle_errors
 @click.option("--tail", type=click.Choice(["bucket", "renormalize"]),
               help="bucket: the teacher's mass outside the stored top-k is one extra outcome (default); "
                    "renormalize: compare on the top-k only (biased).")
-@click.option("--temperature", type=float, help="T (loss times T^2).  [default: 1]")
+@click.option("--temperature", type=float, help="Distillation temperature T: both distributions softened by T, loss times T^2 (not the "
+                   "capture's generation or proposal temperature).  [default: 1]")
 @click.option("--ce-alpha", type=float, help="Weight of hard-label cross-entropy: alpha*CE + (1-alpha)*KD.  [default: 0]")
 @click.option("--entropy-above", type=float, help="Distil only tokens whose teacher entropy (nats) is above this.")
 @click.option("--entropy-below", type=float, help="... or below this.")

@@ -1,7 +1,13 @@
 """Distillation losses for a student trained from a logitcache cache.
 
-The cache holds, per token position, the teacher's top-k ids and log-probs (log-softmax at T=1 over
-the full vocabulary V, stored fp16, sorted descending) and the exact full-vocabulary entropy. The
+The cache holds, per token position, the teacher's distribution in one of the registered encodings
+(logitcache.format.encodings). Every encoding decodes, before it reaches this module, to one of two
+target types (student_train/targets.py): a sparse row (up to k teacher ids with their log-probs,
+log-softmax at T=1 over the full vocabulary V, sorted descending, plus the exact tail mass outside
+the ids where the encoding stores it: adaptive, compact; for topk and full the loss derives it as
+1 - sum exp(log-probs)) or an estimated target (sampled ids with importance weights: sampled,
+hybrid; see ``sampled_kd``). This module holds the losses on
+sparse rows; the stored precision (fp16/fp32 values, 8/10-bit codes) is the encoding's business. The
 student produces logits (N, V) for the same positions. Everything here is a pure function of tensors,
 plus the ``TailPolicy`` enum, a small validated ``DistillationConfig`` and one ``HiddenStateProjector``
 module for feature distillation.

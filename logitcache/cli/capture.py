@@ -73,11 +73,12 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--top-k", type=int, default=None,
               help="Ids kept per token: k of topk/full (64), the cap of adaptive (128) and compact (64), the head of "
                    "hybrid (16).")
-@click.option("--keep-mass", type=float, default=None, help="adaptive/compact: mass to reach per token [0.99].")
+@click.option("--keep-mass", type=float, default=None, help="adaptive/compact: mass to reach per token, recorded as the encoding's top_p [0.99].")
 @click.option("--bits", type=int, default=None, help="compact/hybrid: bits per log-prob code [8 / 10].")
 @click.option("--draws", type=int, default=None, help="sampled/hybrid: draws per token [64].")
 @click.option("--proposal-temperature", type=float, default=None,
-              help="sampled: draw from softmax(logits / T), T >= 1, with importance weights [1].")
+              help="sampled: draw from softmax(logits / T), T >= 1, with importance weights, recorded as the "
+                   "encoding's temperature; not --temperature [1].")
 @click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--with-prompt", is_flag=True, help="Generate mode: store distributions over prompt tokens too.")
 @click.option("--hidden-layers", callback=_layers, default=None,
@@ -86,8 +87,11 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
               show_default=True)
 @click.option("--system-prompt", default=None, help="System message for generate mode (default: the template's).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy decoding.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="Generate mode: sampling temperature of the responses, 0 = greedy decoding. The stored "
+                   "distributions are always at T=1 (the proposal of `sampled` is --proposal-temperature).")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="Generate mode: nucleus sampling of the responses. Not the stored mass (that is --keep-mass).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (each shard derives its own).")
 @click.option("--num-samples", "-n", type=int, default=1, show_default=True, help="Responses per prompt.")
 @click.option("--max-length", "--max-model-len", "max_length", type=int, default=None, help="Context limit in tokens (default: the teacher's).")

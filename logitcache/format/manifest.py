@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from . import layout
 from .encodings import LEGACY_ENCODING
@@ -76,7 +76,13 @@ class TokenizerInfo:
 
 @dataclass
 class CaptureConfig:
-    """Everything that decides the stored numbers. Two runs into one cache must agree on all of it."""
+    """Everything that decides the stored numbers. Two runs into one cache must agree on all of it.
+
+    ``temperature`` and ``top_p`` are the *generation* sampling parameters (0.0 / 1.0 in score mode); the
+    encoding's own parameters (the sampled proposal temperature, the adaptive/compact keep-mass, which the
+    ``encoding`` dict records under the keys ``temperature`` and ``top_p``) are a different thing."""
+
+    GENERATION_ONLY: ClassVar[tuple[str, ...]] = ("max_new_tokens", "temperature", "top_p", "num_samples")
 
     mode: str                 # "generate" or "score"
     top_k: int

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
@@ -269,6 +269,21 @@ class CapturePlan:
     todo: list[int]
 
 
+def capture_config(job: CaptureJob, **resolved) -> CaptureConfig:
+    """The manifest's record of a job: every ``CaptureConfig`` field comes from the job field of the same
+    name, or from ``resolved`` (values worked out from the teacher and the encoding); in score mode the
+    generation-only fields keep their defaults, so a score cache records no sampling it never did."""
+    values = {}
+    for f in fields(CaptureConfig):
+        if f.name in resolved:
+            values[f.name] = resolved.pop(f.name)
+        elif job.mode == "generate" or f.name not in CaptureConfig.GENERATION_ONLY:
+            values[f.name] = getattr(job, f.name)
+    if resolved:
+        raise TypeError(f"capture_config: {sorted(resolved)} are not CaptureConfig fields")
+    return CaptureConfig(**values)
+
+
 def plan_capture(job: CaptureJob) -> CapturePlan:
     """Read the input, identify teacher and tokenizer, check them against the cache, pick this worker's
     shards. Everything here is cheap: no model weights are loaded."""
@@ -288,14 +303,8 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
     if top_k > teacher.vocab_size:
         raise LogitcacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
     layers = resolve_layers(job.hidden_layers, teacher.num_layers)
-    generate = job.mode == "generate"
-    cfg = CaptureConfig(
-        mode=job.mode, top_k=top_k, logprob_dtype=job.logprob_dtype, with_prompt=job.with_prompt,
-        hidden_layers=layers, hidden_dtype=job.hidden_dtype, max_length=teacher.max_length, truncate=job.truncate,
-        samples_per_shard=per_shard, system_prompt=job.system_prompt,
-        max_new_tokens=job.max_new_tokens if generate else 0, temperature=job.temperature if generate else 0.0,
-        top_p=job.top_p if generate else 1.0, seed=job.seed, num_samples=job.num_samples if generate else 1,
-        encoding=enc)
+    cfg = capture_config(job, top_k=top_k, hidden_layers=layers, max_length=teacher.max_length,
+                         samples_per_shard=per_shard, encoding=enc)
     specs = array_specs(teacher.vocab_size, top_k, job.logprob_dtype, layers, teacher.hidden_size, job.hidden_dtype,
                         enc)
     header = Manifest(teacher=teacher, tokenizer=tokenizer_info(tokenizer, _generation_eos(resolved.path)),
