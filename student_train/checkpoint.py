@@ -3,8 +3,10 @@
 A checkpoint is a directory ``<run>/checkpoint/``:
 
     state.pt      model, projector, optimizer, scheduler, loader position, RNG states (torch.save)
+    dcp/          --parallel fsdp only: model and optimizer shards, every rank's part, written with
+                  torch.distributed.checkpoint (state.pt then holds the rest)
     config.json   the TrainConfig of the run
-    meta.json     {"files": {"state.pt": "sha256:...", "config.json": "sha256:..."},
+    meta.json     {"files": {"state.pt": "sha256:...", "config.json": "sha256:...", "dcp/...": ...},
                    "data": {"cache": <fingerprint>, "eval_cache": ..., "teachers": [...]}}
 
 It is written to ``checkpoint.tmp/`` and swapped in with two renames, so a crash leaves the previous
@@ -32,9 +34,10 @@ from logitcache.format.errors import LogitcacheError
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
-STATE, CONFIG, META = "state.pt", "config.json", "meta.json"
+STATE, CONFIG, META, SHARDS = "state.pt", "config.json", "meta.json", "dcp"
 # settings that may change between a run and its resumption (they do not change the numbers)
-RESUMABLE_CHANGES = {"resume", "eval_every", "eval_batches", "log_every", "save_every", "num_workers"}
+RESUMABLE_CHANGES = {"resume", "eval_every", "eval_batches", "log_every", "save_every", "num_workers",
+                     "activation_checkpointing"}
 
 
 def file_sha256(path: str, block: int = 1 << 24) -> str:
@@ -46,16 +49,32 @@ def file_sha256(path: str, block: int = 1 << 24) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def save_checkpoint(out: str, state: dict, config: dict, data: dict) -> None:
+def save_checkpoint(out: str, state: dict, config: dict, data: dict, sharded: dict | None = None,
+                    rank: int = 0, world: int = 1) -> None:
     """Write ``state`` (torch.save), ``config`` and the checksums and data fingerprints ``data``
-    (see the module docstring) as ``out/checkpoint``, replacing the previous one atomically."""
+    (see the module docstring) as ``out/checkpoint``, replacing the previous one atomically.
+
+    Every rank calls it; rank 0 writes ``state``. ``sharded`` (FSDP: ``parallel.sharded_state``) is
+    written by every rank into ``dcp/`` with torch.distributed.checkpoint before rank 0 checksums
+    all the files and swaps the checkpoint in."""
     final, tmp, old = (os.path.join(out, CHECKPOINT + suffix) for suffix in ("", ".tmp", ".old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if sharded is not None:
+        import torch.distributed.checkpoint as dcp
+
+        if world > 1:
+            torch.distributed.barrier()
+        dcp.save(sharded, checkpoint_id=os.path.join(tmp, SHARDS))      # collective: every rank writes its part
+    if rank != 0:
+        return
     torch.save(state, os.path.join(tmp, STATE))
     with open(os.path.join(tmp, CONFIG), "w") as f:
         json.dump(config, f, indent=1)
-    meta = {"files": {name: file_sha256(os.path.join(tmp, name)) for name in (STATE, CONFIG)}, "data": data}
+    names = [STATE, CONFIG] + ([os.path.join(SHARDS, n) for n in sorted(os.listdir(os.path.join(tmp, SHARDS)))]
+                               if sharded is not None else [])
+    meta = {"files": {name: file_sha256(os.path.join(tmp, name)) for name in names}, "data": data}
     with open(os.path.join(tmp, META), "w") as f:
         json.dump(meta, f, indent=1)
         f.flush()
@@ -117,7 +136,10 @@ def load_checkpoint(out: str, config: dict, data: dict) -> dict | None:
         raise LogitcacheError(f"{out} holds a checkpoint made with {k} = {saved.get(k)!r}, but this run has "
                               f"{config[k]!r}; use another --out, or --no-resume to start over")
     try:
-        return torch.load(os.path.join(path, STATE), weights_only=False)
+        state = torch.load(os.path.join(path, STATE), weights_only=False)
+        if os.path.isdir(os.path.join(path, SHARDS)):
+            state["sharded_at"] = os.path.join(path, SHARDS)      # parallel.load_sharded_state reads it
+        return state
     except Exception as e:     # a checkpoint of an earlier release without checksums, damaged
         raise LogitcacheError(f"{where}/{STATE} cannot be loaded ({type(e).__name__}: {e}); --no-resume starts "
                               "over") from None

@@ -61,6 +61,18 @@ from logitcache.cli.common import echo_json, handle_errors
 @click.option("--seed", type=int)
 @click.option("--num-workers", type=int, help="DataLoader worker processes.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto: bf16 autocast on CUDA.")
+@click.option("--attention", type=click.Choice(["auto", "flash", "flex", "sdpa", "dense"]),
+              help="How packed documents are kept apart: flash (varlen kernels, CUDA + flash-attn), flex (block-sparse "
+                   "mask, CUDA), sdpa (position restarts), dense (a (B,1,T,T) mask, any model); auto = the first of "
+                   "these that passes a packed-vs-alone probe on the student (docs/training.md).  [default: auto]")
+@click.option("--parallel", type=click.Choice(["ddp", "fsdp"]),
+              help="Under torchrun: ddp (a full student per rank) or fsdp (FSDP2: parameters, gradients and optimizer "
+                   "state sharded; checkpoints sharded).  [default: ddp]")
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
+              help="Recompute each decoder block's activations in backward (less memory, ~1/3 more compute).")
+@click.option("--fused-loss", type=click.Choice(["auto", "on", "off"]),
+              help="LM head and loss computed chunk by chunk of rows, never the (B, T, V) logits; auto = when the "
+                   "student's head allows it (docs/training.md).  [default: auto]")
 @click.option("--resume/--no-resume", default=None, help="Continue from OUT/checkpoint if present (default) or start over.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")

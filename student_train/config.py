@@ -54,6 +54,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     precision: str = "auto"                     # auto (bf16 autocast on CUDA), fp32, bf16
+    attention: str = "auto"                     # auto | flash | flex | sdpa | dense (student_train.attention)
+    parallel: str = "ddp"                       # ddp | fsdp (student_train.parallel)
+    activation_checkpointing: bool = False      # recompute each decoder block in backward
+    fused_loss: str = "auto"                    # auto | on | off: LM head + loss chunk by chunk (linear_loss)
     resume: bool = True                         # continue from out/checkpoint when it exists
 
     def __post_init__(self):
@@ -86,6 +90,10 @@ class TrainConfig:
                 bad(name, f"must be in (0, 1], got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", f"{self.precision!r}: choose auto, fp32 or bf16")
+        for name, choices in (("attention", ("auto", "flash", "flex", "sdpa", "dense")), ("parallel", ("ddp", "fsdp")),
+                              ("fused_loss", ("auto", "on", "off"))):
+            if getattr(self, name) not in choices:
+                bad(name, f"{getattr(self, name)!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
         if self.hidden_loss not in ("cosine", "mse"):
             bad("hidden_loss", f"{self.hidden_loss!r}: choose cosine or mse")
         if "://" in self.out or self.out.startswith(("s3:", "gs:", "gcs:", "az:", "hf:")):

@@ -36,7 +36,7 @@ one rank per epoch, and resuming skips rows without reading them.
 the documents of a row 1, 2, ... in placement order; 0 marks padding. ``position_ids`` restart at 0
 for each document (0 on padding). A document never crosses rows. The trainer must let token ``i``
 attend to token ``j`` only when ``j <= i`` and both have the same non-zero document id (a
-block-diagonal causal mask, see ``block_causal_mask``); padding positions attend to themselves only.
+block-diagonal causal mask, see ``attention.block_causal_mask``); padding positions attend to themselves only.
 Row ``t`` of a document is the teacher's row ``t`` (its prediction of token ``t + 1``): the
 student's logits at position ``t`` are compared with ``teacher_*[t]`` with no shift, where
 ``loss_mask[t]``; ``labels[t]`` is the next token there and -100 elsewhere.
@@ -67,11 +67,18 @@ batch it hands out, and its ``state_dict()`` is the stream's. A later ``__iter__
 workers get a fresh copy of the stream) starts at the recorded position, skipping consumed rows
 using the plan alone. ``set_epoch(e)`` starts epoch ``e`` from its beginning.
 
-Reads: the segments of a batch are grouped by shard, sorted by offset, and samples closer than
-``merge_gap_rows`` are read with one ``Cache.read_rows`` call; values go straight from the decoded
-chunks into the batch's preallocated numpy buffers. A background thread builds the next
-``prefetch`` batches while the current one is used; its errors are raised in the consumer, at the
-place in the stream where they happened.
+**Reads** (``_Blocks``): each array of a shard is read in blocks (the whole shard, or one Zarr chunk
+for wide rows such as hidden states) with ``Cache.read_rows`` (``read_raw`` for bfloat16, widened as
+rows are taken), so every chunk is decoded once per epoch while the blocks fit in
+``block_cache_bytes``. Blocks cover only what the iterator's remaining batches need (samples closer
+than ``merge_gap_rows`` merged), are dropped after the last batch that reads them (the plan says
+which), and beyond the budget the block needed again latest is dropped first. A helper thread reads
+the blocks of the batches in the next ``read_ahead_tokens`` token slots while the current batch is
+built. A batch is then filled with no loop per sample or token: its tokens' places and rows are
+computed at once, rows gathered per block, and the teacher's rows of the whole batch decoded with one
+``Encoding.decode`` call and put in place entry by entry. A background thread builds the next ``prefetch`` batches while the current
+one is used; its errors (a read's included) are raised in the consumer, at the place in the stream
+where they happened. ``tests/student/test_loader_identity.py`` pins the batches element by element.
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ import os
 import queue
 import re
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -93,8 +101,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitcache.format import LogitcacheError
-from logitcache.format.arrays import FULL_LOGPROBS, absolute_layer
-from logitcache.format.encodings import as_targets
+from logitcache.format.arrays import FULL_LOGPROBS, absolute_layer, bf16_bits_to_float32
+from logitcache.format.encodings import SparseRows, TargetRows, as_targets
 from logitcache.format.fingerprint import vocab_sha256
 from logitcache.store.reader import Cache, open_cache
 
@@ -103,6 +111,7 @@ from .targets import EstimatedTargets, SparseTargets
 STATE_VERSION = 1
 LOSS_ON = ("completion", "scored")
 READ_ARRAYS = ("tokens", "entropy")
+MAX_BLOCK_ROWS = 1 << 20  # token rows of one block at most
 _PLAN_COLUMNS = ["sample_id", "shard", "token_offset", "num_tokens", "prompt_tokens", "scored_start", "scored_end"]
 
 
@@ -278,6 +287,9 @@ class CacheStream(IterableDataset):
     and DataLoader workers; see the module doc for the plan, the row contract and resumption."""
 
     merge_gap_rows = 1024  # samples of a shard closer than this are read in one request
+    block_bytes = 32 << 20  # an array of a shard up to this size is read whole; wider ones a chunk at a time
+    block_cache_bytes = 1 << 30  # decoded blocks kept across batches, at most (see _Blocks)
+    read_ahead_tokens = 1 << 17  # token slots (rows x seq_len) of later batches whose blocks are read ahead
 
     def __init__(self, cache: Cache | str, seq_len: int, batch_size: int = 1, *, packing: bool = True,
                  shuffle: bool = True, seed: int = 0, shuffle_buffer: int = 1024, pack_window: int = 8,
@@ -486,7 +498,15 @@ class CacheStream(IterableDataset):
         plan = self.plan()
         first = self.rows_consumed // self.batch_size
         batches = range(first + worker, plan.rows_per_rank // self.batch_size, workers)
-        return self._prefetched(self._build_batch(plan, j) for j in batches)
+        return self._prefetched(self._batches(plan, batches))
+
+    def _batches(self, plan: EpochPlan, batches: range) -> Iterator[dict[str, torch.Tensor]]:
+        blocks = _Blocks(self, plan, batches)       # made where the batches are built (thread, worker)
+        try:
+            for j in batches:
+                yield self._build_batch(plan, j, blocks)
+        finally:
+            blocks.close()
 
     def _prefetched(self, batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
         if self.prefetch <= 0:
@@ -512,6 +532,8 @@ class CacheStream(IterableDataset):
                 put(_DONE)
             except BaseException as e:  # handed to the consumer, raised there
                 put(_Failure(e))
+            finally:
+                getattr(batches, "close", lambda: None)()   # in this thread: the batches' reader stops here
 
         thread = threading.Thread(target=produce, name="logitcache-prefetch", daemon=True)
         _PREFETCHERS[thread] = stop
@@ -529,13 +551,25 @@ class CacheStream(IterableDataset):
             thread.join(timeout=30)
             _PREFETCHERS.pop(thread, None)
 
-    def _rank_rows(self, plan: EpochPlan, batch: int) -> np.ndarray:
-        """Global rows of one of this rank's batches; -1 for padding rows."""
-        local = np.arange(batch * self.batch_size, (batch + 1) * self.batch_size, dtype=np.int64)
-        count = plan.rank_count[self.rank]
-        return np.where(local < count, plan.rank_start[self.rank] + local, -1)
+    def _segments(self, plan: EpochPlan, batches: Iterable[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every segment of the given batches of this rank: (batch ordinal, row in its batch, segment index),
+        in batch, row and placement order."""
+        batches = np.asarray(list(batches), dtype=np.int64)
+        local = batches[:, None] * self.batch_size + np.arange(self.batch_size, dtype=np.int64)   # (nb, B)
+        real = local < plan.rank_count[self.rank]
+        ordinal, row = np.nonzero(real)
+        g = plan.rank_start[self.rank] + local[real]                                # global rows
+        n = plan.row_ptr[g + 1] - plan.row_ptr[g]                                   # segments per row
+        seg = np.repeat(plan.row_ptr[g] - _starts(n), n) + np.arange(int(n.sum()), dtype=np.int64)
+        return np.repeat(ordinal, n), np.repeat(row, n), seg
 
-    def _build_batch(self, plan: EpochPlan, batch: int) -> dict:
+    def _build_batch(self, plan: EpochPlan, batch: int, blocks: "_Blocks | None" = None) -> dict:
+        if blocks is None:      # a batch on its own
+            blocks = _Blocks(self, plan, [batch])
+            try:
+                return self._build_batch(plan, batch, blocks)
+            finally:
+                blocks.close()
         cache = self.cache
         B, T = self.batch_size, self.seq_len
         W, enc = self.teacher_width, self.encoding
@@ -558,62 +592,40 @@ class CacheStream(IterableDataset):
         for layer in self.hidden_layers:
             out[f"hidden.{layer}"] = np.zeros((B, T, d), np.float32)
 
-        # every segment of the batch: (row in batch, segment index)
-        rows = self._rank_rows(plan, batch)
-        seg_row, seg_idx = [], []
-        for b, g in enumerate(rows.tolist()):
-            if g >= 0:
-                idx = np.arange(plan.row_ptr[g], plan.row_ptr[g + 1])
-                seg_idx.append(idx)
-                seg_row.append(np.full(len(idx), b, np.int64))
-        if seg_idx:
-            seg_idx_a, seg_row_a = np.concatenate(seg_idx), np.concatenate(seg_row)
-            samples = plan.seg_sample[seg_idx_a]
-            # rows to read per sample: the kept tokens plus the next one (the last label)
-            n_read = np.minimum(self._num_tokens[samples], self._used[samples] + 1)
-            order = np.lexsort((self._offset[samples], self._shard_code[samples]))
-            arange = np.arange(T + 1, dtype=np.int64)
-            names = list(READ_ARRAYS) + [f"hidden/{layer}" for layer in self.hidden_layers]
-            names += [FULL_LOGPROBS] if self.with_full else []
-
-            i = 0
-            while i < len(order):  # one read per run of nearby samples of one shard
-                shard = self._shard_code[samples[order[i]]]
-                start = int(self._offset[samples[order[i]]])
-                stop = start + int(n_read[order[i]])
-                j = i + 1
-                while j < len(order):
-                    s = samples[order[j]]
-                    if self._shard_code[s] != shard or self._offset[s] > stop + self.merge_gap_rows:
-                        break
-                    stop = max(stop, int(self._offset[s] + n_read[order[j]]))
-                    j += 1
-                data = self._read(cache, self._shard_names[shard], start, stop, names)
-                decoded = as_targets(cache.teacher_rows(self._shard_names[shard], start, stop))
-                for m in order[i:j].tolist():
-                    s, b = int(samples[m]), int(seg_row_a[m])
-                    col, used = int(plan.seg_col[seg_idx_a[m]]), int(self._used[s])
-                    lo, hi = int(self._loss_lo[s]), int(self._loss_hi[s])
-                    at = int(self._offset[s]) - start
-                    cols = slice(col, col + used)
-                    out["input_ids"][b, cols] = data["tokens"][at:at + used]
-                    out["position_ids"][b, cols] = arange[:used]
-                    out["document_ids"][b, cols] = plan.seg_doc[seg_idx_a[m]]
-                    out["sample_index"][b, cols] = s
-                    for layer in self.hidden_layers:
-                        out[f"hidden.{layer}"][b, cols] = data[f"hidden/{layer}"][at:at + used]
-                    if hi > lo:
-                        loss = slice(col + lo, col + hi)
-                        out["labels"][b, loss] = data["tokens"][at + lo + 1:at + hi + 1]
-                        out["loss_mask"][b, loss] = True
-                        out["teacher_entropy"][b, loss] = data["entropy"][at + lo:at + hi]
-                        part = decoded.rows(at + lo, at + hi)
-                        t_ids[b, loss], t_values[b, loss] = part.padded(W)
-                        if t_tail is not None:
-                            t_tail[b, loss] = part.tail
-                        if self.with_full:
-                            out["teacher_full_logprobs"][b, loss] = data[FULL_LOGPROBS][at + lo:at + hi]
-                i = j
+        blocks.start(batch)
+        _, seg_row, seg = self._segments(plan, [batch])
+        if len(seg):
+            # every token of the batch at once: where it goes (flat b * T + column) and where it comes from
+            samples = plan.seg_sample[seg]
+            used, lo, hi = self._used[samples], self._loss_lo[samples], self._loss_hi[samples]
+            first = seg_row * T + plan.seg_col[seg]                  # flat slot of each segment's first token
+            tok = np.repeat(np.arange(len(seg)), used)               # (N,) segment of each token
+            t = np.arange(len(tok), dtype=np.int64) - np.repeat(_starts(used), used)
+            dest, rows, shards = first[tok] + t, self._offset[samples][tok] + t, self._shard_code[samples][tok]
+            flat = {name: a.reshape(B * T, *a.shape[2:]) for name, a in out.items()}
+            flat["position_ids"][dest] = t
+            flat["document_ids"][dest] = plan.seg_doc[seg][tok]
+            flat["sample_index"][dest] = samples[tok]
+            on = (t >= lo[tok]) & (t < hi[tok])                        # loss rows: [lo, hi) of each segment
+            # values are gathered by shard and row (``_Rows`` order) and put at their places in that order
+            every = _Rows(shards, rows)
+            sorted_dest = dest[every.order]
+            flat["input_ids"][sorted_dest] = blocks.take("tokens", every)
+            for layer in self.hidden_layers:
+                blocks.take_into(f"hidden/{layer}", every, flat[f"hidden.{layer}"], sorted_dest)
+            if on.any():
+                loss = _Rows(shards[on], rows[on])
+                dest = dest[on][loss.order]
+                flat["labels"][dest] = blocks.take("tokens", _Rows(loss.shards, loss.rows + 1, loss.order))
+                flat["loss_mask"][dest] = True
+                flat["teacher_entropy"][dest] = blocks.take("entropy", loss)
+                if self.with_full:
+                    blocks.take_into(FULL_LOGPROBS, loss, flat["teacher_full_logprobs"], dest)
+                decoded = as_targets(enc.decode(blocks.stored_rows(loss), cache.manifest.teacher.vocab_size))
+                _place_rows(decoded, W, enc.ragged, dest, t_ids.reshape(B * T, W), t_values.reshape(B * T, W))
+                if t_tail is not None:
+                    t_tail.reshape(B * T)[dest] = decoded.tail
+        blocks.done(batch)
         batch_out: dict = {name: torch.from_numpy(a) for name, a in out.items()}
         ids, values = torch.from_numpy(t_ids), torch.from_numpy(t_values)
         if enc.estimated:
@@ -622,16 +634,356 @@ class CacheStream(IterableDataset):
             batch_out["teacher"] = SparseTargets(ids, values, None if t_tail is None else torch.from_numpy(t_tail))
         return batch_out
 
+    def _read_raw(self, cache: Cache, shard: str, start: int, stop: int, name: str) -> np.ndarray:
+        """Rows [start, stop) of one array as stored (bfloat16 as its 16 bits); failures as in ``_read``."""
+        return _naming_failures(cache, shard, start, stop, lambda: cache.read_raw(shard, name, start, stop))
+
     def _read(self, cache: Cache, shard: str, start: int, stop: int, names: list[str]) -> dict[str, np.ndarray]:
         """Rows [start, stop) of a shard; the reader refuses a shard with a missing or truncated file
         (``CorruptShardError``), and any other failure is re-raised naming the shard and rows."""
-        try:
-            return cache.read_rows(shard, start, stop, names)
-        except LogitcacheError:
-            raise
-        except Exception as e:
-            raise LogitcacheError(f"shard {shard!r} of {cache.url}: reading rows [{start}, {stop}) failed: "
-                                  f"{type(e).__name__}: {e}") from e
+        return _naming_failures(cache, shard, start, stop, lambda: cache.read_rows(shard, start, stop, names))
+
+
+def _naming_failures(cache: Cache, shard: str, start: int, stop: int, read):
+    """``read()``; a failure that is not already a LogitcacheError becomes one naming the shard and rows."""
+    try:
+        return read()
+    except LogitcacheError:
+        raise
+    except Exception as e:
+        raise LogitcacheError(f"shard {shard!r} of {cache.url}: reading rows [{start}, {stop}) failed: "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def _place_rows(decoded: SparseRows | TargetRows, width: int, ragged: bool, dest: np.ndarray, ids: np.ndarray,
+                values: np.ndarray) -> None:
+    """``ids[dest], values[dest] = decoded.padded(width)`` without the padded copy: each entry goes
+    straight to its place. The targets already hold what ``padded`` puts after a row's entries (-1 and
+    -inf, or 0 for estimates, where rows are ragged; rows of other encodings are full)."""
+    counts = decoded.counts
+    flat_values = decoded.logprobs if isinstance(decoded, SparseRows) else decoded.targets
+    if len(counts) and int(counts.min()) == width == int(counts.max()):
+        ids[dest] = decoded.ids.reshape(-1, width)
+        values[dest] = flat_values.reshape(-1, width)
+    elif ragged and int(counts.max(initial=0)) <= width:
+        at = np.repeat(dest * width - _starts(counts), counts) + np.arange(len(decoded.ids), dtype=np.int64)
+        ids.reshape(-1)[at] = decoded.ids
+        values.reshape(-1)[at] = flat_values
+    else:   # rows shorter than the width in an encoding that is not ragged, or too long (padded refuses)
+        ids[dest], values[dest] = decoded.padded(width)
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """(n,) int64: where each of n consecutive runs of ``counts`` items starts."""
+    out = np.zeros(len(counts), dtype=np.int64)
+    np.cumsum(counts[:-1], out=out[1:])
+    return out
+
+
+class _Blocks:
+    """The rows one iterator of a stream reads, in blocks kept across batches.
+
+    Each array of a shard is read in blocks of token rows: the whole shard when its decoded array
+    is at most ``CacheStream.block_bytes``, else one Zarr chunk (wide rows: hidden states, full
+    distributions), so a chunk is decoded once however many samples and batches it serves. Blocks
+    cover only rows this iterator needs: the samples of its remaining batches, merged where they are
+    at most ``merge_gap_rows`` apart, cut at block boundaries. The plan says which batches read each
+    block: a block is dropped after the last of them, and when more than
+    ``CacheStream.block_cache_bytes`` are held, the block needed again latest goes first (read again
+    when that time comes). bfloat16 blocks are held as stored (16 bits) and widened as rows are taken."""
+
+    def __init__(self, stream: CacheStream, plan: EpochPlan, batches: Iterable[int]):
+        self.stream, self.cache = stream, stream.cache
+        batches = list(batches)
+        self.ordinal = {j: i for i, j in enumerate(batches)}
+        seg_batch, _, seg = stream._segments(plan, batches) if batches else (np.zeros(0, np.int64),) * 3
+        samples = plan.seg_sample[seg]
+        n_read = np.minimum(stream._num_tokens[samples], stream._used[samples] + 1)   # kept tokens + the last label
+        shard = stream._shard_code[samples]
+        order = np.lexsort((stream._offset[samples], shard))
+        self.needed: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}     # shard -> (starts, stops, ordinal)
+        bounds = np.searchsorted(shard[order], np.arange(len(stream._shard_names) + 1))
+        for code in np.unique(shard).tolist():
+            o = order[bounds[code]:bounds[code + 1]]
+            start = stream._offset[samples[o]]
+            self.needed[code] = (start, start + n_read[o], seg_batch[o])
+        self.pieces: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self.held: dict[tuple[int, int, int], dict[str, np.ndarray]] = {}   # (shard, grid, piece) -> arrays
+        self.held_bytes = 0
+        self.next_use: dict[tuple[int, int, int], int] = {}    # batch ordinal that reads a held block next
+        self.touched: set = set()                               # blocks read by the batch being built
+        self.now = 0
+        self.grid: dict[str, int] = {}
+        self.largest_shard = max((r.tokens for r in self.cache.shards), default=0)
+        self.raw = {name for name, spec in self.cache.manifest.arrays.items()
+                    if spec.dtype == "bfloat16" and not spec.per_entry}
+        # read-ahead: the blocks of the next batches are read by a helper thread while this one is built
+        self.pending: dict[tuple[int, int, int], Future] = {}
+        self.pending_bytes = 0
+        self.row_bytes: dict[str, float] = {}                     # held bytes per token row, per array
+        self.pool: ThreadPoolExecutor | None = None
+        self.needs: dict[int, list[tuple[int, int, int]]] = {}   # batch ordinal -> blocks it reads
+        self.names_on: dict[int, list[str]] = {}                  # grid -> arrays read on it
+        self.lookahead = math.ceil(stream.read_ahead_tokens / (stream.batch_size * stream.seq_len))
+        if self.needed and self.lookahead > 0:
+            self._index_needs()
+            self._read_ahead(0)
+
+    def _index_needs(self) -> None:
+        """Which blocks each batch reads (every array the stream reads, on its grid)."""
+        stream = self.stream
+        names = [*READ_ARRAYS, *(f"hidden/{layer}" for layer in stream.hidden_layers),
+                 *([FULL_LOGPROBS] if stream.with_full else []), *stream.encoding.stored_names()]
+        shard = stream._shard_names[next(iter(self.needed))]
+        for name in dict.fromkeys(names):
+            self.names_on.setdefault(self.block_rows(name, shard), []).append(name)
+        ordinals, keys = [], []
+        for code in self.needed:
+            for grid in self.names_on:
+                _, _, use_ptr, uses = self._pieces(code, grid)
+                block = np.repeat(np.arange(len(use_ptr) - 1), np.diff(use_ptr))
+                ordinals.append(uses)
+                keys += [(code, grid, int(i)) for i in block.tolist()]
+        ordinals = np.concatenate(ordinals)
+        for at in np.argsort(ordinals, kind="stable").tolist():
+            self.needs.setdefault(int(ordinals[at]), []).append(keys[at])
+
+    def _read_ahead(self, ordinal: int) -> None:
+        """Start reading the blocks of the next ``lookahead`` batches that are not held (while the
+        blocks being read come to at most half of ``block_cache_bytes``)."""
+        budget = self.stream.block_cache_bytes // 2
+        for o in range(ordinal, ordinal + self.lookahead):
+            for key in self.needs.get(o, ()):
+                if key in self.held or key in self.pending:
+                    continue
+                size = self._size(key)
+                if self.pending_bytes + size > budget and self.pending:
+                    return
+                if self.pool is None:
+                    self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-read")
+                self.pending[key] = self.pool.submit(self._fetch, key, self.names_on[key[1]])
+                self.pending_bytes += size
+
+    def _size(self, key: tuple[int, int, int]) -> int:
+        """About how many bytes reading a block holds (entry arrays at the shard's mean entries per token)."""
+        code, grid, i = key
+        p_start, p_stop = self._pieces(code, grid)[:2]
+        return int(p_stop[i] - p_start[i]) * sum(self.row_bytes[n] for n in self.names_on[grid])
+
+    def _fetch(self, key: tuple[int, int, int], names: list[str]) -> dict[str, np.ndarray]:
+        code, grid, i = key
+        p_start, p_stop = self._pieces(code, grid)[:2]
+        shard, a, b = self.stream._shard_names[code], int(p_start[i]), int(p_stop[i])
+        data = {n: self.stream._read_raw(self.cache, shard, a, b, n) for n in names if n in self.raw}
+        rest = [n for n in names if n not in self.raw]
+        if rest:
+            data.update(self.stream._read(self.cache, shard, a, b, rest))
+        return data
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    # ---- layout --------------------------------------------------------------------------------
+    def block_rows(self, name: str, shard: str) -> int:
+        """Token rows per block of array ``name``: the whole shard, or one chunk of a wide array."""
+        if name not in self.grid:
+            spec = self.cache.manifest.arrays[name]
+            arr = self.cache.array(shard, name)
+            tokens = max(self.cache.record(shard).tokens, 1)
+            if spec.per_entry:
+                row_bytes, chunk = max(arr.shape[0] / tokens, 1.0) * arr.dtype.itemsize, 0
+            else:
+                row_bytes = arr.dtype.itemsize * max(int(np.prod(spec.row_shape, dtype=np.int64)), 1)
+                chunk = int(arr.chunks[0])
+            self.row_bytes[name] = row_bytes
+            if row_bytes * self.largest_shard <= self.stream.block_bytes:
+                self.grid[name] = MAX_BLOCK_ROWS
+            else:   # a chunk's rows (entry arrays: about a chunk of entries), a power of two
+                rows = chunk or 1 << max(int(arr.chunks[0] * arr.dtype.itemsize // row_bytes).bit_length() - 1, 0)
+                self.grid[name] = int(rows)
+        return self.grid[name]
+
+    def _pieces(self, code: int, rows_per_block: int) -> tuple[np.ndarray, ...]:
+        """(starts, stops, use_ptr, uses) of the blocks of a shard on a grid of ``rows_per_block``: the
+        needed runs (merged across gaps up to merge_gap_rows) cut at its multiples; block p is read by
+        the batches (ordinals, ascending) ``uses[use_ptr[p]:use_ptr[p + 1]]``."""
+        key = (code, rows_per_block)
+        if key not in self.pieces:
+            start, stop, ordinal = self.needed[code]
+            reach = np.maximum.accumulate(stop)
+            new = np.ones(len(start), dtype=bool)
+            new[1:] = start[1:] > reach[:-1] + self.stream.merge_gap_rows
+            run_start = start[new]
+            run_stop = reach[np.append(np.flatnonzero(new)[1:] - 1, len(start) - 1)]
+            k0, k1 = run_start // rows_per_block, (run_stop - 1) // rows_per_block
+            n = k1 - k0 + 1
+            k = np.repeat(k0, n) + np.arange(int(n.sum())) - np.repeat(_starts(n), n)
+            p_start = np.maximum(np.repeat(run_start, n), k * rows_per_block)
+            p_stop = np.minimum(np.repeat(run_stop, n), (k + 1) * rows_per_block)
+            # the batches that read each block: those of the samples overlapping it
+            first = np.searchsorted(p_start, start, side="right") - 1
+            m = np.searchsorted(p_start, stop - 1, side="right") - first
+            covered = np.repeat(first, m) + np.arange(int(m.sum())) - np.repeat(_starts(m), m)
+            pairs = np.unique(covered * (1 << 32) + np.repeat(ordinal, m))
+            block, uses = pairs >> 32, pairs & ((1 << 32) - 1)
+            use_ptr = np.searchsorted(block, np.arange(len(p_start) + 1))
+            self.pieces[key] = (p_start, p_stop, use_ptr, uses)
+        return self.pieces[key]
+
+    def _piece(self, code: int, rows_per_block: int, i: int, names: list[str]) -> dict[str, np.ndarray]:
+        key = (code, rows_per_block, i)
+        held = self.held.get(key)
+        self.touched.add(key)
+        self.next_use[key] = self.now
+        if held is not None and all(n in held for n in names):
+            return held
+        future = self.pending.pop(key, None)
+        if future is not None:
+            self.pending_bytes -= self._size(key)
+        data = future.result() if future is not None else {}     # a failed read raises here, where it is used
+        data = {n: a for n, a in data.items() if held is None or n not in held}
+        missing = [n for n in names if (held is None or n not in held) and n not in data]
+        if missing:
+            data.update(self._fetch(key, missing))
+        held = self.held.setdefault(key, {})
+        held.update(data)
+        self.held_bytes += sum(x.nbytes for x in data.values())
+        while self.held_bytes > self.stream.block_cache_bytes:
+            later = [k for k in self.held if k not in self.touched]
+            if not later:
+                break       # the batch being built needs every held block
+            self._drop(max(later, key=self.next_use.__getitem__))
+        return held
+
+    def _drop(self, key) -> None:
+        held = self.held.pop(key, None)
+        self.next_use.pop(key, None)
+        if held is not None:
+            self.held_bytes -= sum(a.nbytes for a in held.values())
+
+    def start(self, batch: int) -> None:
+        """Batch ``batch`` is being built (blocks it reads are kept until ``done``)."""
+        self.now = self.ordinal.get(batch, 0)
+
+    def done(self, batch: int) -> None:
+        """Batch ``batch`` is built: each block it read is kept for the next batch that reads it, or
+        dropped when none does."""
+        for key in self.touched:
+            code, grid, i = key
+            _, _, use_ptr, uses = self._pieces(code, grid)
+            later = uses[use_ptr[i]:use_ptr[i + 1]]
+            at = int(np.searchsorted(later, self.now, side="right"))
+            if at < len(later):
+                self.next_use[key] = int(later[at])
+            else:
+                self._drop(key)
+        self.touched.clear()
+        if self.needs:
+            self._read_ahead(self.now + 1)
+
+    # ---- gathering -----------------------------------------------------------------------------
+    # Rows are gathered in ``_Rows`` order (by shard, then row), so each block serves one contiguous
+    # range of them; callers put the results at their destinations taken in the same order.
+    def _groups(self, name: str, sel: "_Rows") -> list[tuple[int, int, int, int, int]]:
+        """``sel``'s rows (in its order) by the block of ``name`` they fall in: (shard code, grid, piece
+        index, first, stop), ``first:stop`` a range of ``sel``'s order."""
+        grid = self.block_rows(name, self.stream._shard_names[int(sel.shards[0])])
+        if grid not in sel.groups:
+            groups = []
+            for a, b in sel.shard_ranges():
+                code = int(sel.sorted_shards[a])
+                piece = np.searchsorted(self._pieces(code, grid)[0], sel.sorted_rows[a:b], side="right") - 1
+                edges = np.concatenate([[0], np.flatnonzero(piece[1:] != piece[:-1]) + 1, [b - a]]).tolist()
+                groups += [(code, grid, int(piece[e0]), a + e0, a + e1) for e0, e1 in zip(edges[:-1], edges[1:])]
+            sel.groups[grid] = groups
+        return sel.groups[grid]
+
+    def _block(self, name: str, code: int, grid: int, i: int) -> tuple[np.ndarray, int]:
+        """Block ``i`` of array ``name`` and its first token row."""
+        return self._piece(code, grid, i, [name])[name], int(self._pieces(code, grid)[0][i])
+
+    def take(self, name: str, sel: "_Rows") -> np.ndarray:
+        """The rows of ``sel`` of a token-major array, in ``sel``'s order (bfloat16 widened to float32)."""
+        out = None
+        for code, grid, i, a, b in self._groups(name, sel):
+            block, first = self._block(name, code, grid, i)
+            values = block[sel.sorted_rows[a:b] - first]
+            if name in self.raw:
+                values = bf16_bits_to_float32(values)
+            if out is None:
+                out = np.empty((len(sel.rows), *values.shape[1:]), dtype=values.dtype)
+            out[a:b] = values
+        return out
+
+    def take_into(self, name: str, sel: "_Rows", target: np.ndarray, dest: np.ndarray) -> None:
+        """``target[dest] = take(name, sel)`` (``dest`` in ``sel``'s order), copying runs of rows that
+        are consecutive in both (a sample's tokens): for wide rows (hidden states, full distributions)."""
+        widen = name in self.raw
+        bits = target.view(np.uint32) if widen else None
+        for code, grid, i, a, b in self._groups(name, sel):
+            block, first = self._block(name, code, grid, i)
+            for r0, d0, n in sel.runs(a, b, dest):
+                values = block[r0 - first:r0 - first + n]
+                if widen:   # bf16_bits_to_float32, written in place: the 16 bits become the float32's high half
+                    np.left_shift(values, 16, out=bits[d0:d0 + n], dtype=np.uint32)
+                else:
+                    target[d0:d0 + n] = values
+
+    def stored_rows(self, sel: "_Rows") -> dict[str, np.ndarray]:
+        """The encoding's stored arrays at the rows of ``sel``, in its order (entry arrays: those rows'
+        entries laid end to end), as ``Cache.read_rows`` gives them for consecutive rows."""
+        manifest = self.cache.manifest
+        out = {}
+        for name in self.stream.encoding.stored_names():
+            spec = manifest.arrays[name]
+            if not spec.per_entry:
+                out[name] = self.take(name, sel)
+                continue
+            parts = []
+            for code, grid, i, a, b in self._groups(name, sel):
+                off = self.cache.entry_offsets(self.stream._shard_names[code], spec.index)
+                block, first = self._block(name, code, grid, i)
+                base = off[first]                                       # the block's first entry
+                parts += [block[off[r0] - base:off[r0 + n] - base] for r0, _, n in sel.runs(a, b)]
+            out[name] = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        return out
+
+
+class _Rows:
+    """Token rows to gather for a batch (shard codes and rows, in the batch's order), sorted once by
+    shard and row; grouped once per block grid (several arrays share one)."""
+
+    def __init__(self, shards: np.ndarray, rows: np.ndarray, order: np.ndarray | None = None):
+        self.shards, self.rows = shards, rows
+        self.order = np.argsort(shards * (1 << 40) + rows, kind="stable") if order is None else order
+        self.sorted_shards, self.sorted_rows = shards[self.order], rows[self.order]
+        self.groups: dict[int, list] = {}
+        self._runs: dict = {}
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        cut = np.flatnonzero(self.sorted_shards[1:] != self.sorted_shards[:-1]) + 1
+        bounds = [0, *cut.tolist(), len(self.rows)]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def runs(self, a: int, b: int, dest: np.ndarray | None = None) -> list[tuple[int, int, int]]:
+        """Runs of rows ``a:b`` of the sorted order that are consecutive (and, with ``dest``, go to
+        consecutive places): (first row, first place or -1, length)."""
+        key = (a, b, dest is not None)
+        if key not in self._runs:
+            rows = self.sorted_rows[a:b]
+            step = rows[1:] != rows[:-1] + 1
+            if dest is not None:
+                d = dest[a:b]
+                step |= d[1:] != d[:-1] + 1
+            starts = np.concatenate([[0], np.flatnonzero(step) + 1])
+            lengths = np.diff(np.append(starts, b - a))
+            places = dest[a:b][starts] if dest is not None else np.full(len(starts), -1)
+            self._runs[key] = list(zip(rows[starts].tolist(), places.tolist(), lengths.tolist()))
+        return self._runs[key]
 
 
 # ---- loader and helpers ------------------------------------------------------------------------
@@ -697,14 +1049,3 @@ def concat_batches(batches: list[dict]) -> dict:
 def stores_full_distribution(cache: Cache) -> bool:
     """Whether the cache holds every value of the teacher's distribution (``--encoding full``)."""
     return FULL_LOGPROBS in cache.manifest.arrays
-
-
-def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids -> (B, T, T) bool, True where query i may attend to key j: j <= i in the
-    same document; a padding position (id 0) attends to itself only, so no softmax row is empty."""
-    T = document_ids.shape[-1]
-    same = document_ids[:, :, None] == document_ids[:, None, :]                  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # (T, T)
-    real = (document_ids != 0)[:, :, None]                                          # (B, T, 1)
-    eye = torch.eye(T, dtype=torch.bool, device=document_ids.device)
-    return (same & causal & real) | eye

@@ -8,6 +8,7 @@ import torch
 
 from . import losses
 from .data import CacheStream
+from .attention import DENSE, Attention
 from .objective import forward, teacher_loss
 from .targets import EstimatedTargets
 
@@ -37,7 +38,8 @@ def exact_kl_sums(logits: torch.Tensor, full_logprobs: torch.Tensor, mask: torch
 
 
 @torch.no_grad()
-def evaluate(model, stream: CacheStream, device, amp_dtype, max_batches: int | None = None) -> dict:
+def evaluate(model, stream: CacheStream, device, amp_dtype, max_batches: int | None = None,
+             attention: Attention = DENSE) -> dict:
     """Against the cached teacher on held-out samples: forward KL(p_teacher || q_student) as the cache's
     encoding gives it (stored ids + tail bucket, or the sampled estimate), the student's perplexity on
     the tokens, top-1 agreement; on a ``--encoding full`` cache also the exact forward and reverse KL
@@ -51,7 +53,7 @@ def evaluate(model, stream: CacheStream, device, amp_dtype, max_batches: int | N
             break
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = forward(model, batch, False).logits
+            logits = forward(model, batch, False, attention).logits
         mask = batch["loss_mask"]
         count = float(mask.sum())
         if count == 0:

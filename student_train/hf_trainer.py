@@ -14,9 +14,27 @@ time (which kept each rank's half of its half: half the data, silently), and ref
 rank or world size is not the Trainer's. Our own loop (``student_train.train``) adds exact resume
 of the data position, held-out evaluation against the teacher and feature distillation; this adapter
 imports the objective only (``student_train.objective``), not the loop.
+
+Packed documents are kept apart as ``attention`` says (``student_train.attention``; ``auto``: probed
+on the model when the Trainer is made, before accelerate wraps it). The loss works on the logits
+(the fused LM head + loss of our loop is not used here).
+
+FSDP and DeepSpeed come from the Trainer's own settings, through accelerate; nothing else is needed:
+
+    TrainingArguments(..., fsdp="full_shard", fsdp_config={"version": 2,
+                      "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})    # FSDP2
+    TrainingArguments(..., deepspeed="ds_zero3.json")                             # DeepSpeed ZeRO
+
+with ``remove_unused_columns=False`` (set by ``DistillationTrainer``: the teacher tensors are not
+arguments of ``model.forward``) and ``dataloader_drop_last`` irrelevant (the stream gives every rank
+the same number of rows). accelerate (1.15) applies FSDP on accelerators only: on the CPU the
+``fsdp`` setting is ignored (it warns here) and the processes run as DDP, which is what the
+2-process CPU test checks; DeepSpeed is not installed here, so it is not tested.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,8 +43,11 @@ from transformers import Trainer
 from logitcache.format.errors import LogitcacheError
 
 from . import losses
+from .attention import choose_attention
 from .data import CacheStream, concat_batches
 from .objective import forward, teacher_loss
+
+log = logging.getLogger(__name__)
 
 
 def distillation_collator(items: list[dict]) -> dict:
@@ -44,13 +65,21 @@ class _StreamLoader(DataLoader):
 class DistillationTrainer(Trainer):
     """``Trainer`` whose loss is ``ce_alpha * CE + (1 - ce_alpha) * KD`` from the cached teacher."""
 
-    def __init__(self, *args, distillation: losses.DistillationConfig | None = None, **kwargs):
+    def __init__(self, *args, distillation: losses.DistillationConfig | None = None, attention: str = "auto",
+                 **kwargs):
         kwargs.setdefault("data_collator", distillation_collator)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if training_args is not None:      # the teacher tensors are not arguments of model.forward
             training_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
         self.distillation = distillation or losses.DistillationConfig()
+        if self.args.fsdp and not getattr(self, "is_fsdp_enabled", False):
+            log.warning("TrainingArguments(fsdp=%r) is ignored by accelerate on this device (%s): it shards with FSDP "
+                        "on accelerators only; the student is replicated on every process instead",
+                        self.args.fsdp, self.accelerator.state.distributed_type)
+        device = next(self.model.parameters()).device          # not wrapped yet: accelerate does it in train()
+        amp = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        self.attention = choose_attention(self.model, attention, device, amp)
 
     def get_train_dataloader(self) -> DataLoader:
         stream = self.train_dataset
@@ -67,7 +96,7 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         d = self.distillation
-        outputs = forward(model, inputs, False)
+        outputs = forward(model, inputs, False, self.attention)
         loss = teacher_loss(outputs.logits, inputs["teacher"], inputs["loss_mask"], d)   # any encoding of the cache
         if d.ce_alpha > 0:
             ce = losses.hard_label_cross_entropy(outputs.logits, inputs["labels"], chunk_rows=d.chunk_rows)

@@ -255,6 +255,15 @@ def _check_chunk_rows(chunk_rows: int | None) -> None:
         raise ValueError(f"chunk_rows must be a positive int or None (one chunk), got {chunk_rows!r}")
 
 
+def device_chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows of logits a loss works on at once: ``DEFAULT_CHUNK_ROWS`` on the CPU; on an accelerator
+    enough rows for ~2^26 values a chunk (256 MiB in float32: 523 rows at V = 128256), since there each
+    chunk costs a dozen kernel launches whatever its size. The values do not depend on it."""
+    if device.type == "cpu":
+        return DEFAULT_CHUNK_ROWS
+    return max(DEFAULT_CHUNK_ROWS, (1 << 26) // max(1, int(vocab)))
+
+
 @dataclass(frozen=True)
 class DistillationConfig:
     """The knobs of one distillation loss, validated on construction (kinds, tail, T, CE mix).
@@ -328,9 +337,10 @@ class StudentLogProbsAtIds(torch.autograd.Function):
         lse = torch.zeros(n, dtype=compute_dtype, device=dev)             # L - M
         lse_rest = torch.zeros(n, dtype=compute_dtype, device=dev)        # L_rest - M
         z_ids = torch.zeros(n, k, dtype=compute_dtype, device=dev)        # z_id - M
+        host = not logits.is_cuda            # on CUDA, testing a chunk for rows would sync the device per chunk
         for s, e, rows in _row_chunks(logits, chunk_rows):
             v = valid[s:e]
-            if not bool(v.any()):
+            if host and not bool(v.any()):
                 continue
             z = _shifted_rows(rows, v, compute_dtype, row_max[s:e])      # (c, V)
             lse[s:e] = torch.logsumexp(z, -1)
@@ -353,9 +363,10 @@ class StudentLogProbsAtIds(torch.autograd.Function):
         grad_rows = grad.view(-1, grad.shape[-1])                          # (N, V)
         g_ids = g_ids.to(cdt)
         g_tail = g_tail.to(cdt) if ctx.with_tail else torch.zeros_like(lse)
+        host = not logits.is_cuda
         for s, e, rows in _row_chunks(logits, ctx.chunk_rows):
             v = valid[s:e]
-            if not bool(v.any()):
+            if host and not bool(v.any()):
                 continue
             idx, gi, gt = ids[s:e], g_ids[s:e], g_tail[s:e]
             z = _shifted_rows(rows, v, cdt, row_max[s:e].clone())          # (c, V), the forward's shift

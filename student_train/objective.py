@@ -11,22 +11,25 @@ each a token-weighted mean over the micro-batch's loss tokens (``student_train.l
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch import nn
 
 from logitcache.format.encodings import Encoding
 from logitcache.format.errors import LogitcacheError
 
 from . import losses, sampled_kd
+from .attention import DENSE, Attention
 from .config import TrainConfig
-from .data import block_causal_mask
 from .targets import EstimatedTargets, SparseTargets
 
 
-def forward(model, batch: dict, need_hidden: bool):
-    """The student on a packed batch: document-bounded causal attention, positions restarting per document."""
-    mask = block_causal_mask(batch["document_ids"])[:, None]              # (B, 1, T, T)
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
-                 output_hidden_states=need_hidden, use_cache=False)
+def forward(model, batch: dict, need_hidden: bool, attention: Attention = DENSE):
+    """The student on a packed batch: document-bounded causal attention, positions restarting per
+    document, the documents kept apart as ``attention`` says (``attention.choose_attention``; the
+    default, our dense block-causal mask, works with any model)."""
+    return model(input_ids=batch["input_ids"], output_hidden_states=need_hidden, **attention.model_kwargs(batch))
 
 
 def teacher_loss(logits: torch.Tensor, targets: SparseTargets | EstimatedTargets, weights: torch.Tensor,
@@ -69,17 +72,13 @@ def token_weights(cfg: TrainConfig, batch: dict) -> torch.Tensor:
                                         bottom_frac=cfg.entropy_bottom_frac)
 
 
-def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: dict, projector,
-                 hidden_names: list[str]) -> tuple[torch.Tensor, dict]:
-    """The micro-batch loss and its parts (detached, for the log)."""
-    out = forward(model, batch, bool(hidden_names))
-    logits = out.logits                                                    # (B, T, V)
-    weights = token_weights(cfg, batch)
+def logits_loss(cfg: TrainConfig, kd: losses.DistillationConfig, logits: torch.Tensor, batch: dict,
+                weights: torch.Tensor, extra: list) -> tuple[torch.Tensor, dict]:
+    """Teacher loss(es) and CE on the student's (B, T, V) logits: the unfused objective."""
     kd_loss = teacher_loss(logits, batch["teacher"], weights, kd)
     parts = {"kd": kd_loss.detach()}
-    if cfg.teachers:          # other teachers' rows, joined by sample id (multi_teacher.TeacherJoin)
-        each = [kd_loss] + [teacher_loss(logits, batch[f"teacher{j}"], weights * batch[f"teacher{j}_mask"], kd)
-                            for j in range(1, len(cfg.teachers) + 1)]
+    if extra:                 # other teachers' rows, joined by sample id (multi_teacher.TeacherJoin)
+        each = [kd_loss] + [teacher_loss(logits, t, w, kd) for t, w in extra]
         kd_loss = losses.combine_teacher_losses(each, cfg.teacher_weights or [1.0] * len(each))
         parts.update({f"kd_teacher{j}": v.detach() for j, v in enumerate(each)})
         parts["kd"] = kd_loss.detach()
@@ -88,6 +87,102 @@ def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: 
         ce = losses.hard_label_cross_entropy(logits, batch["labels"], chunk_rows=kd.chunk_rows)
         loss = losses.mix_ce_and_kd(ce, kd_loss, cfg.ce_alpha)
         parts["ce"] = ce.detach()
+    return loss, parts
+
+
+class LossHead(nn.Linear):
+    """The student's LM head while the fused loss is on (``install_loss_head``): the same ``nn.Linear``
+    (same parameters, names and ties), whose forward, while ``computing`` holds an objective, hands the
+    hidden states it receives (B, T, H) to it (``linear_loss.linear_teacher_loss``: the head and the loss
+    chunk by chunk, never the (B, T, V) logits) and returns empty logits (B, T, 0). The loss is computed
+    inside the model's own forward, where FSDP has the head's weight gathered; outside ``computing`` it
+    is a plain linear layer (evaluation, generation, saving)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        objective = self.__dict__.get("_objective")
+        if objective is None:
+            return super().forward(hidden)
+        self.__dict__["_result"] = objective(hidden, self.weight, self.bias)
+        return hidden.new_zeros(*hidden.shape[:-1], 0)
+
+    @contextlib.contextmanager
+    def computing(self, objective):
+        """Within: the head's forward computes ``objective(hidden, weight, bias)``; ``result`` holds it after."""
+        self.__dict__["_objective"], self.__dict__["_result"] = objective, None
+        try:
+            yield self
+        finally:
+            self.__dict__["_objective"] = None
+
+    @property
+    def result(self):
+        if self.__dict__.get("_result") is None:
+            raise RuntimeError("the model's forward did not call its LM head on the hidden states (logits_to_keep?)")
+        return self.__dict__["_result"]
+
+
+def install_loss_head(model) -> tuple[LossHead | None, str]:
+    """Turn the model's output embeddings into a ``LossHead`` in place when ``linear_loss.supports_fused_head``
+    allows it: (head, "") or (None, why not). Call before wrapping the model (DDP, FSDP)."""
+    from .linear_loss import supports_fused_head
+
+    ok, why = supports_fused_head(model)
+    if not ok:
+        return None, why
+    head = model.get_output_embeddings()
+    head.__class__ = LossHead
+    return head, ""
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_loss_head(model, mode: str, logits_bytes: int, device: torch.device) -> tuple[LossHead | None, str]:
+    """``--fused-loss``: ``on`` installs the ``LossHead`` (refused, naming why, when the head does not allow
+    it), ``off`` does not, ``auto`` does when a micro-batch's float32 logits (``logits_bytes`` = B*T*V*4)
+    would take more than a quarter of the device's memory: there memory decides, below that the
+    unfused path is the faster one on a GPU (docs/training.md). Returns (head or None, why not)."""
+    if mode == "off":
+        return None, "--fused-loss off"
+    if mode == "auto":
+        budget = device_memory_bytes(device) // 4
+        if logits_bytes <= budget:
+            return None, (f"auto: a micro-batch's logits take {logits_bytes / 2**30:.2f} GiB, under a quarter of the "
+                          f"device's {4 * budget / 2**30:.0f} GiB (unfused is faster there)")
+    head, why = install_loss_head(model)
+    if head is None and mode == "on":
+        raise LogitcacheError(f"--fused-loss on: {why}")
+    return head, why
+
+
+def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: dict, projector,
+                 hidden_names: list[str], attention: Attention = DENSE,
+                 head: LossHead | None = None) -> tuple[torch.Tensor, dict]:
+    """The micro-batch loss and its parts (detached, for the log). With ``head`` (``install_loss_head``)
+    the LM head and the teacher and CE losses run fused, chunk by chunk (same value and gradients)."""
+    weights = token_weights(cfg, batch)
+    extra = [(batch[f"teacher{j}"], weights * batch[f"teacher{j}_mask"]) for j in range(1, len(cfg.teachers) + 1)]
+    if head is not None:
+        from .linear_loss import linear_teacher_loss
+
+        def objective(hidden, weight, bias):
+            return linear_teacher_loss(hidden, weight, bias, batch["teacher"], weights, kd,
+                                       labels=batch["labels"] if cfg.ce_alpha > 0 else None, ce_alpha=cfg.ce_alpha,
+                                       extra_teachers=extra, teacher_weights=cfg.teacher_weights or None,
+                                       chunk_rows=None)
+
+        with head.computing(objective):
+            out = forward(model, batch, bool(hidden_names), attention)
+        loss, parts = head.result
+        parts = dict(parts)
+    else:
+        out = forward(model, batch, bool(hidden_names), attention)
+        loss, parts = logits_loss(cfg, kd, out.logits, batch, weights, extra)
     if hidden_names:
         real = batch["document_ids"] != 0
         feat = sum(losses.hidden_state_loss(out.hidden_states[s], batch[name], real, kind=cfg.hidden_loss,

@@ -4,8 +4,12 @@ The library parts it uses are modules of their own, importable without it: the o
 (``objective``: forward pass and losses), evaluation (``evaluation``), checkpoints (``checkpoint``),
 the data (``data``), the student (``model``).
 
-One process per device; under torchrun/accelerate the ranks form a DDP group (NCCL on GPUs, gloo
-on the CPU) and the stream gives each rank its own rows, the same number on every rank. A
+One process per device; under torchrun/accelerate the ranks form a DDP or FSDP2 group
+(``parallel``; NCCL on GPUs, gloo on the CPU) and the stream gives each rank its own rows, the same
+number on every rank. Packed documents are kept apart by the attention ``attention.choose_attention``
+picks (varlen / block-sparse kernels where the student allows, a dense mask only as the fallback).
+Gradients are synchronised once per optimizer step, not per micro-batch, and the logged loss is
+read back from the device once per step. A
 checkpoint (model, projector, optimizer, scheduler, loader position, RNG states; ``checkpoint.py``)
 is written atomically every ``save_every`` optimizer steps with checksums and the fingerprints of
 the caches it was trained on; re-running the same command continues from it and reaches the same
@@ -18,6 +22,7 @@ and nothing is written into ``out`` before the loop starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,14 +41,15 @@ from logitcache.format.errors import LogitcacheError
 from logitcache.format.fingerprint import cache_fingerprint
 from logitcache.store.reader import open_cache
 
-from . import losses
+from . import losses, parallel
+from .attention import choose_attention
 from .checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import CacheStream, check_student_vocab, make_dataloader, stores_full_distribution
 from .evaluation import evaluate
 from .model import build_student, count_parameters, student_num_layers
 from .multi_teacher import TeacherJoin
-from .objective import check_loss_supported, compute_loss
+from .objective import check_loss_supported, choose_loss_head, compute_loss
 
 log = logging.getLogger(__name__)
 
@@ -193,35 +199,49 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     model.to(device).train()
     if projector is not None:
         projector.to(device)
-    kd = cfg.objective()
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    attention = choose_attention(model, cfg.attention, device, amp_dtype)     # probed before any wrapping
+    if main_process:
+        log.info("attention: %s (%s)%s", attention.mode, attention.implementation,
+                 f"; skipped {attention.reason}" if attention.reason else "")
+    head, unfused_because = choose_loss_head(model, cfg.fused_loss, cfg.batch_size * cfg.seq_len * width * 4, device)
+    if cfg.activation_checkpointing:
+        parallel.enable_activation_checkpointing(model)
+    sharded = cfg.parallel == "fsdp"
+    wrapped = parallel.wrap(model, cfg.parallel, world, device, amp_dtype if sharded else None)
+    if projector is not None and sharded:
+        parallel.wrap(projector, "fsdp", world, device, None)
+    kd = dataclasses.replace(cfg.objective(), chunk_rows=losses.device_chunk_rows(width, device))
     params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(stream.batches_per_rank / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                               else None)
-    amp_dtype = autocast_dtype(cfg.precision, device)
+    evaluating = main_process or sharded           # an FSDP forward pass needs every rank
 
     step, epoch, history = 0, 0, {"train": [], "eval": []}
     if not cfg.resume and main_process:
         shutil.rmtree(os.path.join(cfg.out, CHECKPOINT), ignore_errors=True)
     state = load_checkpoint(cfg.out, cfg.to_dict(), data_fingerprints) if cfg.resume else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        if projector is not None:
-            projector.load_state_dict(state["projector"])
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            parallel.load_sharded_state(torch.nn.ModuleDict({"student": model, **({"projector": projector} if projector
+                                                                                     is not None else {})}),
+                                        optimizer, state["sharded_at"])
+        else:
+            model.load_state_dict(state["model"])
+            if projector is not None:
+                projector.load_state_dict(state["projector"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
         step, epoch, history = state["step"], state["epoch"], state["history"]
         set_rng_state(state["rng"])
         if main_process:
             log.warning("resuming %s at step %d of %d", cfg.out, step, total_steps)
-    elif eval_stream is not None and main_process:
-        history["eval"].append({"step": 0, **evaluate(model, eval_stream, device, amp_dtype, cfg.eval_batches)})
+    elif eval_stream is not None and evaluating:
+        history["eval"].append({"step": 0, **evaluate(model, eval_stream, device, amp_dtype, cfg.eval_batches,
+                                                       attention)})
 
     os.makedirs(cfg.out, exist_ok=True)
     writer = _tensorboard(cfg.out) if main_process else None
@@ -237,29 +257,35 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             for batch in batches:
                 for j, join in enumerate(joins, start=1):
                     batch.update(join(batch, f"teacher{j}"))
+                tokens_seen += int((batch["document_ids"] != 0).sum())      # on the host: no device sync
+                _record_samples(stream, batch, rank)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 last_of_epoch = stream.rows_consumed >= stream.batches_per_rank * cfg.batch_size
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss, parts = compute_loss(cfg, kd, ddp_model, batch, projector, hidden_names)
-                (loss / cfg.grad_accum).backward()
+                step_ends = group + 1 >= cfg.grad_accum or last_of_epoch
+                with parallel.gradient_sync(wrapped, step_ends):       # all-reduce once per optimizer step
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss, parts = compute_loss(cfg, kd, wrapped, batch, projector, hidden_names, attention,
+                                                   head)
+                    (loss / cfg.grad_accum).backward()
                 group += 1
-                tokens_seen += int((batch["document_ids"] != 0).sum())
-                _record_samples(stream, batch, rank)
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-                if group < cfg.grad_accum and not last_of_epoch:
+                for k, v in parts.items():                  # device tensors: read back once per step
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+                if not step_ends:
                     continue
                 if group < cfg.grad_accum:                  # the epoch's last, partial group
                     for p in params:
                         if p.grad is not None:
                             p.grad.mul_(cfg.grad_accum / group)
+                if projector is not None and world > 1 and not sharded:
+                    parallel.average_gradients(projector.parameters(), world)   # DDP wraps the student only
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          **{k: v / group for k, v in parts_sum.items()}}
+                record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": float(parallel.full_value(grad_norm)),
+                          **{k: float(v) / group for k, v in parts_sum.items()}}
                 group, parts_sum = 0, {}
                 history["train"].append(record)
                 if main_process:
@@ -268,13 +294,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                         rate = (tokens_seen - tokens_at_start) / max(time.perf_counter() - t0, 1e-9)
                         bar.update(1)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate * world:.0f}")
-                if cfg.eval_every and step % cfg.eval_every == 0 and eval_stream is not None and main_process:
+                if cfg.eval_every and step % cfg.eval_every == 0 and eval_stream is not None and evaluating:
                     history["eval"].append({"step": step, **evaluate(model, eval_stream, device, amp_dtype,
-                                                                     cfg.eval_batches)})
-                    _log(cfg, writer, {"eval": history["eval"][-1]}, step)
+                                                                     cfg.eval_batches, attention)})
+                    if main_process:
+                        _log(cfg, writer, {"eval": history["eval"][-1]}, step)
                 if step % cfg.save_every == 0 or step == total_steps:
-                    _save(cfg, main_process, world, model, projector, optimizer, scheduler, loader, step, epoch,
-                          history, data_fingerprints)
+                    _save(cfg, rank, world, model, projector, optimizer, scheduler, loader, step, epoch,
+                          history, data_fingerprints, sharded)
                 _fault_after(step)
                 if step >= total_steps:
                     break
@@ -287,14 +314,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         bar.close()
 
     report = {}
+    if evaluating and eval_stream is not None and (not history["eval"] or history["eval"][-1]["step"] != step):
+        history["eval"].append({"step": step, **evaluate(model, eval_stream, device, amp_dtype, cfg.eval_batches,
+                                                         attention)})
+    weights = parallel.full_state_dict(model)         # gathered from the shards under FSDP (every rank takes part)
+    projector_weights = parallel.full_state_dict(projector) if projector is not None else None
     if main_process:
-        if eval_stream is not None and (not history["eval"] or history["eval"][-1]["step"] != step):
-            history["eval"].append({"step": step, **evaluate(model, eval_stream, device, amp_dtype, cfg.eval_batches)})
-        report = _finish(cfg, model, projector, tokenizer_dir, history, dict(
-            steps=step, total_steps=total_steps, world_size=world, train_samples=stream.num_samples,
+        report = _finish(cfg, model, weights, projector_weights, tokenizer_dir, history, dict(
+            steps=step, total_steps=total_steps, world_size=world, parallel=cfg.parallel,
+            attention=attention.to_dict(), fused_loss={"on": head is not None, "reason": unfused_because},
+            train_samples=stream.num_samples,
             eval_samples=len(eval_ids), tokens_this_run=tokens_seen * world, seconds_this_run=train_seconds,
             tokens_per_second=tokens_seen * world / max(train_seconds, 1e-9),
-            parameters=count_parameters(model), peak_memory_mb=peak_memory_mb(device)))
+            parameters=count_parameters(model),         # DTensors count their global size
+            peak_memory_mb=peak_memory_mb(device)))
         if writer is not None:
             writer.close()
     if world > 1:
@@ -303,13 +336,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
 
 # ---- small helpers of the loop ----------------------------------------------------------------------
-def _save(cfg, main_process, world, model, projector, optimizer, scheduler, loader, step, epoch, history, data):
-    if main_process:
-        save_checkpoint(cfg.out, {"model": model.state_dict(),
-                                  "projector": projector.state_dict() if projector is not None else None,
-                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "loader": loader.state_dict(), "step": step, "epoch": epoch, "history": history,
-                                  "rng": rng_state()}, cfg.to_dict(), data)
+def _save(cfg, rank, world, model, projector, optimizer, scheduler, loader, step, epoch, history, data, sharded):
+    state = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "step": step, "epoch": epoch,
+             "history": history, "rng": rng_state()}
+    shards = None
+    if sharded:       # model, projector and optimizer: every rank's shards, torch.distributed.checkpoint
+        shards = parallel.sharded_state(torch.nn.ModuleDict({"student": model, **({"projector": projector} if
+                                                                                   projector is not None else {})}),
+                                        optimizer)
+    elif rank == 0:
+        state.update(model=model.state_dict(), projector=projector.state_dict() if projector is not None else None,
+                     optimizer=optimizer.state_dict())
+    save_checkpoint(cfg.out, state, cfg.to_dict(), data, shards, rank, world)
     if world > 1:
         torch.distributed.barrier()
 
@@ -341,15 +379,16 @@ def _bar(enabled: bool, total: int, start: int):
     return tqdm(total=total, initial=start, desc="train", unit="step")
 
 
-def _finish(cfg, model, projector, tokenizer_dir, history, stats) -> dict:
-    """Save the student (Hugging Face layout + projector) and write report.json and curves.png."""
+def _finish(cfg, model, weights, projector_weights, tokenizer_dir, history, stats) -> dict:
+    """Save the student (Hugging Face layout + projector) from its full ``weights`` and write
+    report.json and curves.png."""
     from transformers import AutoTokenizer
 
     student_dir = os.path.join(cfg.out, "student")
-    model.save_pretrained(student_dir)
+    model.save_pretrained(student_dir, state_dict=weights)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(student_dir)
-    if projector is not None:
-        torch.save({"layer_map": cfg.layer_map, "state": projector.state_dict()},
+    if projector_weights is not None:
+        torch.save({"layer_map": cfg.layer_map, "state": projector_weights},
                    os.path.join(student_dir, "hidden_projector.pt"))
     size = sum(os.path.getsize(os.path.join(student_dir, f)) for f in os.listdir(student_dir))
     report = {"config": cfg.to_dict(), **stats, "student_dir": student_dir, "student_disk_bytes": size,

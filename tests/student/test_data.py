@@ -17,7 +17,8 @@ from logitcache import open_cache
 from logitcache.format import CorruptShardError, LogitcacheError
 from logitcache.store.reader import Cache
 from logitcache.teacher.capture import CaptureJob, run_capture
-from student_train.data import (CacheStream, block_causal_mask, check_student_vocab, concat_batches,
+from student_train.attention import block_causal_mask
+from student_train.data import (CacheStream, check_student_vocab, concat_batches,
                                 make_dataloader, vocab_sha256)
 
 WORDS = ("alpha beta gamma delta river stone cloud light paper music green quiet rapid seven ocean "

@@ -164,7 +164,8 @@ def test_transformers_trainer_adapter_trains_with_our_loss(cache, tmp_path, rand
     from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 
     from student_train import losses
-    from student_train.data import CacheStream, block_causal_mask
+    from student_train.attention import block_causal_mask
+    from student_train.data import CacheStream
     from student_train.hf_trainer import DistillationTrainer, distillation_collator
 
     torch.manual_seed(0)
@@ -408,7 +409,10 @@ def test_error_exits_are_one_line_even_from_dataloader_workers(cache, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_transformers_trainer_under_two_processes_sees_every_sample_once(cache, tmp_path, random_student):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_transformers_trainer_under_two_processes_sees_every_sample_once(cache, tmp_path, random_student, sharding):
+    fsdp = ('fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},'
+            if sharding == "fsdp" else "")
     script = tmp_path / "hf_ddp.py"
     script.write_text(f"""
 import json, os, torch
@@ -420,7 +424,7 @@ from logitcache import open_cache
 
 args = TrainingArguments(output_dir={str(tmp_path / 'hf')!r}, per_device_train_batch_size=3, num_train_epochs=1,
                          learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                         ddp_backend="gloo")
+                         ddp_backend="gloo", {fsdp})
 ids, _ = split_ids(open_cache({cache!r}).samples.column("sample_id").to_pylist(), 0.0)
 stream = CacheStream({cache!r}, seq_len=48, batch_size=1, seed=0, sample_ids=ids)
 seen = open(os.path.join({str(tmp_path)!r}, f"seen.{{args.process_index}}"), "w")
@@ -435,7 +439,9 @@ def collate(items):
 
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**json.load(open({random_student!r}))))
-DistillationTrainer(model=model, args=args, train_dataset=stream, data_collator=collate).train()
+trainer = DistillationTrainer(model=model, args=args, train_dataset=stream, data_collator=collate)
+trainer.train()
+open(os.path.join({str(tmp_path)!r}, "wrapped.txt"), "w").write(type(trainer.model_wrapped).__name__)
 """)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541", script]
     r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
@@ -445,3 +451,6 @@ DistillationTrainer(model=model, args=args, train_dataset=stream, data_collator=
     ids = open_cache(cache).samples.column("sample_id").to_pylist()
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(ids)           # every sample once over the two processes
+    if sharding == "fsdp":     # accelerate shards on accelerators only: said, then DDP
+        assert (tmp_path / "wrapped.txt").read_text() == "DistributedDataParallel"
+        assert "TrainingArguments(fsdp=" in r.stderr and "is ignored by accelerate on this device" in r.stderr
