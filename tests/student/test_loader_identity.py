@@ -116,10 +116,9 @@ def write_synthetic(root: Path, encoding: str) -> str:
     """Three shards of 60 samples (2..1200 tokens; prompts of 1..40 tokens) in generate mode."""
     from logitcache.format import SAMPLES_SCHEMA, layout
     from logitcache.format.arrays import array_specs
-    from logitcache.format.manifest import CaptureConfig, InputSpec, Manifest, TeacherInfo, TokenizerInfo
-    from logitcache.store import codecs
     from logitcache.store.fs import CacheFS
     from logitcache.store.shard_writer import write_shard
+    from logitcache.store.synthetic import synthetic_manifest
 
     layers = [LAYER] if encoding == "compact" else []
     top_k = 1 if encoding == "sampled" else TOP_K
@@ -144,17 +143,10 @@ def write_synthetic(root: Path, encoding: str) -> str:
             "source": ["s"] * m, "split": [""] * m, "row": np.arange(m, dtype=np.int64),
             "sample_index": np.zeros(m, np.int32), "prompt": ["p"] * m, "response": ["r"] * m}).cast(SAMPLES_SCHEMA)
         records.append(write_shard(cfs, name, arrays, specs, table).record("isynth001", j, worker=0))
-    manifest = Manifest(
-        teacher=TeacherInfo("synthetic", "synthetic", "", "sha256-edges:synthetic", "LlamaForCausalLM", 2, HIDDEN,
-                            VOCAB, 4096, "bfloat16", "hf"),
-        tokenizer=TokenizerInfo(VOCAB, "0" * 64, 1, [2], 2, ""),
-        capture=CaptureConfig(mode="generate", top_k=top_k, logprob_dtype="float16", with_prompt=True,
-                              hidden_layers=layers, hidden_dtype="bfloat16", max_length=4096, truncate=False,
-                              samples_per_shard=60, max_new_tokens=2048, encoding=ENCODINGS[encoding]),
-        arrays=specs, codecs=codecs.describe(specs),
-        inputs=[InputSpec("isynth001", "synthetic.jsonl", "synthetic.jsonl", "", {"prompt": "prompt"}, None,
-                          60 * len(records), len(records))],
-        shards=records, complete=True, created_by="tests/student/test_loader_identity.py")
+    manifest = synthetic_manifest("isynth001", specs, records, vocab=VOCAB, hidden=HIDDEN, top_k=top_k,
+                                  layers=layers, encoding=ENCODINGS[encoding], num_layers=2, max_length=4096,
+                                  samples_per_shard=60, with_prompt=True,
+                                  created_by="tests/student/test_loader_identity.py")
     cfs.write_atomic(layout.MANIFEST, manifest.to_json().encode())
     return str(root)
 
