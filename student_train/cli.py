@@ -71,8 +71,9 @@ from logitcache.cli.common import echo_json, handle_errors
 @click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
               help="Recompute each decoder block's activations in backward (less memory, ~1/3 more compute).")
 @click.option("--fused-loss", type=click.Choice(["auto", "on", "off"]),
-              help="LM head and loss computed chunk by chunk of rows, never the (B, T, V) logits; auto = when the "
-                   "student's head allows it (docs/training.md).  [default: auto]")
+              help="LM head and loss computed chunk by chunk of rows, never the (B, T, V) logits; auto = when a "
+                   "micro-batch's logits would fill over a quarter of the device's memory and the student's head "
+                   "allows it (docs/training.md).  [default: auto]")
 @click.option("--resume/--no-resume", default=None, help="Continue from OUT/checkpoint if present (default) or start over.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
