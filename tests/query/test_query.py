@@ -485,18 +485,6 @@ def test_cache_fingerprint_follows_the_documented_recipe(cache):
     assert cache_fingerprint(changed) != cache_fingerprint(m)
 
 
-def test_new_commands_help_is_light():
-    import subprocess
-    import sys
-
-    code = ("import sys\nfrom click.testing import CliRunner\nfrom logitcache.cli.main import cli\n"
-            "for args in (['query', '--help'], ['select', '--help'], ['export', '--help']):\n"
-            "    r = CliRunner().invoke(cli, args)\n    assert r.exit_code == 0, r.output\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'duckdb', 'zarr', 'transformers'}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
 def test_selections_of_nothing_and_non_numbers_are_refused(cache, tmp_path):
     out = tmp_path / "s.parquet"
     for args, message in [(("--by", "mean_entropy", "--min", "nan"), "--min must be a finite number, got nan"),
