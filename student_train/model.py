@@ -60,11 +60,17 @@ def parse_keep_layers(text: str, num_layers: int) -> list[int]:
     return keep
 
 
+def decoder_body(model: nn.Module) -> nn.Module | None:
+    """The module holding a decoder-only model's ``.layers`` list of blocks, or None if it has none."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    return body if hasattr(body, "layers") else None
+
+
 def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     """A copy of a decoder-only model with only the decoder blocks ``keep`` (weights copied)."""
     student = copy.deepcopy(model)
-    body = student.get_decoder() if hasattr(student, "get_decoder") else student.model
-    if not hasattr(body, "layers"):
+    body = decoder_body(student)
+    if body is None:
         raise LogitcacheError(f"{type(model).__name__}: cannot drop layers (no decoder .layers list)")
     body.layers = nn.ModuleList([body.layers[i] for i in keep])
     for new_index, block in enumerate(body.layers):       # KV-cache slots follow the new numbering

@@ -20,16 +20,17 @@ from torch import nn
 
 from logitcache.format.errors import LogitcacheError
 
+from .model import decoder_body
+
 MODES = ("ddp", "fsdp")
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The student's decoder blocks (the unit FSDP shards and checkpointing recomputes)."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(body, "layers", None)
-    if layers is None:
+    body = decoder_body(model)
+    if body is None:
         raise LogitcacheError(f"--parallel fsdp: {type(model).__name__} has no decoder .layers list to shard")
-    return list(layers)
+    return list(body.layers)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -97,22 +98,29 @@ def full_state_dict(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def sharded_state(model: nn.Module, optimizer) -> dict:
-    """{"model", "optimizer"}: the rank's shards, as ``torch.distributed.checkpoint`` saves and loads them."""
+def _trained(model: nn.Module, projector: nn.Module | None) -> nn.Module:
+    """Every module the optimizer steps, under one root (its state-dict names: "student.*", "projector.*")."""
+    return nn.ModuleDict({"student": model, **({"projector": projector} if projector is not None else {})})
+
+
+def sharded_state(model: nn.Module, projector: nn.Module | None, optimizer) -> dict:
+    """{"model", "optimizer"}: the rank's shards of the student (and projector) and of the optimizer, as
+    ``torch.distributed.checkpoint`` saves and loads them."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(_trained(model, projector), optimizer)
     return {"model": msd, "optimizer": osd}
 
 
-def load_sharded_state(model: nn.Module, optimizer, path: str) -> None:
-    """Load ``sharded_state`` saved at ``path`` back into ``model`` and ``optimizer`` (every rank)."""
+def load_sharded_state(model: nn.Module, projector: nn.Module | None, optimizer, path: str) -> None:
+    """Load ``sharded_state`` saved at ``path`` back into the student, projector and optimizer (every rank)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = sharded_state(model, optimizer)
+    state = sharded_state(model, projector, optimizer)
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(_trained(model, projector), optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
 
 
 def average_gradients(params, world: int) -> None:

@@ -225,9 +225,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     state = load_checkpoint(cfg.out, cfg.to_dict(), data_fingerprints) if cfg.resume else None
     if state is not None:
         if sharded:
-            parallel.load_sharded_state(torch.nn.ModuleDict({"student": model, **({"projector": projector} if projector
-                                                                                     is not None else {})}),
-                                        optimizer, state["sharded_at"])
+            parallel.load_sharded_state(model, projector, optimizer, state["sharded_at"])
         else:
             model.load_state_dict(state["model"])
             if projector is not None:
@@ -341,9 +339,7 @@ def _save(cfg, rank, world, model, projector, optimizer, scheduler, loader, step
              "history": history, "rng": rng_state()}
     shards = None
     if sharded:       # model, projector and optimizer: every rank's shards, torch.distributed.checkpoint
-        shards = parallel.sharded_state(torch.nn.ModuleDict({"student": model, **({"projector": projector} if
-                                                                                   projector is not None else {})}),
-                                        optimizer)
+        shards = parallel.sharded_state(model, projector, optimizer)
     elif rank == 0:
         state.update(model=model.state_dict(), projector=projector.state_dict() if projector is not None else None,
                      optimizer=optimizer.state_dict())
