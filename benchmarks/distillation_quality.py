@@ -46,20 +46,24 @@ CACHES = {
     "compact": ["--encoding", "compact", "--top-k", "64", "--keep-mass", "0.99", "--bits", "8"],
     "sampled": ["--encoding", "sampled", "--draws", "64"],
     "hybrid": ["--encoding", "hybrid", "--top-k", "16", "--bits", "10", "--draws", "64"],
+    "full": ["--encoding", "full"],        # every value: the dense reference (~65 KB/token)
 }
-# (config name, cache, student-train flags)
-CONFIGS = [
-    ("CE only (hard labels)", "topk-64", ["--ce-alpha", "1"]),
-    ("fwd KL, topk-64", "topk-64", []),
-    ("fwd KL, topk-128 (lossless top-128)", "topk-128", []),
-    ("fwd KL, adaptive p0.99 k<=128", "adaptive", []),
-    ("fwd KL, compact p0.99 k<=64 8-bit", "compact", []),
-    ("fwd KL, sampled N=64", "sampled", []),
-    ("fwd KL, hybrid top-16 + tail draws", "hybrid", []),
-    ("reverse KL, compact", "compact", ["--loss", "reverse_kl"]),
-    ("JSD(0.5), compact", "compact", ["--loss", "generalized_jsd", "--loss-arg", "beta=0.5"]),
-    ("fwd KL + hidden (cosine, layer -1), topk-64", "topk-64", ["--layer-map", "-1:-1", "--hidden-weight", "1"]),
-]
+# key -> (config name, cache, student-train flags)
+CONFIGS = {
+    "ce": ("CE only (hard labels)", "compact", ["--ce-alpha", "1"]),
+    "dense": ("dense fwd KL (every value, --encoding full)", "full", ["--full-targets"]),
+    "topk64": ("fwd KL, topk-64", "topk-64", []),
+    "topk128": ("fwd KL, topk-128 (lossless top-128)", "topk-128", []),
+    "adaptive": ("fwd KL, adaptive p0.99 k<=128", "adaptive", []),
+    "compact": ("fwd KL, compact p0.99 k<=64 8-bit (default)", "compact", []),
+    "sampled": ("fwd KL, sampled N=64", "sampled", []),
+    "hybrid": ("fwd KL, hybrid top-16 + tail draws", "hybrid", []),
+    "reverse": ("reverse KL off-policy, compact", "compact", ["--loss", "reverse_kl"]),
+    "jsd": ("JSD(0.5) off-policy, compact", "compact", ["--loss", "generalized_jsd", "--loss-arg", "beta=0.5"]),
+    "hidden": ("fwd KL + hidden (cosine, layer -1), topk-64", "topk-64", ["--layer-map", "-1:-1", "--hidden-weight", "1"]),
+}
+DEFAULT_CONFIGS = "ce,dense,compact,hybrid"
+BASELINE = "compact"
 DIST_PREFIXES = ("topk_", "dist/")
 
 
@@ -129,10 +133,13 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarise(configs: list[dict], baseline: str) -> None:
+def summarise(configs: list[dict], baseline: str) -> dict:
     """Mean and seed spread of each metric; a difference from the baseline config counts as real when
-    it is larger than the seed-to-seed range of either config (paired by seed: same data order)."""
-    base = next(c for c in configs if c["name"] == baseline)
+    it is larger than the seed-to-seed range of either config (paired by seed: same data order). With
+    CE-only and dense rows: each row's share of the dense-KD gain over CE-only,
+    (KL_CE - KL_row) / (KL_CE - KL_dense), and how far CE and dense separate in units of the larger
+    seed range (the table resolves differences of that gain only when this is large)."""
+    base = next(c for c in configs if c.get("key") == baseline or c["name"] == baseline)
     for c in configs:
         for key in ("kl_forward_exact", "kl_reverse_exact", "perplexity", "top1_agreement"):
             xs = [r["end"][key] for r in c["runs"]]
@@ -150,6 +157,16 @@ def summarise(configs: list[dict], baseline: str) -> None:
             c["vs_baseline"] = "one seed: no noise estimate"
         else:
             c["vs_baseline"] = "real" if same_sign and abs(c["delta_kl"]) > noise else "within seed noise"
+    by_key = {c.get("key"): c for c in configs}
+    ce, dense = by_key.get("ce"), by_key.get("dense")
+    out = {}
+    if ce and dense:
+        gain = ce["kl_forward_exact"] - dense["kl_forward_exact"]
+        spread = max(ce["kl_forward_exact_range"], dense["kl_forward_exact_range"], 1e-9)
+        out = {"dense_gain": gain, "ce_dense_over_range": gain / spread}
+        for c in configs:
+            c["share_of_dense_gain"] = (ce["kl_forward_exact"] - c["kl_forward_exact"]) / gain if gain > 0 else None
+    return out
 
 
 def fmt(x, sd=None, digits=3) -> str:
@@ -176,13 +193,19 @@ def write_markdown(res: dict, path: Path) -> str:
         "**KL fwd** = exact KL(teacher ‖ student) over the full vocabulary on the evaluation tokens (nats/token, "
         "mean ± sd over seeds); **KL rev** = exact KL(student ‖ teacher); **ppl** = the student's perplexity on the "
         "teacher's responses; **top-1** = agreement of the argmaxes; **B/tok** = bytes per scored token of the "
-        "cached distribution (every array of the encoding, compressed, as stored); **vs fwd KL topk-64**: the "
-        "difference in KL fwd from the default configuration is called real when every seed moves the same way "
-        "and by more than the seed-to-seed range.",
+        "cached distribution (every array of the encoding, compressed, as stored); **share of dense gain** = "
+        "(KL_CE − KL_row) / (KL_CE − KL_dense): how much of what training on every value of the teacher's "
+        "distribution gains over hard labels the row keeps; **vs default**: the difference in KL fwd from the "
+        "default encoding's row, called real when every seed moves the same way and by more than the "
+        "seed-to-seed range (max − min) of either row.",
         "",
-        "| configuration | B/tok | KL fwd | KL rev | ppl | top-1 | vs fwd KL topk-64 |",
-        "|---|---:|---:|---:|---:|---:|---|",
     ]
+    r = res.get("resolution") or {}
+    if r:
+        lines += [f"Resolution: CE-only and dense KD are {r['dense_gain']:.3f} nats/token apart, "
+                  f"{r['ce_dense_over_range']:.0f}x the larger of their seed ranges.", ""]
+    lines += ["| configuration | B/tok | KL fwd | share of dense gain | KL rev | ppl | top-1 | vs default |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
     caches = {c["name"]: c for c in res["caches"]}
     for c in res["configs"]:
         b = caches[c["cache"]]["dist_bytes_per_token"]
@@ -195,7 +218,9 @@ def write_markdown(res: dict, path: Path) -> str:
             b = f"{b:.0f} + hidden" + (f" {hidden:.0f}" if hidden else "")
         else:
             b = f"{b:.0f}"
-        lines.append(f"| {c['name']} | {b} | {fmt(c['kl_forward_exact'], c['kl_forward_exact_sd'])} | "
+        share = c.get("share_of_dense_gain")
+        share = "—" if share is None else f"{share:.0%}"
+        lines.append(f"| {c['name']} | {b} | {fmt(c['kl_forward_exact'], c['kl_forward_exact_sd'])} | {share} | "
                      f"{fmt(c['kl_reverse_exact'], c['kl_reverse_exact_sd'])} | {fmt(c['perplexity'], None, 2)} | "
                      f"{fmt(c['top1_agreement'], c['top1_agreement_sd'])} | {delta or 'baseline'} |")
     lines += ["", "## The caches", "",
@@ -237,6 +262,10 @@ def plot(res: dict, path: Path) -> None:
             ax.axhline(c["kl_forward_exact"], ls="--", color="grey", lw=1)
             ax.text(19, c["kl_forward_exact"] + 0.005, "cross-entropy on hard labels only", fontsize=7, color="grey")
             continue
+        if c["name"].startswith("dense"):           # every value: the reference the encodings approach
+            ax.axhline(c["kl_forward_exact"], ls=":", color="black", lw=1)
+            ax.text(19, c["kl_forward_exact"] + 0.005, "dense KD (every value)", fontsize=7)
+            continue
         if not c["name"].startswith("fwd KL") or "--layer-map" in c["flags"]:
             continue                                # other losses / extra signals: see the table
         b = caches[c["cache"]]["dist_bytes_per_token"]
@@ -269,12 +298,14 @@ def main() -> None:
     p.add_argument("--train-prompts", type=int, default=192)
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--keep-layers", default="every:3")
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated keys of: {', '.join(CONFIGS)}")
+    p.add_argument("--skip-models", action="store_true", help="no teacher-versus-students size/speed table")
     p.add_argument("--pareto-sizes", default="every:2,every:5", help="other student depths for the Pareto view")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reuse", action="store_true", help="reuse finished training runs found in --work")
@@ -290,7 +321,7 @@ def main() -> None:
         return
     if args.quick:
         args.train_prompts, args.eval_prompts, args.max_new_tokens, args.steps = 12, 4, 16, 3
-        args.seeds, args.pareto_sizes = "0", "every:5"
+        args.seeds, args.pareto_sizes, args.configs = "0", "every:5", "ce,compact"
     args.seeds = [int(s) for s in args.seeds.split(",")]
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -310,29 +341,51 @@ def main() -> None:
 
     print("[2/5] one cache per encoding over the same tokens, and the full-distribution evaluation set", flush=True)
     score = ["--mode", "score", "--backend", "hf", "--prompt-column", "prompt", "--response-column", "response"]
+    chosen = [k.strip() for k in args.configs.split(",") if k.strip()]
+    unknown = [k for k in chosen if k not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    needed = {CONFIGS[k][1] for k in chosen}
     caches = []
     for name, flags in CACHES.items():
+        if name not in needed:
+            continue
         caches.append(capture(work, name, [*score, "--input", str(work / "train.jsonl"), *flags], log))
         print(f"  {name}: {caches[-1]['dist_bytes_per_token']:.1f} B/token, {caches[-1]['wall_s']:.0f} s", flush=True)
     ev = capture(work, "eval-full", [*score, "--input", str(work / "eval.jsonl"), "--encoding", "full"], log)
 
-    print(f"[3/5] {len(CONFIGS)} configurations x {len(args.seeds)} seeds", flush=True)
+    print(f"[3/5] {len(chosen)} configurations x {len(args.seeds)} seeds", flush=True)
     configs = []
-    for i, (name, cache, flags) in enumerate(CONFIGS):
+    for key in chosen:
+        name, cache, flags = CONFIGS[key]
         runs = []
         for seed in args.seeds:
-            runs.append(train(work, cache, flags, f"c{i}", seed, args, log))
+            runs.append(train(work, cache, flags, key, seed, args, log))
             e = runs[-1]["end"]
             print(f"  {name} seed {seed}: KL {e['kl_forward_exact']:.3f}, top-1 {e['top1_agreement']:.3f} "
                   f"({runs[-1]['wall_s']:.0f} s)", flush=True)
-        configs.append({"name": name, "cache": cache, "flags": flags, "runs": runs})
-    summarise(configs, "fwd KL, topk-64")
+        configs.append({"key": key, "name": name, "cache": cache, "flags": flags, "runs": runs})
+    resolution = summarise(configs, BASELINE)
+    if args.skip_models:
+        models, pareto_config = [], None
+    else:
+        models, pareto_config = teacher_versus_students(work, configs, args, log)
 
+    print("[5/5] writing results", flush=True)
+    res = {"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+           "train_pairs": sum(1 for _ in open(work / "train.jsonl")), "eval_pairs": sum(1 for _ in open(work / "eval.jsonl")),
+           "eval_tokens": ev["scored_tokens"], "caches": caches, "eval_cache": ev, "configs": configs,
+           "models": models, "pareto_config": pareto_config, "baseline": BASELINE, "resolution": resolution,
+           "wall_s": time.perf_counter() - t0}
+    (out / "distillation_quality.json").write_text(json.dumps(res, indent=1, default=str))
+    render(res, out, docs=not args.no_docs)
+
+
+def teacher_versus_students(work: Path, configs: list[dict], args, log: Path) -> tuple[list[dict], str]:
     print("[4/5] teacher versus students: size, latency, throughput, memory", flush=True)
     from model_report import measure_model
 
-    best = min((c for c in configs if c["cache"] != "topk-64" or c["name"] == "fwd KL, topk-64"),
-               key=lambda c: c["kl_forward_exact"])
+    best = min((c for c in configs if not c["name"].startswith(("CE", "dense"))), key=lambda c: c["kl_forward_exact"])
     pareto_config = best["name"]
     teacher_dir = next(Path(os.environ.get("LOGITCACHE_HOME", Path.home() / ".cache" / "logitcache"))
                        .glob("teachers/smollm2-135m*"))
@@ -349,13 +402,7 @@ def main() -> None:
         models.append(m)
         print(f"  {m['name']}: {m['latency_ms_per_token']:.1f} ms/token, KL {m['kl_forward_exact']:.3f}", flush=True)
 
-    print("[5/5] writing results", flush=True)
-    res = {"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
-           "train_pairs": sum(1 for _ in open(work / "train.jsonl")), "eval_pairs": sum(1 for _ in open(work / "eval.jsonl")),
-           "eval_tokens": ev["scored_tokens"], "caches": caches, "eval_cache": ev, "configs": configs,
-           "models": models, "pareto_config": pareto_config, "wall_s": time.perf_counter() - t0}
-    (out / "distillation_quality.json").write_text(json.dumps(res, indent=1, default=str))
-    render(res, out, docs=not args.no_docs)
+    return models, pareto_config
 
 
 def render(res: dict, out: Path, docs: bool) -> None:

@@ -39,6 +39,9 @@ from logitcache.cli.common import echo_json, handle_errors
 @click.option("--tail", type=click.Choice(["bucket", "renormalize"]),
               help="bucket: the teacher's mass outside the stored top-k is one extra outcome (default); "
                    "renormalize: compare on the top-k only (biased).")
+@click.option("--full-targets/--no-full-targets", default=None,
+              help="On a cache captured with --encoding full: train on every value of the teacher's distribution "
+                   "(the divergence exact over the whole vocabulary; the dense reference), not its stored top-k.")
 @click.option("--temperature", type=float, help="Distillation temperature T: both distributions softened by T, loss times T^2 (not the "
                    "capture's generation or proposal temperature).  [default: 1]")
 @click.option("--ce-alpha", type=float, help="Weight of hard-label cross-entropy: alpha*CE + (1-alpha)*KD.  [default: 0]")

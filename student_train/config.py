@@ -33,6 +33,7 @@ class TrainConfig:
     clip: float = 1.0
     loss: str = "forward_kl"                    # see student_train.losses.DIVERGENCES
     tail: str = "bucket"                        # bucket | renormalize
+    full_targets: bool = False                  # an --encoding full cache: train on every value (DenseTargets)
     temperature: float = 1.0
     ce_alpha: float = 0.0                       # loss = ce_alpha * CE + (1 - ce_alpha) * KD
     loss_args: dict = field(default_factory=dict)   # alpha (skew KL), beta (JSD), ...

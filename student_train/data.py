@@ -106,7 +106,7 @@ from logitcache.format.encodings import SparseRows, TargetRows, as_targets
 from logitcache.format.fingerprint import vocab_sha256
 from logitcache.store.reader import Cache, open_cache
 
-from .targets import EstimatedTargets, SparseTargets
+from .targets import DenseTargets, EstimatedTargets, SparseTargets
 
 STATE_VERSION = 1
 LOSS_ON = ("completion", "scored")
@@ -296,7 +296,8 @@ class CacheStream(IterableDataset):
                  hidden_layers: Iterable[int] = (), loss_on: str | None = None,
                  sample_ids: Iterable[str] | None = None, where: str | pc.Expression | None = None,
                  rank: int | None = None, world_size: int | None = None, prefetch: int = 2, pad_id: int = 0,
-                 storage_options: dict | None = None, allow_partial: bool = False, with_full: bool = False):
+                 storage_options: dict | None = None, allow_partial: bool = False, with_full: bool = False,
+                 dense_targets: bool = False):
         if seq_len < 2:
             raise LogitcacheError(f"seq_len must be at least 2 (a row needs a token and its next one), got {seq_len}")
         if batch_size < 1:
@@ -321,10 +322,11 @@ class CacheStream(IterableDataset):
 
         self.encoding = self._cache.encoding
         self.teacher_width = self.encoding.width(manifest.capture.top_k)
-        if with_full and not stores_full_distribution(self._cache):
+        if (with_full or dense_targets) and not stores_full_distribution(self._cache):
             raise LogitcacheError(f"{self.url} was captured with --encoding {self.encoding.name}: it holds no full "
-                                  "distributions (capture the evaluation set with --encoding full)")
-        self.with_full = bool(with_full)
+                                  "distributions (capture with --encoding full for exact metrics or --full-targets)")
+        self.with_full = bool(with_full or dense_targets)
+        self.dense_targets = bool(dense_targets)     # the targets are the full rows (DenseTargets)
         self.loss_on = loss_on or ("completion" if manifest.capture.mode == "generate" else "scored")
         if self.loss_on not in LOSS_ON:
             raise LogitcacheError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
@@ -628,7 +630,9 @@ class CacheStream(IterableDataset):
         blocks.done(batch)
         batch_out: dict = {name: torch.from_numpy(a) for name, a in out.items()}
         ids, values = torch.from_numpy(t_ids), torch.from_numpy(t_values)
-        if enc.estimated:
+        if self.dense_targets:
+            batch_out["teacher"] = DenseTargets(batch_out["teacher_full_logprobs"])
+        elif enc.estimated:
             batch_out["teacher"] = EstimatedTargets(ids, values, batch_out["teacher_entropy"])
         else:
             batch_out["teacher"] = SparseTargets(ids, values, None if t_tail is None else torch.from_numpy(t_tail))

@@ -592,6 +592,43 @@ def distillation_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, t
     return _weighted_mean(per_token, w)
 
 
+def dense_distillation_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor,
+                            mask_or_weights: torch.Tensor | None, *, kind: str = "forward_kl",
+                            temperature: float = 1.0, chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+                            **kind_kwargs) -> torch.Tensor:
+    """Token-weighted mean divergence against the teacher's whole distribution (no tail, no coarsening):
+
+        loss = T^2 * sum_n w_n D(p_n^(T), q_n^(T)) / sum_n w_n,   p^(T) = softmax(log p / T) over all V ids
+
+    student_logits: (N, V) or (B, T, V); teacher_logprobs: the same shape, log-probs at T=1 (renormalised
+    here: stored values are rounded); mask_or_weights: (...) bool or float >= 0, or None (all 1). kind and
+    kind_kwargs as in ``distillation_loss``. Rows with weight 0 are skipped (never computed). Returns a
+    0-dim float32 tensor, differentiable w.r.t. student_logits only; the (rows, V) log-softmax of at most
+    ``chunk_rows`` rows is alive at once in the forward pass.
+    """
+    _check_kind(kind, kind_kwargs)
+    _check_temperature(temperature)
+    _check_chunk_rows(chunk_rows)
+    if student_logits.shape != teacher_logprobs.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logprobs "
+                         f"{tuple(teacher_logprobs.shape)} must have the same shape")
+    vocab = student_logits.shape[-1]
+    z, lp = student_logits.reshape(-1, vocab), teacher_logprobs.reshape(-1, vocab)
+    cdt = torch.float64 if z.dtype == torch.float64 else torch.float32
+    w = (torch.ones(z.shape[0], device=z.device, dtype=cdt) if mask_or_weights is None
+         else mask_or_weights.reshape(-1).to(cdt))
+    rows = torch.nonzero(w > 0)[:, 0]
+    total = z.new_zeros((), dtype=cdt)
+    step = max(1, rows.numel()) if chunk_rows is None else chunk_rows
+    for s in range(0, rows.numel(), step):
+        r = rows[s:s + step]
+        logq = torch.log_softmax(z[r].to(cdt) / temperature, -1)
+        logp = torch.log_softmax(lp[r].to(cdt) / temperature, -1)
+        total = total + (DIVERGENCES[kind](logp, logq, **kind_kwargs) * w[r]).sum()
+    wsum = w.sum()
+    return total * float(temperature) ** 2 / torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+
+
 # ---------------------------------------------------------------------------------------------
 # Hard labels and the mix
 # ---------------------------------------------------------------------------------------------

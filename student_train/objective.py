@@ -22,7 +22,7 @@ from logitcache.format.errors import LogitcacheError
 from . import losses, sampled_kd
 from .attention import DENSE, Attention
 from .config import TrainConfig
-from .targets import EstimatedTargets, SparseTargets
+from .targets import DenseTargets, EstimatedTargets, SparseTargets
 
 
 def forward(model, batch: dict, need_hidden: bool, attention: Attention = DENSE):
@@ -32,11 +32,11 @@ def forward(model, batch: dict, need_hidden: bool, attention: Attention = DENSE)
     return model(input_ids=batch["input_ids"], output_hidden_states=need_hidden, **attention.model_kwargs(batch))
 
 
-def teacher_loss(logits: torch.Tensor, targets: SparseTargets | EstimatedTargets, weights: torch.Tensor,
-                 kd: losses.DistillationConfig | None = None) -> torch.Tensor:
+def teacher_loss(logits: torch.Tensor, targets: SparseTargets | EstimatedTargets | DenseTargets,
+                 weights: torch.Tensor, kd: losses.DistillationConfig | None = None) -> torch.Tensor:
     """The distillation loss the targets support: for ``SparseTargets`` the chosen divergence over the
     stored ids + tail bucket (with the exact tail where stored); for ``EstimatedTargets`` the unbiased
-    forward-KL estimate. logits (B, T, V); weights (B, T). ``kd`` None: forward KL, T = 1 (evaluation)."""
+    forward-KL estimate; for ``DenseTargets`` the divergence over the whole vocabulary. logits (B, T, V); weights (B, T). ``kd`` None: forward KL, T = 1 (evaluation)."""
     targets = targets.to(logits.device)
     kw = kd.kd_kwargs() if kd is not None else {}
     if isinstance(targets, EstimatedTargets):
@@ -45,10 +45,13 @@ def teacher_loss(logits: torch.Tensor, targets: SparseTargets | EstimatedTargets
                                   f"at {kd.temperature}")
         return sampled_kd.estimated_forward_kl(logits, targets.ids, targets.targets, targets.entropy, weights,
                                                chunk_rows=kw.get("chunk_rows") or losses.DEFAULT_CHUNK_ROWS)
+    if isinstance(targets, DenseTargets):
+        return losses.dense_distillation_loss(logits, targets.logprobs, weights,
+                                              **{k: v for k, v in kw.items() if k != "tail"})
     if isinstance(targets, SparseTargets):
         return losses.distillation_loss(logits, targets.ids, targets.logprobs, weights, teacher_tail=targets.tail,
                                         **kw)
-    raise TypeError(f"teacher targets must be SparseTargets or EstimatedTargets, got {type(targets).__name__}")
+    raise TypeError(f"teacher targets must be SparseTargets, EstimatedTargets or DenseTargets, got {type(targets).__name__}")
 
 
 def check_loss_supported(cfg: TrainConfig, encoding: Encoding, where: str) -> None:

@@ -4,7 +4,10 @@ dispatches on the type (``objective.teacher_loss``) and never on which keys a ba
 - ``SparseTargets``: exact distributions over a few ids (topk, adaptive, compact, full): the loss is
   any divergence over the stored ids plus one tail bucket (``losses.distillation_loss``);
 - ``EstimatedTargets``: unbiased estimates of p (sampled, hybrid): forward KL at T = 1 as CE_hat - H
-  (``sampled_kd.estimated_forward_kl``).
+  (``sampled_kd.estimated_forward_kl``);
+- ``DenseTargets``: every value of the teacher's distribution (an ``--encoding full`` cache read with
+  ``--full-targets``): any divergence exactly over the whole vocabulary (``losses.dense_distillation_loss``),
+  the dense reference the other encodings are measured against.
 
 Shapes follow the batch: (B, T, W) per id, (B, T) per position. They move like tensors (``to``,
 ``pin_memory``) and concatenate along the batch (``cat``).
@@ -61,4 +64,12 @@ class EstimatedTargets(_Tensors):
     entropy: torch.Tensor
 
 
-TeacherTargets = SparseTargets | EstimatedTargets
+@dataclass
+class DenseTargets(_Tensors):
+    """``logprobs`` (B, T, V) float32: the teacher's log-softmax at T=1 over the whole vocabulary (0
+    outside the loss positions; renormalised by the loss, since stored values are rounded)."""
+
+    logprobs: torch.Tensor
+
+
+TeacherTargets = SparseTargets | EstimatedTargets | DenseTargets

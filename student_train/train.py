@@ -170,8 +170,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             raise LogitcacheError(f"--layer-map {s}:{t}: the student has layers 0..{n_student_layers}")
     hidden_names = [f"hidden.{absolute_layer(t, manifest.teacher.num_layers)}" for _, t in cfg.layer_map]
     teacher_layers = [t for _, t in cfg.layer_map]
+    if cfg.full_targets and not stores_full_distribution(cache):
+        raise LogitcacheError(f"--full-targets: {cfg.cache} was captured with --encoding {cache.encoding.name}; "
+                              "it needs a cache captured with --encoding full")
     stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, seed=cfg.seed, sample_ids=train_ids,
-                         where=cfg.where, hidden_layers=teacher_layers, rank=rank, world_size=world)
+                         where=cfg.where, hidden_layers=teacher_layers, rank=rank, world_size=world,
+                         dense_targets=cfg.full_targets)
     loader = make_dataloader(stream, num_workers=cfg.num_workers)
     joins = [TeacherJoin(url, stream) for url in cfg.teachers]
     eval_stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, shuffle=False, sample_ids=eval_ids,
@@ -204,7 +208,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if main_process:
         log.info("attention: %s (%s)%s", attention.mode, attention.implementation,
                  f"; skipped {attention.reason}" if attention.reason else "")
-    head, unfused_because = choose_loss_head(model, cfg.fused_loss, cfg.batch_size * cfg.seq_len * width * 4, device)
+    head, unfused_because = choose_loss_head(model, "off" if cfg.full_targets else cfg.fused_loss,
+                                             cfg.batch_size * cfg.seq_len * width * 4, device)
+    if cfg.full_targets and cfg.fused_loss == "on":
+        raise LogitcacheError("--fused-loss on: --full-targets reads (B, T, V) teacher values anyway; use auto or off")
     if cfg.activation_checkpointing:
         parallel.enable_activation_checkpointing(model)
     sharded = cfg.parallel == "fsdp"

@@ -14,7 +14,7 @@ import torch
 
 from student_train.losses import (
     DIVERGENCES, DistillationConfig, HiddenStateProjector, TailPolicy, coarsen_distributions,
-    combine_teacher_losses, distillation_loss, entropy_token_weights, forward_kl, hard_label_cross_entropy,
+    combine_teacher_losses, dense_distillation_loss, distillation_loss, entropy_token_weights, forward_kl, hard_label_cross_entropy,
     hidden_state_loss, mix_ce_and_kd, reverse_kl,
 )
 
@@ -124,6 +124,34 @@ def test_matches_dense_reference_value_and_grad(kind, kw, tail, temperature):
     torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_mine, g_ref, rtol=1e-8, atol=1e-11)
     assert g_mine[1].abs().max() == 0  # the masked row gets no gradient
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind,kw", KINDS, ids=KIND_IDS)
+def test_dense_targets_match_a_full_vocabulary_computation(kind, kw, temperature):
+    """``--full-targets``: every value of p, no bucket; the reference softmaxes p and q over all V ids."""
+    z, _, _, w = make_case()
+    g = torch.Generator().manual_seed(5)
+    lp = torch.log_softmax(torch.randn(z.shape, generator=g, dtype=F64) * 2, -1)
+    lp_rounded = lp + 1e-3                        # stored values are rounded: the loss renormalises
+
+    def ref(x):
+        p = torch.softmax(lp / temperature, -1)
+        q = torch.softmax(x / temperature, -1)
+        d = dense_divergence(kind, p, q, **kw) * temperature ** 2
+        return (w * d).sum() / w.sum()
+
+    mine, g_mine = grad_of(lambda x: dense_distillation_loss(x, lp_rounded, w, kind=kind, temperature=temperature,
+                                                             chunk_rows=3, **kw), z)
+    want, g_want = grad_of(ref, z)
+    assert float(want) > 1e-4
+    torch.testing.assert_close(mine, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_mine, g_want, rtol=1e-8, atol=1e-11)
+    assert g_mine[1].abs().max() == 0
+    (B, T, V), zz = (1, z.shape[0], z.shape[1]), z.reshape(1, *z.shape)
+    torch.testing.assert_close(dense_distillation_loss(zz, lp.reshape(B, T, V), w.reshape(B, T), kind=kind,
+                                                       temperature=temperature, chunk_rows=None, **kw),
+                               dense_distillation_loss(z, lp, w, kind=kind, temperature=temperature, **kw))
 
 
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])

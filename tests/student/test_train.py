@@ -454,3 +454,48 @@ open(os.path.join({str(tmp_path)!r}, "wrapped.txt"), "w").write(type(trainer.mod
     if sharding == "fsdp":     # accelerate shards on accelerators only: said, then DDP
         assert (tmp_path / "wrapped.txt").read_text() == "DistributedDataParallel"
         assert "TrainingArguments(fsdp=" in r.stderr and "is ignored by accelerate on this device" in r.stderr
+
+
+def test_full_targets_train_on_every_value_of_a_full_cache(tmp_path_factory, tiny_teacher, cache, tmp_path):
+    """--full-targets: the loss of the first step equals a direct full-vocabulary forward KL on that batch;
+    on a top-k cache the flag is refused naming it."""
+    from student_train.data import CacheStream
+    from student_train.model import build_student
+
+    d = tmp_path_factory.mktemp("full-cache")
+    src = d / "texts.jsonl"
+    src.write_text("".join(json.dumps({"text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(9))}) + "\n"
+                           for i in range(6)))
+    full = str(d / "c")
+    run_capture(CaptureJob(encoding="full", cache=full, teacher=str(tiny_teacher), backend="hf", mode="score",
+                           source=str(src), samples_per_shard=4, logprob_dtype="float32", progress=False))
+    cfg = config(full, tmp_path / "run", full_targets=True, max_steps=1, eval_frac=0.0, lr=1e-9)
+    report = train(cfg, progress=False)
+    assert report["fused_loss"]["on"] is False
+    logged = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][0]
+
+    torch.manual_seed(cfg.seed)
+    model, _ = build_student(None, "0", open_cache(full).manifest, cfg.seed)
+    stream = CacheStream(full, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=0, world_size=1)
+    stream.set_epoch(0)
+    batch = next(iter(stream))
+    with torch.no_grad():
+        from student_train.objective import forward
+
+        logits = forward(model, batch, False).logits.double()
+    mask = batch["loss_mask"]
+    from logitcache.format.arrays import FULL_LOGPROBS
+
+    p = open_cache(full)
+    records = {r["sample_id"]: r for r in p.samples.to_pylist()}
+    kl = []   # the direct computation: each loss row's full distribution as stored in zarr, KL(p || q) over V ids
+    for b, t in zip(*torch.nonzero(mask, as_tuple=True)):
+        rec = records[stream.sample_id(int(batch["sample_index"][b, t]))]
+        row = rec["token_offset"] + int(batch["position_ids"][b, t])
+        stored = p.read_rows(rec["shard"], row, row + 1, [FULL_LOGPROBS])[FULL_LOGPROBS][0]
+        logp = torch.log_softmax(torch.as_tensor(stored, dtype=torch.float64), -1)
+        kl.append(float((logp.exp() * (logp - torch.log_softmax(logits[b, t], -1))).sum()))
+    assert logged["kd"] == pytest.approx(float(np.mean(kl)), rel=1e-3)   # float32 training, float64 here
+
+    with pytest.raises(LogitcacheError, match="--full-targets.*--encoding full"):
+        train(config(cache, tmp_path / "refused", full_targets=True), progress=False)
