@@ -31,10 +31,12 @@ from logitcache.cli.common import echo_json, handle_errors
 @click.option("--weight-decay", type=float)
 @click.option("--clip", type=float, help="Gradient norm clip.  [default: 1.0]")
 @click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl",
-                                           "generalized_jsd", "total_variation"]),
+                                           "generalized_jsd", "total_variation", "policy_gradient"]),
               help="forward_kl = KL(p_teacher||q_student), mode-covering (default); reverse_kl = KL(q||p), "
                    "mode-seeking; skew KLs (DistiLLM, --loss-arg alpha=0.1); generalized_jsd (GKD, "
-                   "--loss-arg beta=0.5); total_variation.")
+                   "--loss-arg beta=0.5); total_variation; policy_gradient: reverse KL on the student's own "
+                   "samples by policy gradient, on a round cache (student-onpolicy; --loss-arg discount=0 "
+                   "clip=0.2).")
 @click.option("--loss-arg", "loss_args", multiple=True, metavar="KEY=VALUE", help="Argument of the divergence.")
 @click.option("--tail", type=click.Choice(["bucket", "renormalize"]),
               help="bucket: the teacher's mass outside the stored top-k is one extra outcome (default); "
@@ -49,6 +51,11 @@ from logitcache.cli.common import echo_json, handle_errors
 @click.option("--entropy-below", type=float, help="... or below this.")
 @click.option("--entropy-top-frac", type=float, help="... or only the top fraction of each batch's tokens by entropy.")
 @click.option("--entropy-bottom-frac", type=float, help="... or the bottom fraction.")
+@click.option("--offpolicy-cache", help="GKD mix: CACHE is a round cache of the student's samples and the rest of each "
+                                         "batch comes from this teacher-response cache, trained with forward KL.")
+@click.option("--onpolicy-frac", type=float, help="The share lambda of each batch's rows from CACHE when "
+                                                  "--offpolicy-cache is given; loss = lambda L_on + (1 - lambda) "
+                                                  "L_off.  [default: 1]")
 @click.option("--teacher", "teachers", multiple=True,
               help="Multi-teacher: another cache over the same samples (same tokenizer), repeatable.")
 @click.option("--teacher-weights", help="Comma-separated loss weights, main cache first (default: equal).")

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from logitcache.format.errors import LogitcacheError
 
 
+POLICY_GRADIENT = "policy_gradient"      # --loss: the reverse-KL policy gradient on a round cache (policy.py)
+
+
 @dataclass
 class TrainConfig:
     cache: str                                  # logitcache directory or fsspec URL
@@ -31,7 +34,7 @@ class TrainConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     clip: float = 1.0
-    loss: str = "forward_kl"                    # see student_train.losses.DIVERGENCES
+    loss: str = "forward_kl"                    # a divergence of student_train.losses.DIVERGENCES, or policy_gradient
     tail: str = "bucket"                        # bucket | renormalize
     full_targets: bool = False                  # an --encoding full cache: train on every value (DenseTargets)
     temperature: float = 1.0
@@ -41,6 +44,8 @@ class TrainConfig:
     entropy_below: float | None = None
     entropy_top_frac: float | None = None       # ... or the top / bottom fraction of a batch's tokens
     entropy_bottom_frac: float | None = None
+    offpolicy_cache: str | None = None          # GKD mix: the rest of each batch from this teacher-response cache
+    onpolicy_frac: float = 1.0                  # ... and this fraction (lambda) from CACHE (the round's samples)
     teachers: list = field(default_factory=list)    # more caches over the same samples (multi-teacher)
     teacher_weights: list = field(default_factory=list)  # one per teacher, main cache first (default equal)
     layer_map: list = field(default_factory=list)   # [[student_layer, teacher_layer], ...]
@@ -107,18 +112,44 @@ class TrainConfig:
         if self.teacher_weights and len(self.teacher_weights) != 1 + len(self.teachers):
             bad("teacher_weights", f"{len(self.teacher_weights)} weight(s) for {1 + len(self.teachers)} teacher caches "
                                    "(the main cache and each --teacher)")
+        if not 0 < self.onpolicy_frac <= 1:
+            bad("onpolicy_frac", f"must be in (0, 1], got {self.onpolicy_frac}")
+        if self.onpolicy_frac < 1 and not self.offpolicy_cache:
+            bad("onpolicy_frac", "the rest of each batch comes from --offpolicy-cache: give it")
+        if self.offpolicy_cache and self.onpolicy_frac == 1:
+            bad("offpolicy_cache", "with --onpolicy-frac 1 no row would come from it: set --onpolicy-frac below 1")
+        if self.loss == POLICY_GRADIENT:
+            if self.teachers:
+                bad("teacher", "--loss policy_gradient learns from the sampled tokens of one round cache; "
+                               "multi-teacher training needs a divergence")
+            if self.temperature != 1.0:
+                bad("temperature", "--loss policy_gradient is defined at temperature 1")
+            self.policy_args()
         self.objective()
 
     def objective(self):
         """The distillation loss these settings describe (``losses.DistillationConfig``), checked:
-        divergence, tail policy, temperature, CE share and the divergence's arguments."""
+        divergence, tail policy, temperature, CE share and the divergence's arguments. For
+        ``--loss policy_gradient`` it is forward KL without arguments: what the off-policy part of a
+        GKD mix (``--offpolicy-cache``) trains with."""
         from .losses import DistillationConfig
 
+        pg = self.loss == POLICY_GRADIENT
         try:
-            return DistillationConfig(kind=self.loss, tail=self.tail, temperature=self.temperature,
-                                      ce_alpha=self.ce_alpha, kind_kwargs=dict(self.loss_args))
+            return DistillationConfig(kind="forward_kl" if pg else self.loss, tail=self.tail,
+                                      temperature=self.temperature, ce_alpha=self.ce_alpha,
+                                      kind_kwargs={} if pg else dict(self.loss_args))
         except ValueError as e:
             raise LogitcacheError(f"--loss {self.loss} / --tail / --temperature / --ce-alpha / --loss-arg: {e}") from None
+
+    def policy_args(self) -> tuple[float, float]:
+        """(discount, clip) of ``--loss policy_gradient`` (``--loss-arg discount=0.0 --loss-arg clip=0.2``)."""
+        from .policy import check_pg_args
+
+        try:
+            return check_pg_args(dict(self.loss_args))
+        except ValueError as e:
+            raise LogitcacheError(f"--loss policy_gradient / --loss-arg: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

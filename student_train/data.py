@@ -55,7 +55,11 @@ as stored, 0 / 0 outside the loss rows; ragged encodings -1 / -inf after a token
 the encoding stores it, ``tail`` (B, T), the exact mass outside the ids; ``EstimatedTargets`` for
 sampled / hybrid: ``ids`` (-1 padding), ``targets`` (B, T, W), unbiased estimates of the teacher's p
 on those ids, and the exact ``entropy``. ``with_full=True`` on a cache that stores the full
-distribution adds ``teacher_full_logprobs`` (B, T, V) for exact metrics.
+distribution adds ``teacher_full_logprobs`` (B, T, V) for exact metrics; ``dense_targets=True`` makes
+those rows the targets (``DenseTargets``). ``token_logprobs=True`` adds, on the loss rows (0 elsewhere),
+``teacher_token_logprob`` (B, T) float32, the teacher's log-probability of the next token
+(``target_logprob``), and ``behaviour_logprob`` (B, T) float32, its log-probability under the policy that
+sampled it (a round cache's ``behaviour_logprob``; the cache must hold it).
 
 **Resumption.** A stream's position is ``(epoch, rows_consumed)``: rows of this rank's epoch
 already consumed by the trainer. It is the same number on every rank (all ranks consume equal
@@ -101,7 +105,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitcache.format import LogitcacheError
-from logitcache.format.arrays import FULL_LOGPROBS, absolute_layer, bf16_bits_to_float32
+from logitcache.format.arrays import (BEHAVIOUR_LOGPROB, FULL_LOGPROBS, TARGET_LOGPROB, absolute_layer,
+                                     bf16_bits_to_float32)
 from logitcache.format.encodings import SparseRows, TargetRows, as_targets
 from logitcache.format.fingerprint import vocab_sha256
 from logitcache.store.reader import Cache, open_cache
@@ -297,7 +302,7 @@ class CacheStream(IterableDataset):
                  sample_ids: Iterable[str] | None = None, where: str | pc.Expression | None = None,
                  rank: int | None = None, world_size: int | None = None, prefetch: int = 2, pad_id: int = 0,
                  storage_options: dict | None = None, allow_partial: bool = False, with_full: bool = False,
-                 dense_targets: bool = False):
+                 dense_targets: bool = False, token_logprobs: bool = False):
         if seq_len < 2:
             raise LogitcacheError(f"seq_len must be at least 2 (a row needs a token and its next one), got {seq_len}")
         if batch_size < 1:
@@ -327,6 +332,11 @@ class CacheStream(IterableDataset):
                                   "distributions (capture with --encoding full for exact metrics or --full-targets)")
         self.with_full = bool(with_full or dense_targets)
         self.dense_targets = bool(dense_targets)     # the targets are the full rows (DenseTargets)
+        if token_logprobs and BEHAVIOUR_LOGPROB not in manifest.arrays:
+            raise LogitcacheError(f"{self.url} holds no {BEHAVIOUR_LOGPROB} array: the log-probabilities of sampled "
+                                  "tokens under the student that sampled them come from an on-policy round cache "
+                                  "(student-onpolicy)")
+        self.token_logprobs = bool(token_logprobs)
         self.loss_on = loss_on or ("completion" if manifest.capture.mode == "generate" else "scored")
         if self.loss_on not in LOSS_ON:
             raise LogitcacheError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
@@ -585,6 +595,9 @@ class CacheStream(IterableDataset):
             "sample_index": np.full((B, T), -1, np.int64),
             "teacher_entropy": np.zeros((B, T), np.float32),
         }
+        if self.token_logprobs:
+            out["teacher_token_logprob"] = np.zeros((B, T), np.float32)
+            out["behaviour_logprob"] = np.zeros((B, T), np.float32)
         t_ids = np.full((B, T, W), pad_id, np.int64)
         t_values = np.full((B, T, W), 0.0 if enc.estimated else pad_value, np.float32)   # targets or log-probs
         t_tail = np.zeros((B, T), np.float32) if enc.stores_tail and not enc.estimated else None
@@ -621,6 +634,9 @@ class CacheStream(IterableDataset):
                 flat["labels"][dest] = blocks.take("tokens", _Rows(loss.shards, loss.rows + 1, loss.order))
                 flat["loss_mask"][dest] = True
                 flat["teacher_entropy"][dest] = blocks.take("entropy", loss)
+                if self.token_logprobs:
+                    flat["teacher_token_logprob"][dest] = blocks.take(TARGET_LOGPROB, loss)
+                    flat["behaviour_logprob"][dest] = blocks.take(BEHAVIOUR_LOGPROB, loss)
                 if self.with_full:
                     blocks.take_into(FULL_LOGPROBS, loss, flat["teacher_full_logprobs"], dest)
                 decoded = as_targets(enc.decode(blocks.stored_rows(loss), cache.manifest.teacher.vocab_size))
@@ -737,7 +753,8 @@ class _Blocks:
         """Which blocks each batch reads (every array the stream reads, on its grid)."""
         stream = self.stream
         names = [*READ_ARRAYS, *(f"hidden/{layer}" for layer in stream.hidden_layers),
-                 *([FULL_LOGPROBS] if stream.with_full else []), *stream.encoding.stored_names()]
+                 *([FULL_LOGPROBS] if stream.with_full else []), *stream.encoding.stored_names(),
+                 *([TARGET_LOGPROB, BEHAVIOUR_LOGPROB] if stream.token_logprobs else [])]
         shard = stream._shard_names[next(iter(self.needed))]
         for name in dict.fromkeys(names):
             self.names_on.setdefault(self.block_rows(name, shard), []).append(name)

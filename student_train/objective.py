@@ -21,7 +21,8 @@ from logitcache.format.errors import LogitcacheError
 
 from . import losses, sampled_kd
 from .attention import DENSE, Attention
-from .config import TrainConfig
+from .config import POLICY_GRADIENT, TrainConfig
+from .policy import policy_gradient_loss
 from .targets import DenseTargets, EstimatedTargets, SparseTargets
 
 
@@ -54,8 +55,16 @@ def teacher_loss(logits: torch.Tensor, targets: SparseTargets | EstimatedTargets
     raise TypeError(f"teacher targets must be SparseTargets, EstimatedTargets or DenseTargets, got {type(targets).__name__}")
 
 
-def check_loss_supported(cfg: TrainConfig, encoding: Encoding, where: str) -> None:
-    """Estimated encodings (sampled, hybrid) hold estimates of p, not p: only forward KL at T = 1 is unbiased."""
+def check_loss_supported(cfg: TrainConfig, encoding: Encoding, where: str, arrays=()) -> None:
+    """Estimated encodings (sampled, hybrid) hold estimates of p, not p: only forward KL at T = 1 is unbiased.
+    The policy gradient needs the behaviour log-probs of a round cache (``arrays``: the cache's array names)."""
+    if cfg.loss == POLICY_GRADIENT:
+        from logitcache.format.arrays import BEHAVIOUR_LOGPROB
+
+        if BEHAVIOUR_LOGPROB not in arrays:
+            raise LogitcacheError(f"--loss policy_gradient: {where} is not an on-policy round cache (it has no "
+                                  f"{BEHAVIOUR_LOGPROB} array); make one with student-onpolicy, or use a divergence")
+        return
     if encoding.estimated:
         if cfg.loss != "forward_kl" or cfg.temperature != 1.0:
             raise LogitcacheError(f"{where} is a {encoding.name} cache: it supports --loss forward_kl at --temperature "
@@ -78,8 +87,15 @@ def token_weights(cfg: TrainConfig, batch: dict) -> torch.Tensor:
 def logits_loss(cfg: TrainConfig, kd: losses.DistillationConfig, logits: torch.Tensor, batch: dict,
                 weights: torch.Tensor, extra: list) -> tuple[torch.Tensor, dict]:
     """Teacher loss(es) and CE on the student's (B, T, V) logits: the unfused objective."""
-    kd_loss = teacher_loss(logits, batch["teacher"], weights, kd)
-    parts = {"kd": kd_loss.detach()}
+    if cfg.loss == POLICY_GRADIENT:
+        discount, clip = cfg.policy_args()
+        kd_loss, stats = policy_gradient_loss(logits, batch["labels"], batch["teacher_token_logprob"],
+                                              batch["behaviour_logprob"], weights, batch["document_ids"],
+                                              discount=discount, clip=clip, chunk_rows=kd.chunk_rows)
+        parts = {"kd": kd_loss.detach(), **stats}
+    else:
+        kd_loss = teacher_loss(logits, batch["teacher"], weights, kd)
+        parts = {"kd": kd_loss.detach()}
     if extra:                 # other teachers' rows, joined by sample id (multi_teacher.TeacherJoin)
         each = [kd_loss] + [teacher_loss(logits, t, w, kd) for t, w in extra]
         kd_loss = losses.combine_teacher_losses(each, cfg.teacher_weights or [1.0] * len(each))

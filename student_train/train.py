@@ -44,10 +44,11 @@ from logitcache.store.reader import open_cache
 from . import losses, parallel
 from .attention import choose_attention
 from .checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig
+from .config import POLICY_GRADIENT, TrainConfig
 from .data import CacheStream, check_student_vocab, make_dataloader, stores_full_distribution
 from .evaluation import evaluate
 from .model import build_student, count_parameters, student_num_layers
+from .mix import OffPolicyRows, split_batch
 from .multi_teacher import TeacherJoin
 from .objective import check_loss_supported, choose_loss_head, compute_loss
 
@@ -105,18 +106,37 @@ def selected_ids(cfg: TrainConfig, cache) -> list[str] | None:
     return read_selection(cfg.selection, cache)
 
 
-def open_eval_stream(cfg: TrainConfig, manifest) -> CacheStream:
-    """The ``--eval-cache`` stream: every sample of it, against the same teacher and tokenizer."""
-    other = open_cache(cfg.eval_cache)
+def open_same_teacher(url: str, flag: str, manifest, why: str):
+    """Another cache (``--eval-cache``, ``--offpolicy-cache``) of the training cache's teacher and tokenizer."""
+    other = open_cache(url)
     m = other.manifest
     if m.teacher.fingerprint != manifest.teacher.fingerprint:
-        raise LogitcacheError(f"--eval-cache {cfg.eval_cache} holds teacher {m.teacher.name} "
-                              f"({m.teacher.fingerprint[:19]}), the training cache {manifest.teacher.name} "
-                              f"({manifest.teacher.fingerprint[:19]}): held-out metrics need the same teacher")
+        raise LogitcacheError(f"{flag} {url} holds teacher {m.teacher.name} ({m.teacher.fingerprint[:19]}), the "
+                              f"training cache {manifest.teacher.name} ({manifest.teacher.fingerprint[:19]}): {why}")
     if m.tokenizer.vocab_sha256 != manifest.tokenizer.vocab_sha256:
-        raise LogitcacheError(f"--eval-cache {cfg.eval_cache} was captured with another tokenizer")
+        raise LogitcacheError(f"{flag} {url} was captured with another tokenizer")
+    return other
+
+
+def open_eval_stream(cfg: TrainConfig, manifest) -> CacheStream:
+    """The ``--eval-cache`` stream: every sample of it, against the same teacher and tokenizer."""
+    other = open_same_teacher(cfg.eval_cache, "--eval-cache", manifest, "held-out metrics need the same teacher")
     return CacheStream(other, cfg.seq_len, cfg.batch_size, shuffle=False, rank=0, world_size=1,
                        with_full=stores_full_distribution(other))
+
+
+def open_offpolicy_rows(cfg: TrainConfig, manifest, rows: int, rank: int, world: int) -> OffPolicyRows:
+    """The GKD mix's off-policy part: ``rows`` rows per micro-batch of ``--offpolicy-cache``, forward KL."""
+    other = open_same_teacher(cfg.offpolicy_cache, "--offpolicy-cache", manifest, "the mix needs one teacher")
+    check_loss_supported(offpolicy_config(cfg), other.encoding, cfg.offpolicy_cache, other.manifest.arrays)
+    stream = CacheStream(other, cfg.seq_len, rows, seed=cfg.seed, rank=rank, world_size=world)
+    return OffPolicyRows(make_dataloader(stream, num_workers=cfg.num_workers))
+
+
+def offpolicy_config(cfg: TrainConfig) -> TrainConfig:
+    """The settings of the mix's off-policy part: forward KL at T = 1, no token selection."""
+    return dataclasses.replace(cfg, loss="forward_kl", loss_args={}, temperature=1.0, entropy_above=None,
+                               entropy_below=None, entropy_top_frac=None, entropy_bottom_frac=None)
 
 
 # ---- test hooks -------------------------------------------------------------------------------------
@@ -157,7 +177,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     manifest = cache.manifest
     chosen = selected_ids(cfg, cache)
     all_ids = cache.samples.column("sample_id").to_pylist()
-    check_loss_supported(cfg, cache.encoding, cfg.cache)
+    check_loss_supported(cfg, cache.encoding, cfg.cache, manifest.arrays)
+    if cfg.offpolicy_cache and (cfg.teachers or cfg.layer_map):
+        raise LogitcacheError("--offpolicy-cache: the GKD mix trains on one teacher's logits (no --teacher, --layer-map)")
+    on_rows, off_rows = split_batch(cfg.batch_size, cfg.onpolicy_frac) if cfg.offpolicy_cache else (cfg.batch_size, 0)
     train_ids, eval_ids = split_ids(all_ids, 0.0 if cfg.eval_cache else cfg.eval_frac)
     if chosen is not None:
         keep = set(chosen)
@@ -173,11 +196,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.full_targets and not stores_full_distribution(cache):
         raise LogitcacheError(f"--full-targets: {cfg.cache} was captured with --encoding {cache.encoding.name}; "
                               "it needs a cache captured with --encoding full")
-    stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, seed=cfg.seed, sample_ids=train_ids,
+    stream = CacheStream(cache, cfg.seq_len, on_rows, seed=cfg.seed, sample_ids=train_ids,
                          where=cfg.where, hidden_layers=teacher_layers, rank=rank, world_size=world,
-                         dense_targets=cfg.full_targets)
+                         dense_targets=cfg.full_targets, token_logprobs=cfg.loss == POLICY_GRADIENT)
     loader = make_dataloader(stream, num_workers=cfg.num_workers)
     joins = [TeacherJoin(url, stream) for url in cfg.teachers]
+    offpolicy = open_offpolicy_rows(cfg, manifest, off_rows, rank, world) if cfg.offpolicy_cache else None
     eval_stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, shuffle=False, sample_ids=eval_ids,
                               rank=0, world_size=1) if eval_ids else None
     if cfg.eval_cache:                      # a separate held-out cache, e.g. captured with --encoding full
@@ -186,6 +210,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     data_fingerprints = {"cache": cache_fingerprint(manifest),   # what a checkpoint of this run was trained on
                          "eval_cache": cache_fingerprint(eval_stream.cache.manifest) if cfg.eval_cache else None,
                          "teachers": [cache_fingerprint(j.cache.manifest) for j in joins]}
+    if offpolicy is not None:
+        data_fingerprints["offpolicy_cache"] = cache_fingerprint(offpolicy.loader.stream.cache.manifest)
 
     # -- setup: model
     model, tokenizer_dir = build_student(cfg.student, cfg.keep_layers, manifest, cfg.seed)
@@ -208,10 +234,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if main_process:
         log.info("attention: %s (%s)%s", attention.mode, attention.implementation,
                  f"; skipped {attention.reason}" if attention.reason else "")
-    head, unfused_because = choose_loss_head(model, "off" if cfg.full_targets else cfg.fused_loss,
+    unfusable = "--full-targets" if cfg.full_targets else "--loss policy_gradient" if cfg.loss == POLICY_GRADIENT else ""
+    if unfusable and cfg.fused_loss == "on":
+        raise LogitcacheError(f"--fused-loss on: {unfusable} computes its loss on the (B, T, V) logits; use auto or off")
+    head, unfused_because = choose_loss_head(model, "off" if unfusable else cfg.fused_loss,
                                              cfg.batch_size * cfg.seq_len * width * 4, device)
-    if cfg.full_targets and cfg.fused_loss == "on":
-        raise LogitcacheError("--fused-loss on: --full-targets reads (B, T, V) teacher values anyway; use auto or off")
     if cfg.activation_checkpointing:
         parallel.enable_activation_checkpointing(model)
     sharded = cfg.parallel == "fsdp"
@@ -219,6 +246,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if projector is not None and sharded:
         parallel.wrap(projector, "fsdp", world, device, None)
     kd = dataclasses.replace(cfg.objective(), chunk_rows=losses.device_chunk_rows(width, device))
+    off_cfg = offpolicy_config(cfg) if offpolicy is not None else None
+    off_kd = dataclasses.replace(off_cfg.objective(), chunk_rows=kd.chunk_rows) if off_cfg is not None else None
+    share = cfg.onpolicy_frac if offpolicy is not None else 1.0
     params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(stream.batches_per_rank / cfg.grad_accum)
@@ -240,6 +270,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
+        if offpolicy is not None:
+            offpolicy.load_state_dict(state["offpolicy"])
         step, epoch, history = state["step"], state["epoch"], state["history"]
         set_rng_state(state["rng"])
         if main_process:
@@ -265,13 +297,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 tokens_seen += int((batch["document_ids"] != 0).sum())      # on the host: no device sync
                 _record_samples(stream, batch, rank)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                last_of_epoch = stream.rows_consumed >= stream.batches_per_rank * cfg.batch_size
+                last_of_epoch = stream.rows_consumed >= stream.batches_per_rank * stream.batch_size
                 step_ends = group + 1 >= cfg.grad_accum or last_of_epoch
-                with parallel.gradient_sync(wrapped, step_ends):       # all-reduce once per optimizer step
+                with parallel.gradient_sync(wrapped, step_ends and offpolicy is None):   # all-reduce once a step
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss, parts = compute_loss(cfg, kd, wrapped, batch, projector, hidden_names, attention,
                                                    head)
-                    (loss / cfg.grad_accum).backward()
+                    (share * loss / cfg.grad_accum).backward()
+                if offpolicy is not None:             # the GKD mix: (1 - lambda) of forward KL on teacher text
+                    off = {k: v.to(device, non_blocking=True) for k, v in offpolicy.next().items()}
+                    with parallel.gradient_sync(wrapped, step_ends):
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            off_loss, off_parts = compute_loss(off_cfg, off_kd, wrapped, off, None, [], attention,
+                                                               head)
+                        ((1 - share) * off_loss / cfg.grad_accum).backward()
+                    parts = {**parts, "kd_offpolicy": off_parts["kd"],
+                             "loss": share * parts["loss"] + (1 - share) * off_parts["loss"]}
                 group += 1
                 for k, v in parts.items():                  # device tensors: read back once per step
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
@@ -306,7 +347,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                         _log(cfg, writer, {"eval": history["eval"][-1]}, step)
                 if step % cfg.save_every == 0 or step == total_steps:
                     _save(cfg, rank, world, model, projector, optimizer, scheduler, loader, step, epoch,
-                          history, data_fingerprints, sharded)
+                          history, data_fingerprints, sharded, offpolicy)
                 _fault_after(step)
                 if step >= total_steps:
                     break
@@ -314,6 +355,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 epoch += 1
         finally:
             batches.close()
+    if offpolicy is not None:
+        offpolicy.close()
     train_seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -341,9 +384,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
 
 # ---- small helpers of the loop ----------------------------------------------------------------------
-def _save(cfg, rank, world, model, projector, optimizer, scheduler, loader, step, epoch, history, data, sharded):
+def _save(cfg, rank, world, model, projector, optimizer, scheduler, loader, step, epoch, history, data, sharded,
+          offpolicy=None):
     state = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "step": step, "epoch": epoch,
              "history": history, "rng": rng_state()}
+    if offpolicy is not None:
+        state["offpolicy"] = offpolicy.state_dict()
     shards = None
     if sharded:       # model, projector and optimizer: every rank's shards, torch.distributed.checkpoint
         shards = parallel.sharded_state(model, projector, optimizer)
