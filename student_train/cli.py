@@ -118,7 +118,7 @@ def cli(cache, out, config_file, loss_args, layer_map, teachers, teacher_weights
         if value is not None:
             base[key] = value
     if loss_args:
-        base["loss_args"] = dict(_loss_arg(a) for a in loss_args)
+        base["loss_args"] = dict(parse_loss_arg(a) for a in loss_args)
     if layer_map:
         base["layer_map"] = parse_layer_map(layer_map)
     if teachers:
@@ -171,7 +171,7 @@ def remove_failed_run(out: str) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _loss_arg(item: str) -> tuple[str, float]:
+def parse_loss_arg(item: str) -> tuple[str, float]:
     key, sep, value = item.partition("=")
     try:
         return key.strip(), float(value)

@@ -1,0 +1,142 @@
+"""On-policy rounds end to end on the tiny teacher: the behaviour log-probs are the sampling student's own,
+the round cache holds exactly the student's tokens, a round killed in training resumes to the same student,
+and the on-policy measures agree with a direct computation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache import open_cache
+from logitcache.format import LogitcacheError
+from logitcache.format.arrays import BEHAVIOUR_LOGPROB, TARGET_LOGPROB
+from student_train.rollout import SamplingSettings, generate, load_student, read_prompts
+from student_train.rounds import Rounds, RoundsConfig
+
+PROMPTS = ["Name a colour.", "What is two plus two?", "Say hello.", "Count to three.", "Name a river.",
+           "What is ice?", "Give a number.", "Name an animal."]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def settings(tiny_teacher, prompts, out, **kw):
+    base = dict(out=str(out), teacher=str(tiny_teacher), keep_layers="0", prompts=prompts, prompts_per_round=4,
+                rounds=2, steps_per_round=3, encoding="compact", backend="hf", max_new_tokens=6, seq_len=64,
+                batch_size=2, lr=1e-3, warmup_steps=1, generate_batch_size=3)
+    base.update(kw)
+    return RoundsConfig(**base)
+
+
+def test_behaviour_logprobs_are_those_of_the_student_that_sampled(tiny_teacher, prompts):
+    model, tok = load_student(str(tiny_teacher))
+    rows = generate(model, tok, read_prompts(prompts, None), SamplingSettings(8, 1.0, 1.0, 5, 3))
+    assert len(rows) == len(PROMPTS)
+    again = generate(model, tok, read_prompts(prompts, None), SamplingSettings(8, 1.0, 1.0, 5, 3))
+    assert [r["response_ids"] for r in again] == [r["response_ids"] for r in rows]     # seeded
+    for r in rows:   # one unpadded forward pass per sequence, log-softmax at T = 1, the sampled token
+        ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+        with torch.no_grad():
+            logq = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        P = len(r["prompt_ids"])
+        want = [float(logq[P - 1 + i, t]) for i, t in enumerate(r["response_ids"])]
+        np.testing.assert_allclose(r["behaviour_logprobs"], want, rtol=0, atol=2e-5)
+        text = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                       tokenize=False)
+        assert r["prompt_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_greedy_responses_do_not_depend_on_the_batch(tiny_teacher, prompts):
+    model, tok = load_student(str(tiny_teacher))
+    batched = generate(model, tok, read_prompts(prompts, None), SamplingSettings(6, 0.0, 1.0, 0, 4))
+    alone = generate(model, tok, read_prompts(prompts, None), SamplingSettings(6, 0.0, 1.0, 0, 1))
+    assert [r["response_ids"] for r in batched] == [r["response_ids"] for r in alone]
+
+
+def student_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_a_killed_round_resumes_to_the_same_student(tiny_teacher, prompts, tmp_path, monkeypatch):
+    whole = Rounds(settings(tiny_teacher, prompts, tmp_path / "whole", eval_prompts=prompts, eval_limit=3),
+                   progress=False, log=lambda m: None).run()
+
+    # the round caches hold exactly the student's tokens, its behaviour log-probs and the round's provenance
+    for r in range(2):
+        d = tmp_path / "whole" / f"round-{r:03d}"
+        rows = [json.loads(x) for x in (d / "rollouts.jsonl").read_text().splitlines()]
+        cache = open_cache(str(d / "cache"))
+        assert cache.manifest.rollout["round"] == r and cache.manifest.rollout["samples"] == len(rows)
+        assert cache.manifest.rollout["student_fingerprint"].startswith("sha256:")
+        samples = cache.samples.to_pylist()
+        assert len(samples) == len(rows)
+        for rec, row in zip(samples, rows):
+            view = cache.sample_view(rec["sample_id"])
+            assert view["tokens"].tolist() == row["prompt_ids"] + row["response_ids"]
+            P, n = len(row["prompt_ids"]), len(row["response_ids"])
+            np.testing.assert_array_equal(view[BEHAVIOUR_LOGPROB][P - 1:P - 1 + n],
+                                          np.float32(row["behaviour_logprobs"]))
+            assert np.isfinite(view[TARGET_LOGPROB][P - 1:P - 1 + n]).all()
+    first = json.loads((tmp_path / "whole" / "round-000" / "rollouts.jsonl.info.json").read_text())
+    second = json.loads((tmp_path / "whole" / "round-001" / "rollouts.jsonl.info.json").read_text())
+    assert first["student"].endswith("initial-student") and second["student"].endswith("round-000/train/student")
+
+    # killed after training step 2 of round 0: the command fails naming the step; the same command continues
+    cfg = settings(tiny_teacher, prompts, tmp_path / "resumed")
+    monkeypatch.setenv("STUDENT_TRAIN_FAULT", "kill-after-step:2")
+    with pytest.raises(LogitcacheError, match="student-train .* failed .* run the same command again"):
+        Rounds(cfg, progress=False, log=lambda m: None).run()
+    monkeypatch.delenv("STUDENT_TRAIN_FAULT")
+    resumed = Rounds(cfg, progress=False, log=lambda m: None).run()
+    a, b = student_weights(whole["student_dir"]), student_weights(resumed["student_dir"])
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    for r in range(2):   # round 1 sampled with the resumed round-0 student: the same tokens
+        name = f"round-{r:03d}/rollouts.jsonl"
+        assert (tmp_path / "whole" / name).read_text() == (tmp_path / "resumed" / name).read_text()
+
+    # the on-policy measures against a direct computation on the evaluation cache of the last student
+    ev = tmp_path / "whole" / "round-001" / "eval"
+    metrics = json.loads((ev / "metrics.json").read_text())
+    cache = open_cache(str(ev / "cache"))
+    model, _ = load_student(whole["student_dir"])
+    rev, lik, n = 0.0, 0.0, 0
+    from logitcache.format.arrays import FULL_LOGPROBS
+
+    for rec in cache.samples.to_pylist():
+        view = cache.sample_view(rec["sample_id"])
+        lo, hi = rec["scored_start"], rec["scored_end"]
+        full = cache.read_rows(rec["shard"], rec["token_offset"] + lo, rec["token_offset"] + hi,
+                               [FULL_LOGPROBS])[FULL_LOGPROBS]
+        with torch.no_grad():
+            logq = torch.log_softmax(model(input_ids=torch.tensor([view["tokens"].tolist()])).logits[0, lo:hi].double(), -1)
+        logp = torch.log_softmax(torch.as_tensor(full, dtype=torch.float64), -1)
+        rev += float((logq.exp() * (logq - logp)).sum())
+        lik += float(view[TARGET_LOGPROB][lo:hi].astype(np.float64).sum())
+        n += hi - lo
+    assert metrics["response_tokens"] == n
+    assert metrics["kl_reverse_exact"] == pytest.approx(rev / n, rel=1e-3)
+    assert metrics["teacher_logprob_per_token"] == pytest.approx(lik / n, rel=1e-5)
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert len(report["rounds"]) == 2 and report["initial_eval"]["response_tokens"] > 0
+    assert (tmp_path / "whole" / "rounds.png").stat().st_size > 10_000
+    assert "logitcache capture" in (tmp_path / "whole" / "commands.sh").read_text()
+
+
+def test_a_run_continues_only_with_its_settings(tiny_teacher, prompts, tmp_path):
+    with pytest.raises(LogitcacheError, match="exactly one of --student"):
+        settings(tiny_teacher, prompts, tmp_path / "x", student=str(tiny_teacher))
+    Rounds(settings(tiny_teacher, prompts, tmp_path / "r", rounds=1, steps_per_round=1), progress=False,
+           log=lambda m: None).check_settings()
+    with pytest.raises(LogitcacheError, match="started with lr = 0.001, this run has 0.01"):
+        Rounds(settings(tiny_teacher, prompts, tmp_path / "r", rounds=1, steps_per_round=1, lr=1e-2),
+               progress=False).check_settings()
