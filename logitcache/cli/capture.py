@@ -7,6 +7,7 @@ import os
 import click
 
 from ..format.encodings import DEFAULT_ENCODING, names as encoding_names
+from ..format.errors import InputError
 from .common import echo_json, handle_errors
 
 
@@ -34,6 +35,26 @@ def _engine_args(ctx, param, values: tuple[str, ...]) -> dict:
     return out
 
 
+def _rollout_info(path: str | None) -> dict | None:
+    """The JSON object of ``--rollout-info FILE.json`` (the manifest's ``rollout``), or a one-line error."""
+    import json
+
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"--rollout-info {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--rollout-info {path}: cannot read it ({e.__class__.__name__}: {e})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"--rollout-info {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"--rollout-info {path}: must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
 def _worker_default(names: tuple[str, ...], fallback: int) -> int:
     for name in names:
         if os.environ.get(name, "").strip():
@@ -59,7 +80,9 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--prompt-column", default=None, help="Column with the user prompt (default: 'prompt').")
 @click.option("--messages-column", default=None, help="Column with chat messages [{role, content}, ...].")
 @click.option("--text-column", default=None, help="Score mode: column with plain text (default: 'text').")
-@click.option("--response-column", default=None, help="Score mode: column with the response to score after the prompt.")
+@click.option("--response-column", default=None, help="Score mode: column with the response to score after the prompt. "
+                   "Token ids instead of text: columns prompt_ids and response_ids (used verbatim; found by "
+                   "name, before text columns), optionally behaviour_logprobs (one per response token).")
 @click.option("--source-name", default=None,
               help="Name sample ids are derived from (default: the file name or dataset name).")
 @click.option("--limit", type=int, default=None, help="Use only the first N rows.")
@@ -112,13 +135,16 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--engine-arg", "engine_args", multiple=True, callback=_engine_args, metavar="KEY=VALUE",
               help="vllm backend: any vllm.LLM argument, repeatable (VALUE parsed as JSON when it can be), "
                    "e.g. --engine-arg enforce_eager=true --engine-arg max_num_seqs=64.")
+@click.option("--rollout-info", "rollout_info", default=None, metavar="FILE.json",
+              help="Score mode, on-policy rounds: a JSON object recorded as the manifest's `rollout` (round, "
+                   "student fingerprint, sampling settings, ...); a cache holds one round.")
 @click.option("--codec", type=click.Choice(["auto", "blosc-zstd-shuffle", "blosc-zstd-bitshuffle", "zstd"]),
               default="auto", show_default=True,
               help="Compression of the arrays; auto = the measured best per array (docs/format.md).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors
-def capture(cache, as_json, no_progress, num_workers, worker_index, **opts):
+def capture(cache, as_json, no_progress, num_workers, worker_index, rollout_info, **opts):
     """Capture a teacher's per-token statistics into CACHE (a directory or fsspec URL).
 
     For every scored token: the teacher's next-token distribution in the chosen --encoding (by
@@ -134,12 +160,14 @@ def capture(cache, as_json, no_progress, num_workers, worker_index, **opts):
     Examples:
       logitcache capture ./cache --limit 50
       logitcache capture ./cache --mode score --input corpus.parquet --text-column text --hidden-layers -1
+      logitcache capture ./round0 --mode score --input rollouts.jsonl --rollout-info round0.json
       srun logitcache capture s3://bucket/cache --input prompts.jsonl   # workers from $SLURM_*
     """
     from ..teacher.capture import CaptureJob, run_capture
 
+    rollout = _rollout_info(rollout_info)
     job = CaptureJob(
-        cache=cache, progress=not no_progress,
+        cache=cache, progress=not no_progress, rollout=rollout,
         num_workers=num_workers if num_workers is not None else _worker_default(("WORLD_SIZE", "SLURM_NTASKS"), 1),
         worker_index=worker_index if worker_index is not None else _worker_default(("RANK", "SLURM_PROCID"), 0),
         **opts)

@@ -10,7 +10,8 @@ Recipe (docs/format.md, "Cache fingerprint"): sha256 over the canonical JSON (so
 spaces, ASCII) of ``{"teacher": ..., "tokenizer": ..., "capture": ..., "shards": [[name, checksum],
 ...]}`` (the fields listed below; ``teacher`` without ``name`` and ``source``; shards sorted by name)
 plus, in recipe 2 (logitcache 1.3 on), ``"encoding"`` (``capture.encoding``) and ``"arrays"`` (each
-array's spec without its prose ``meaning``): everything that decides a decoded value. Recipe 1 is
+array's spec without its prose ``meaning``): everything that decides a decoded value; from format 1.4,
+``"rollout"`` (the manifest's on-policy round record) when the manifest has one. Recipe 1 is
 what releases up to format 1.2 wrote into selection files; ``check_selection`` still accepts it for
 those. The field lists are fixed, so a later version that adds manifest fields does not change the
 fingerprint of an existing cache.
@@ -46,6 +47,8 @@ def identity(manifest: Manifest, recipe: int = RECIPE) -> dict:
         out["encoding"] = manifest.capture.encoding
         out["arrays"] = {name: {k: spec.to_dict().get(k) for k in ARRAY_FIELDS}
                          for name, spec in manifest.arrays.items()}
+    if manifest.rollout is not None:     # 1.4, only when present: caches without one keep their fingerprint
+        out["rollout"] = manifest.rollout
     return out
 
 

@@ -216,6 +216,9 @@ class Manifest:
     part: PartInfo | None = None
     derived: list[DerivedTable] = field(default_factory=list)   # 1.1
     provenance: Provenance | None = None                        # 1.1
+    # 1.4, optional: where an on-policy round's responses came from (free-form JSON object, e.g. round,
+    # student fingerprint, sampling settings); part of the header, so one cache holds one round
+    rollout: dict[str, Any] | None = None
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -227,13 +230,17 @@ class Manifest:
         return sum(s.tokens for s in self.shards)
 
     def header(self) -> dict:
-        """The part that must be identical for everything written into one cache."""
-        return {
+        """The part that must be identical for everything written into one cache (``rollout`` only when
+        present: a manifest without it is a valid 1.3 one)."""
+        h = {
             "teacher": asdict(self.teacher),
             "tokenizer": asdict(self.tokenizer),
             "capture": asdict(self.capture),
             "arrays": {k: v.to_dict() for k, v in self.arrays.items()},
         }
+        if self.rollout is not None:
+            h["rollout"] = self.rollout
+        return h
 
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -291,6 +298,7 @@ class Manifest:
             part=_from_dict(PartInfo, d["part"], f"{where}: part") if d.get("part") else None,
             derived=[DerivedTable.from_dict(x, f"{where}: derived") for x in d.get("derived") or []],
             provenance=_from_dict(Provenance, d["provenance"], f"{where}: provenance") if d.get("provenance") else None,
+            rollout=_rollout(d.get("rollout"), where),
         )
 
     def check_consistency(self, where: str, totals: dict | None = None) -> None:
@@ -364,6 +372,12 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise FormatError(f"{where}: not valid JSON ({e})") from None
         return cls.from_dict(d, where)
+
+
+def _rollout(value: Any, where: str) -> dict | None:
+    if value is not None and not isinstance(value, dict):
+        raise FormatError(f"{where}: rollout must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _canonical(d: dict) -> bytes:

@@ -29,8 +29,10 @@ SAMPLE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("split", pa.string(), "dataset split ('' for files)"),
     ("row", pa.int64(), "row index in the source"),
     ("sample_index", pa.int32(), "which of the n samples drawn for this row (0 when n = 1)"),
-    ("prompt", pa.string(), "prompt text as given (chat messages as JSON); null for plain text"),
-    ("response", pa.string(), "response text: generated, or the scored text"),
+    ("prompt", pa.string(), "prompt text as given (chat messages as JSON); null for plain text; "
+                            "token-id inputs (1.4): the prompt_ids decoded"),
+    ("response", pa.string(), "response text: generated, or the scored text; token-id inputs (1.4): the stored "
+                              "response ids decoded"),
 ]
 
 SAMPLES_SCHEMA = pa.schema([pa.field(name, typ) for name, typ, _ in SAMPLE_COLUMNS])

@@ -2,7 +2,8 @@
 
 Row ``j`` of every token-major array describes the teacher *after reading* ``tokens[j]`` of a sample
 (position-aligned): the distribution arrays, ``entropy`` and ``target_logprob`` are about the
-*next* token, ``hidden/<layer>`` is the hidden state at position ``j``. Rows whose next-token
+*next* token, ``hidden/<layer>`` is the hidden state at position ``j``; ``behaviour_logprob`` (1.4,
+on-policy rounds) is about the next token too, under the policy that sampled it. Rows whose next-token
 distribution was not captured hold the fill value, so every token-major array has exactly one row
 per token and one ``token_offset`` serves all.
 
@@ -22,6 +23,7 @@ TOPK_IDS = "topk_ids"
 TOPK_LOGPROBS = "topk_logprobs"
 ENTROPY = "entropy"
 TARGET_LOGPROB = "target_logprob"
+BEHAVIOUR_LOGPROB = "behaviour_logprob"   # 1.4: log q_b(tokens[j+1]) of the policy that sampled the response
 FULL_LOGPROBS = "dist/full_logprobs"
 HIDDEN_GROUP = "hidden"
 DIST_GROUP = "dist"

@@ -8,7 +8,7 @@ something that exists. Readers accept every minor version of their own major.
 from .errors import FormatError
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "1.3"
+FORMAT_VERSION = "1.4"
 
 # What each minor version added (docs/format.md, "Versioning"). 1.0 readers read 1.1 caches: they
 # ignore the manifest sections below and never look under derived/.
@@ -22,6 +22,8 @@ MINOR_ADDITIONS = {
            "and `samples_checksum`, Parquet page checksums, the manifest's own `checksum`, inputs' `content`; "
            "fingerprint recipe 2 (covers capture.encoding and the array specs); names that become paths "
            "follow fixed patterns. 1.2 readers read 1.3 caches (zarr-python verifies the crc32c codec)",
+    "1.4": "`behaviour_logprob` array, score inputs as token ids, manifest `rollout` (on-policy rounds); "
+           "1.3 readers read 1.4 caches: they ignore both",
 }
 
 

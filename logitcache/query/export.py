@@ -119,7 +119,8 @@ def export_selection(cache: Cache, selection_path: str, out: str, storage_option
             inputs=inputs, shards=shards, skipped=[], complete=True, created_by=f"logitcache {__version__} (export)",
             provenance=Provenance(source_cache=cache.url, source_fingerprint=cache_fingerprint(m),
                                   selection_query=info.query, selection_count=info.count,
-                                  selection_file=str(selection_path), source_shards=mapping))
+                                  selection_file=str(selection_path), source_shards=mapping),
+            rollout=m.rollout)
         dst.write_atomic(layout.MANIFEST, manifest.to_json().encode())
     except BaseException:
         lock.release()

@@ -8,6 +8,7 @@ selection file, the same pass also gathers the selected samples' entropy, to com
 from __future__ import annotations
 
 import collections
+import json
 import math
 
 import numpy as np
@@ -49,6 +50,8 @@ def summarize(cache: Cache, token_stats: bool = True, selection: str | None = No
                   "per_token": {k: v / tokens for k, v in stored.items()},
                   "per_scored_token": {k: v / max(scored, 1) for k, v in stored.items()}},
     }
+    if m.rollout is not None:                  # 1.4: an on-policy round's record, as written
+        out["rollout"] = m.rollout
     selected = None
     if selection is not None:
         out["selection"], selected = selection_summary(cache, selection)
@@ -191,6 +194,7 @@ def render_text(s: dict) -> str:
         f"tokenizer    vocab {s['tokenizer']['vocab_size']}, sha256 {s['tokenizer']['vocab_sha256'][:12]}",
         f"capture      {c['mode']} mode, {_encoding_text(c)} ({c['logprob_dtype']}), hidden layers "
         f"{c['hidden_layers'] or 'none'}{' (' + c['hidden_dtype'] + ')' if c['hidden_layers'] else ''}",
+        *([f"rollout      {json.dumps(s['rollout'], sort_keys=True)}"] if "rollout" in s else []),
         f"contents     {s['samples']} samples in {s['shards']} shard(s), {s['tokens']} tokens, "
         f"{s['scored_tokens']} scored; {s['skipped']['total']} skipped"
         + (f" {s['skipped']['by_reason']}" if s['skipped']['total'] else ""),

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from .. import __version__
 from ..format import layout
-from ..format.arrays import ENTROPY, TARGET_LOGPROB, TOKENS, absolute_layer, array_specs
+from ..format.arrays import BEHAVIOUR_LOGPROB, ENTROPY, TARGET_LOGPROB, TOKENS, absolute_layer, array_specs
 from ..format.encodings import DEFAULT_ENCODING, LEGACY_ENCODING, Encoding, encoding_class, encoding_from
 from ..format.errors import ConfigMismatchError, EncodingError, LogitcacheError
 from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
@@ -96,6 +96,7 @@ class CaptureJob:
     codec: str = codec_lib.DEFAULT_CODEC
     storage_options: dict | None = None
     progress: bool = True
+    rollout: dict | None = None            # 1.4: the on-policy round's record (manifest ``rollout``; --rollout-info)
 
 
 @dataclass
@@ -163,6 +164,20 @@ def validate(job: CaptureJob) -> None:
         owner = RESERVED_ENGINE_ARGS.get(key)
         if owner and (job.hidden_layers or key not in ("speculative_config", "kv_transfer_config")):
             bad(f"--engine-arg {key}", f"logitcache sets this itself ({owner}); leave it out")
+    if job.rollout is not None:
+        check_rollout(job.rollout, "--rollout-info")
+
+
+def check_rollout(rollout, where: str) -> None:
+    """A rollout record must be a JSON object that reads back as itself (string keys, no NaN, lists not
+    tuples): it is compared with the cache's on every resume."""
+    try:
+        same = isinstance(rollout, dict) and json.loads(json.dumps(rollout, allow_nan=False)) == rollout
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise LogitcacheError(f"{where}: the rollout record must be a JSON object (string keys; values that JSON "
+                              f"holds as they are, no NaN), got {type(rollout).__name__}")
 
 
 def job_encoding(job: CaptureJob) -> Encoding:
@@ -226,6 +241,8 @@ def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence],
                              cat([c.topk_logprobs for c in captured], (k,), np.float32), extras, scored, value_dtype)
     per_row = {TOKENS: [c.tokens for c in captured], ENTROPY: [c.entropy for c in captured],
                TARGET_LOGPROB: [c.target_logprob for c in captured]}
+    if BEHAVIOUR_LOGPROB in specs:
+        per_row[BEHAVIOUR_LOGPROB] = [behaviour_rows(s, c) for s, c in zip(samples, captured)]
     for name, spec in specs.items():
         if name in arrays:
             continue
@@ -252,6 +269,24 @@ def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence],
         for key, v in row.items():
             cols[key].append(v)
     return arrays, pa.table(cols, schema=SAMPLES_SCHEMA), scored_total
+
+
+def behaviour_rows(sample: PreparedSample, seq: CapturedSequence) -> np.ndarray:
+    """(n,) float32 ``behaviour_logprob`` rows of one sequence (n tokens, P of them prompt): response token
+    i sits at position P + i, so its value goes to row P + i - 1 (the row that predicts it; none for
+    i = 0 when P = 0). NaN elsewhere, and everywhere when the sample has no behaviour values.
+
+        tokens     p0  p1  p2 | r0  r1  r2        (P = 3)
+        row         0   1   2 |  3   4   5
+        behaviour  nan nan b0 | b1  b2  nan
+    """
+    out = np.full(len(seq.tokens), np.nan, dtype=np.float32)
+    if sample.behaviour is not None:
+        first = seq.prompt_len - 1                    # row of response token 0
+        values = sample.behaviour[max(-first, 0):]    # (kept response tokens,) float32
+        first = max(first, 0)
+        out[first:first + len(values)] = values
+    return out
 
 
 @dataclass
@@ -294,11 +329,12 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
     table = load_input(job.source, job.split, {"prompt": job.prompt_column, "messages": job.messages_column,
                                                "text": job.text_column, "response": job.response_column},
                        job.mode, job.limit, job.source_name)
-    validate_rows(table.table, table.source, job.mode)   # a bad row is reported before anything is captured
     resolved = resolve_teacher(job.teacher)
     teacher = describe_teacher(resolved, resolve_backend(job.backend, job.encoding),
                                _resolve_dtype(job.dtype, job.device), job.max_length)
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    # a bad row (token ids against the tokenizer's vocabulary too) is reported before anything is captured
+    validate_rows(table.table, table.source, job.mode, vocab_size=len(tokenizer))
     top_k, enc, per_shard = job_top_k(job), job_encoding(job).to_dict(), job_samples_per_shard(job)
     if top_k > teacher.vocab_size:
         raise LogitcacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
@@ -306,10 +342,10 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
     cfg = capture_config(job, top_k=top_k, hidden_layers=layers, max_length=teacher.max_length,
                          samples_per_shard=per_shard, encoding=enc)
     specs = array_specs(teacher.vocab_size, top_k, job.logprob_dtype, layers, teacher.hidden_size, job.hidden_dtype,
-                        enc)
+                        enc, behaviour="behaviour_logprobs" in table.columns)
     header = Manifest(teacher=teacher, tokenizer=tokenizer_info(tokenizer, _generation_eos(resolved.path)),
                       capture=cfg, arrays=specs, codecs=codec_lib.describe(specs, job.codec),
-                      created_by=f"logitcache {__version__}")
+                      created_by=f"logitcache {__version__}", rollout=job.rollout)
 
     key = input_key(table, job.limit)
     spec = InputSpec(key=key, source=table.source, source_name=table.source_name, split=table.split,
@@ -453,7 +489,7 @@ def _load_or_new_part(cfs: CacheFS, header: Manifest, job: CaptureJob) -> Manife
         part.part = PartInfo(job.worker_index, job.num_workers, False)
         return part
     return Manifest(teacher=header.teacher, tokenizer=header.tokenizer, capture=header.capture, arrays=header.arrays,
-                    codecs=header.codecs, created_by=header.created_by,
+                    codecs=header.codecs, created_by=header.created_by, rollout=header.rollout,
                     part=PartInfo(job.worker_index, job.num_workers, False))
 
 

@@ -2,7 +2,9 @@
 
 Only the columns a capture needs are read, into one Arrow table that is sliced per shard. Column
 roles: ``prompt`` (a user message), ``messages`` (a chat: list of {role, content}), ``text`` (plain
-text to score) and ``response`` (an answer to score after ``prompt``).
+text to score) and ``response`` (an answer to score after ``prompt``); in score mode (format 1.4, on-policy
+rounds) also token ids used verbatim: ``prompt_ids`` and ``response_ids`` (lists of ints) and, optionally,
+``behaviour_logprobs`` (one float per response token: its log-probability under the policy that sampled it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import pyarrow.compute as pc
 from ..format.errors import InputError
 
 BUILTIN_PROMPTS = "builtin:prompts"
+# score mode, token ids (1.4): found by these names, before any text column
+ID_ROLES = ("prompt_ids", "response_ids", "behaviour_logprobs")
 FILE_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
                  ".pq": "parquet", ".csv": "csv"}
 
@@ -43,12 +47,17 @@ class InputTable:
         """``"sha256:<hex>"`` of the rows a capture reads (the role columns, after ``--limit``), so a
         resume (or another worker) can tell whether the input is still the one the cache holds
         (docs/format.md, ``inputs.content``). Per column: text as the byte lengths of its values (-1 for
-        null) and their bytes end to end; other columns (chat messages) as canonical JSON, row by row."""
+        null) and their bytes end to end; lists of numbers (token ids, behaviour log-probs) as their
+        lengths (-1 for null) and their values as int64 / float64, end to end; other columns (chat
+        messages) as canonical JSON, row by row."""
         h = hashlib.sha256()
         for name in self.table.column_names:
             h.update(name.encode() + b"\0")
             col = self.table.column(name)
-            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type):
+            numbers = _number_lists(col)
+            if numbers is not None:
+                h.update(b"".join(numbers))
+            elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type):
                 arr = col.cast(pa.large_string()).combine_chunks()
                 lengths = pc.binary_length(arr).fill_null(-1).to_numpy(zero_copy_only=False).astype("<i8")
                 h.update(lengths.tobytes())
@@ -62,6 +71,26 @@ class InputTable:
                     rows = col.slice(start, 1 << 16).to_pylist()
                     h.update(json.dumps(rows, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode())
         return "sha256:" + h.hexdigest()
+
+
+def _number_lists(col: pa.ChunkedArray) -> tuple[bytes, bytes] | None:
+    """A column of lists of integers or floats without null elements as (lengths as int64 with -1 for
+    null, values as int64 or float64), little endian; None for any other column. Vectorised: one pass
+    over the values, whatever the integer or float width the file stored."""
+    t = col.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return None
+    wide = pa.int64() if pa.types.is_integer(t.value_type) else (
+        pa.float64() if pa.types.is_floating(t.value_type) else None)
+    if wide is None:
+        return None
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    values = pc.list_flatten(arr)
+    if values.null_count:
+        return None
+    lengths = pc.list_value_length(arr).fill_null(-1).to_numpy(zero_copy_only=False).astype("<i8")
+    flat = values.cast(wide).to_numpy(zero_copy_only=False).astype("<i8" if wide == pa.int64() else "<f8")
+    return lengths.tobytes(), flat.tobytes()
 
 
 def builtin_prompts_path() -> Path:
@@ -178,7 +207,13 @@ def resolve_columns(available: list[str], roles: dict[str, str | None], mode: st
         chosen = {"prompt": "prompt"} if "prompt" in available else (
             {"messages": "messages"} if "messages" in available else {})
     else:
-        if "text" in available:
+        if "response_ids" in available:      # token ids, used verbatim: before any text column
+            chosen = {role: role for role in ID_ROLES if role in available}
+        elif "behaviour_logprobs" in available:
+            raise InputError(f"{source}: column 'behaviour_logprobs' needs the response as token ids (column "
+                             f"'response_ids', with 'prompt_ids'): text would be tokenised anew and the values "
+                             f"would not line up; columns: {', '.join(available)}")
+        elif "text" in available:
             chosen = {"text": "text"}
         elif "prompt" in available and "response" in available:
             chosen = {"prompt": "prompt", "response": "response"}
@@ -186,10 +221,13 @@ def resolve_columns(available: list[str], roles: dict[str, str | None], mode: st
             chosen = {"messages": "messages"}
         else:
             chosen = {}
-    valid = ({"prompt"}, {"messages"}) if mode == "generate" else ({"text"}, {"prompt", "response"}, {"messages"})
+    valid = ({"prompt"}, {"messages"}) if mode == "generate" else (
+        {"text"}, {"prompt", "response"}, {"messages"}, {"prompt_ids", "response_ids"}, {"response_ids"},
+        {"prompt_ids", "response_ids", "behaviour_logprobs"}, {"response_ids", "behaviour_logprobs"})
     if set(chosen) not in [set(v) for v in valid]:
         need = ("--prompt-column or --messages-column" if mode == "generate"
-                else "--text-column, --prompt-column with --response-column, or --messages-column")
+                else "--text-column, --prompt-column with --response-column, --messages-column, or token-id "
+                     "columns prompt_ids and response_ids")
         found = f"given {', '.join('--' + r + '-column' for r in chosen)}; " if chosen else ""
         raise InputError(f"{source}: {mode} mode needs {need} ({found}columns: {', '.join(available)})")
     return chosen

@@ -196,3 +196,61 @@ def test_fingerprint_covers_what_decides_a_decoded_value():
         change(m)
         assert cache_fingerprint(m) != fp
         assert cache_fingerprint(m, recipe=1) == cache_fingerprint(base, recipe=1)   # what 1.2 missed
+
+
+# ---- on-policy rounds (format 1.4) ------------------------------------------------------------------
+
+ROLLOUT = {"round": 2, "student_fingerprint": "sha256:" + "ef" * 32, "sampling": {"temperature": 1.0, "top_p": 0.95},
+           "generator": "vllm"}
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "caches"
+# fingerprints of committed fixtures as releases before 1.4 computed them: a later version must keep them
+FIXTURE_FINGERPRINTS = {
+    "v1.0-topk": "sha256:636edeff92f8681cd799bfb467ba4f630dd737789017fac53b0b111049f0cdcc",
+    "v1.2-topk": "sha256:e54bad7d75b1bf00ec29bc0e9a1efd3197cd19be36bd99c3cb9bd562d1b08610",
+    "v1.3-compact": "sha256:a3d5f7b8cb3160070cd6efda63373a4d966d50afcfdc740b4e8e0a83ef547214",
+}
+
+
+def test_rollout_round_trips_and_is_written_only_when_present():
+    from logitcache.format.version import MINOR_ADDITIONS
+
+    assert FORMAT_VERSION == "1.4" and "behaviour_logprob" in MINOR_ADDITIONS["1.4"]
+    plain = make_manifest()
+    assert plain.rollout is None and "rollout" not in plain.to_dict() and "rollout" not in plain.header()
+    m = make_manifest()
+    m.rollout = ROLLOUT
+    back = Manifest.from_json(m.to_json())
+    assert back.rollout == ROLLOUT and back.to_dict() == m.to_dict() and back.header()["rollout"] == ROLLOUT
+    d = m.to_dict()
+    d["rollout"] = [1, 2]
+    with pytest.raises(FormatError, match=r"manifest.json: rollout must be a JSON object, got list"):
+        Manifest.from_dict(resign(d))
+
+
+def test_another_rollout_is_another_cache():
+    a, b = make_manifest(), make_manifest()
+    a.rollout, b.rollout = ROLLOUT, dict(ROLLOUT, round=3)
+    with pytest.raises(ConfigMismatchError, match=r"written with rollout.round = 2, but this run has 3"):
+        check_same_header(a, b, "cache")
+    with pytest.raises(ConfigMismatchError, match=r"written with rollout = None, but this run has \{'round': 2"):
+        check_same_header(make_manifest(), a, "cache")
+    check_same_header(a, dataclasses.replace(b, rollout=dict(ROLLOUT)), "cache")
+
+
+def test_fingerprint_covers_rollout_only_when_present():
+    from logitcache import open_cache
+    from logitcache.format import cache_fingerprint
+    from tests.format.conformance import docs_block
+
+    for name, fp in FIXTURE_FINGERPRINTS.items():
+        m = open_cache(str(FIXTURES / name)).manifest
+        assert m.rollout is None and cache_fingerprint(m) == fp, name
+    base = Manifest.from_dict(complete_manifest())
+    with_round = dataclasses.replace(base, rollout=ROLLOUT)
+    fps = {cache_fingerprint(base), cache_fingerprint(with_round),
+           cache_fingerprint(dataclasses.replace(base, rollout=dict(ROLLOUT, round=3)))}
+    assert len(fps) == 3
+    ns = {}
+    exec(docs_block("def cache_fingerprint(manifest"), ns)        # docs/format.md's recipe, as written
+    for m in (base, with_round):
+        assert ns["cache_fingerprint"](json.loads(m.to_json())) == cache_fingerprint(m)
