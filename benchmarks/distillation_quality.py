@@ -48,6 +48,7 @@ CACHES = {
     "hybrid": ["--encoding", "hybrid", "--top-k", "16", "--bits", "10", "--draws", "64"],
     "full": ["--encoding", "full"],        # every value: the dense reference (~65 KB/token)
 }
+ROUNDS = "rounds"         # a config trained by student-onpolicy rounds instead of one cache
 # key -> (config name, cache, student-train flags)
 CONFIGS = {
     "ce": ("CE only (hard labels)", "compact", ["--ce-alpha", "1"]),
@@ -61,8 +62,16 @@ CONFIGS = {
     "reverse": ("reverse KL off-policy, compact", "compact", ["--loss", "reverse_kl"]),
     "jsd": ("JSD(0.5) off-policy, compact", "compact", ["--loss", "generalized_jsd", "--loss-arg", "beta=0.5"]),
     "hidden": ("fwd KL + hidden (cosine, layer -1), topk-64", "topk-64", ["--layer-map", "-1:-1", "--hidden-weight", "1"]),
+    # on-policy: student-onpolicy rounds (the student's own samples scored by the teacher, compact), the same
+    # optimizer steps in all (--steps split over --rounds), from the same starting student
+    "onpg": ("on-policy, policy gradient (per-token reverse KL)", ROUNDS, ["--loss", "policy_gradient"]),
+    "onrkl": ("on-policy, reverse KL over the stored distribution", ROUNDS, ["--loss", "reverse_kl"]),
+    "gkd": ("GKD mix lambda=0.5: on-policy JSD(0.5) + off-policy fwd KL", ROUNDS,
+            ["--loss", "generalized_jsd", "--loss-arg", "beta=0.5", "--offpolicy-cache", "{cache-compact}",
+             "--onpolicy-frac", "0.5"]),
 }
-DEFAULT_CONFIGS = "ce,dense,compact,hybrid"
+DEFAULT_CONFIGS = "ce,dense,compact,hybrid,onpg,onrkl"
+ONPOLICY_MEASURES = ("kl_reverse_exact", "teacher_logprob_per_token")
 BASELINE = "compact"
 DIST_PREFIXES = ("topk_", "dist/")
 
@@ -129,6 +138,39 @@ def train(work: Path, cache: str, flags: list[str], tag: str, seed: int, args, l
             "tokens_per_s": report["tokens_per_second"], "start": start, "end": end}
 
 
+def rounds(work: Path, _cache: str, flags: list[str], tag: str, seed: int, args, log: Path) -> dict:
+    """An on-policy run: ``args.rounds`` rounds of student-onpolicy from the same starting student, the prompts
+    of the training pairs split between the rounds, ``args.steps`` optimizer steps in all."""
+    out = work / f"run-{tag}-s{seed}"
+    flags = [f.format(**{"cache-compact": str(work / "cache-compact")}) for f in flags]
+    prompts = work / "train.jsonl"
+    n = sum(1 for _ in open(prompts))
+    cmd = [str(BIN / "student-onpolicy"), "run", str(out), "--keep-layers", args.keep_layers, "--prompts", str(prompts),
+           "--prompts-per-round", str(-(-n // args.rounds)), "--rounds", str(args.rounds),
+           "--steps-per-round", str(args.steps // args.rounds), "--encoding", "compact", "--backend", "hf",
+           "--max-new-tokens", str(args.max_new_tokens), "--seq-len", str(args.seq_len),
+           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", "3", "--seed", str(seed),
+           "--eval-cache", str(work / "cache-eval-full"), "--no-progress", "--json", *flags]
+    report, wall = sh(cmd, log)
+    trains = [r["train"] for r in report["rounds"]]
+    return {"seed": seed, "wall_s": wall, "student_dir": report["student_dir"],
+            "tokens_per_s": statistics.fmean(t["tokens_per_second"] for t in trains),
+            "start": trains[0]["eval_start"], "end": trains[-1]["eval_end"],
+            "rounds": [{"samples": r["rollout"]["samples"], "response_tokens": r["rollout"]["response_tokens"],
+                        "final_loss": r["train"]["final_loss"], "eval_end": r["train"]["eval_end"]}
+                       for r in report["rounds"]]}
+
+
+def onpolicy_eval(work: Path, student: str, tag: str, args, log: Path) -> dict:
+    """The on-policy measures of a trained student: its greedy answers to the held-out prompts scored by the
+    teacher with --encoding full (student-onpolicy evaluate)."""
+    out = work / f"onpolicy-eval-{tag}"
+    metrics, _ = sh([str(BIN / "student-onpolicy"), "evaluate", student, "--prompts", str(work / "eval.jsonl"),
+                     "--limit", str(args.eval_prompts), "--out", str(out), "--max-new-tokens", str(args.max_new_tokens),
+                     "--no-progress", "--json"], log)
+    return metrics
+
+
 def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -139,15 +181,25 @@ def summarise(configs: list[dict], baseline: str) -> dict:
     CE-only and dense rows: each row's share of the dense-KD gain over CE-only,
     (KL_CE - KL_row) / (KL_CE - KL_dense), and how far CE and dense separate in units of the larger
     seed range (the table resolves differences of that gain only when this is large)."""
-    base = next(c for c in configs if c.get("key") == baseline or c["name"] == baseline)
+    base = next((c for c in configs if c.get("key") == baseline or c["name"] == baseline), None)
+    if base is None:             # a partial invocation (e.g. the on-policy rows alone): no comparisons
+        base = {"runs": [], "name": baseline}
     for c in configs:
         for key in ("kl_forward_exact", "kl_reverse_exact", "perplexity", "top1_agreement"):
             xs = [r["end"][key] for r in c["runs"]]
             c[key], c[key + "_sd"] = mean_sd(xs)
             c[key + "_range"] = max(xs) - min(xs)
+        for key in ONPOLICY_MEASURES:             # on the student's own greedy text (student-onpolicy evaluate)
+            xs = [r["onpolicy"][key] for r in c["runs"] if "onpolicy" in r]
+            if len(xs) == len(c["runs"]):
+                c["onpolicy_" + key], c["onpolicy_" + key + "_sd"] = mean_sd(xs)
+                c["onpolicy_" + key + "_range"] = max(xs) - min(xs)
     for c in configs:
         if c is base:
             c["vs_baseline"] = "baseline"
+            continue
+        if not base["runs"]:
+            c["vs_baseline"], c["delta_kl"] = "no baseline in this invocation", 0.0
             continue
         d = [r["end"]["kl_forward_exact"] - b["end"]["kl_forward_exact"] for r, b in zip(c["runs"], base["runs"])]
         noise = max(c["kl_forward_exact_range"], base["kl_forward_exact_range"])
@@ -157,6 +209,15 @@ def summarise(configs: list[dict], baseline: str) -> dict:
             c["vs_baseline"] = "one seed: no noise estimate"
         else:
             c["vs_baseline"] = "real" if same_sign and abs(c["delta_kl"]) > noise else "within seed noise"
+        for key in ONPOLICY_MEASURES:
+            name = "onpolicy_" + key
+            if name in c and name in base and base["runs"]:
+                d = [r["onpolicy"][key] - b["onpolicy"][key] for r, b in zip(c["runs"], base["runs"])]
+                c[name + "_delta"] = statistics.fmean(d)
+                same = all(x > 0 for x in d) or all(x < 0 for x in d)
+                c[name + "_vs_baseline"] = ("real" if len(d) > 1 and same and
+                                            abs(c[name + "_delta"]) > max(c[name + "_range"], base[name + "_range"])
+                                            else "within seed noise")
     by_key = {c.get("key"): c for c in configs}
     ce, dense = by_key.get("ce"), by_key.get("dense")
     out = {}
@@ -208,10 +269,12 @@ def write_markdown(res: dict, path: Path) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---|"]
     caches = {c["name"]: c for c in res["caches"]}
     for c in res["configs"]:
-        b = caches[c["cache"]]["dist_bytes_per_token"]
+        cache = caches[c["cache"] if c["cache"] != ROUNDS else "compact"]   # a round's cache: compact
+        b = cache["dist_bytes_per_token"]
         delta = "" if c["vs_baseline"] == "baseline" else f"{c['delta_kl']:+.3f} ({c['vs_baseline']})"
-        cache = caches[c["cache"]]
-        if "--ce-alpha" in c["flags"] and c["flags"][c["flags"].index("--ce-alpha") + 1] == "1":
+        if c["cache"] == ROUNDS:
+            b = "compact, each round"
+        elif "--ce-alpha" in c["flags"] and c["flags"][c["flags"].index("--ce-alpha") + 1] == "1":
             b = "— (labels only)"
         elif "--layer-map" in c["flags"]:
             hidden = cache.get("hidden_bytes_per_token")
@@ -223,6 +286,33 @@ def write_markdown(res: dict, path: Path) -> str:
         lines.append(f"| {c['name']} | {b} | {fmt(c['kl_forward_exact'], c['kl_forward_exact_sd'])} | {share} | "
                      f"{fmt(c['kl_reverse_exact'], c['kl_reverse_exact_sd'])} | {fmt(c['perplexity'], None, 2)} | "
                      f"{fmt(c['top1_agreement'], c['top1_agreement_sd'])} | {delta or 'baseline'} |")
+    onp = [c for c in res["configs"] if "onpolicy_kl_reverse_exact" in c]
+    if onp:
+        base = next(c for c in res["configs"] if c.get("key") == res.get("baseline"))
+        lines += ["", "### On-policy against off-policy", "",
+                  f"The same students measured on their own text: each answers the {res['eval_pairs']} held-out prompts "
+                  "greedily (≤ "
+                  f"{a['max_new_tokens']} tokens) and the teacher scores the answers with `--encoding full` "
+                  "(`student-onpolicy evaluate`). **KL rev (own text)** = exact KL(student ‖ teacher) per token of "
+                  "those answers, what on-policy training minimises; **teacher log-lik** = the teacher's mean "
+                  "log-probability per token of them (higher: text the teacher finds more likely); **KL fwd** as "
+                  f"above (teacher text). On-policy rows: {a.get('rounds', 2)} rounds, the {res['train_pairs']} "
+                  "training prompts split between them, the same optimizer steps and batch as every other row "
+                  f"(a fresh optimizer and warmup each round); compared with `{base['name']}` by seed.", "",
+                  "| configuration | KL fwd (teacher text) | KL rev (own text) | vs default | teacher log-lik (own text) "
+                  "| vs default | mean answer tokens |",
+                  "|---|---:|---:|---|---:|---|---:|"]
+        for c in onp:
+            def vs(key):
+                if c is base:
+                    return "baseline"
+                return f"{c['onpolicy_' + key + '_delta']:+.3f} ({c['onpolicy_' + key + '_vs_baseline']})"
+            answer = statistics.fmean(r["onpolicy"]["mean_response_tokens"] for r in c["runs"])
+            lines.append(f"| {c['name']} | {fmt(c['kl_forward_exact'], c['kl_forward_exact_sd'])} | "
+                         f"{fmt(c['onpolicy_kl_reverse_exact'], c['onpolicy_kl_reverse_exact_sd'])} | "
+                         f"{vs('kl_reverse_exact')} | "
+                         f"{fmt(c['onpolicy_teacher_logprob_per_token'], c['onpolicy_teacher_logprob_per_token_sd'])} | "
+                         f"{vs('teacher_logprob_per_token')} | {answer:.1f} |")
     lines += ["", "## The caches", "",
               "| cache | encoding | B/tok (distribution) | per array (B/tok) |",
               "|---|---|---:|---|"]
@@ -306,6 +396,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated keys of: {', '.join(CONFIGS)}")
     p.add_argument("--skip-models", action="store_true", help="no teacher-versus-students size/speed table")
+    p.add_argument("--rounds", type=int, default=2, help="on-policy rows: rounds (the steps are split between them)")
+    p.add_argument("--no-onpolicy-eval", dest="onpolicy_eval", action="store_false",
+                   help="skip the on-policy measures (each student's greedy answers scored by the teacher)")
     p.add_argument("--pareto-sizes", default="every:2,every:5", help="other student depths for the Pareto view")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reuse", action="store_true", help="reuse finished training runs found in --work")
@@ -345,7 +438,7 @@ def main() -> None:
     unknown = [k for k in chosen if k not in CONFIGS]
     if unknown:
         raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
-    needed = {CONFIGS[k][1] for k in chosen}
+    needed = {CONFIGS[k][1] for k in chosen} | {"compact"}
     caches = []
     for name, flags in CACHES.items():
         if name not in needed:
@@ -360,10 +453,14 @@ def main() -> None:
         name, cache, flags = CONFIGS[key]
         runs = []
         for seed in args.seeds:
-            runs.append(train(work, cache, flags, key, seed, args, log))
+            run = (rounds if cache == ROUNDS else train)(work, cache, flags, key, seed, args, log)
+            if args.onpolicy_eval:
+                run["onpolicy"] = onpolicy_eval(work, run["student_dir"], f"{key}-s{seed}", args, log)
+            runs.append(run)
             e = runs[-1]["end"]
             print(f"  {name} seed {seed}: KL {e['kl_forward_exact']:.3f}, top-1 {e['top1_agreement']:.3f} "
-                  f"({runs[-1]['wall_s']:.0f} s)", flush=True)
+                  + (f"on-policy KL(q||p) {run['onpolicy']['kl_reverse_exact']:.3f} " if "onpolicy" in run else "")
+                  + f"({runs[-1]['wall_s']:.0f} s)", flush=True)
         configs.append({"key": key, "name": name, "cache": cache, "flags": flags, "runs": runs})
     resolution = summarise(configs, BASELINE)
     if args.skip_models:

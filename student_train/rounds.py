@@ -30,6 +30,8 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
+from logitcache.format.encodings import DEFAULT_ENCODING
+from logitcache.format.encodings.full import Full
 from logitcache.format.errors import LogitcacheError
 from logitcache.teacher.embedded import DEFAULT_TEACHER
 
@@ -50,7 +52,7 @@ class RoundsConfig:
     prompts_per_round: int = 64                 # round r samples rows [r * n, (r + 1) * n) (wrapping around)
     rounds: int = 2
     steps_per_round: int = 20
-    encoding: str = "compact"                   # how the teacher's scores are stored
+    encoding: str = DEFAULT_ENCODING            # how the teacher's scores are stored
     backend: str = "auto"                       # the teacher's engine for scoring
     loss: str = "policy_gradient"
     loss_args: dict = field(default_factory=dict)
@@ -217,7 +219,8 @@ class Rounds:
         with open(report_path) as f:
             report = json.load(f)
         return {"steps": report["steps"], "final_loss": report["final_train"]["loss"],
-                "final_train": report["final_train"], "eval_end": report.get("eval_end"),
+                "final_train": report["final_train"], "eval_start": report.get("eval_start"),
+                "eval_end": report.get("eval_end"),
                 "student_dir": report["student_dir"], "tokens_per_second": report["tokens_per_second"]}
 
     def evaluate_step(self, student: str, out: str) -> dict | None:
@@ -265,7 +268,7 @@ def evaluate_onpolicy(student: str, teacher: str, prompts: str, limit: int, out:
         rollout(student, read_prompts(prompts, limit), SamplingSettings(max_new_tokens, 0.0, 1.0, 0, 16), rollouts,
                 source=prompts, device=device, progress=progress)
     args = ["capture", os.path.join(out, "cache"), "--mode", "score", "--input", rollouts, "--source-name", "eval",
-            "--teacher", teacher, "--encoding", "full", "--rollout-info", rollouts + ".info.json"]
+            "--teacher", teacher, "--encoding", Full.name, "--rollout-info", rollouts + ".info.json"]
     if command is None:
         run_command("logitcache", args, out)
     else:
