@@ -8,8 +8,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo_out
+DEMO_ONPOLICY := demo_onpolicy
 
-.PHONY: venv demo test test-quick bench clean
+.PHONY: venv demo demo-onpolicy test test-quick bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,15 @@ demo: venv
 	# 4. report: $(DEMO)/student/report.json, curves.png; entropy.png, selection.png
 	@echo "demo outputs in $(DEMO)/: cache/, entropy.png, uncertain.parquet, selection.png, student/report.json, student/curves.png"
 
+# on-policy distillation in two rounds: the student samples, the teacher scores its tokens, the student trains;
+# after each round its greedy answers to 8 held-out prompts are scored with every value of the teacher's distribution
+demo-onpolicy: venv
+	rm -rf $(DEMO_ONPOLICY)
+	$(VENV)/bin/student-onpolicy run $(DEMO_ONPOLICY) --keep-layers every:3 --prompts builtin --prompts-per-round 32 \
+		--rounds 2 --steps-per-round 10 --max-new-tokens 48 --seq-len 256 --batch-size 4 --lr 1e-4 \
+		--eval-prompts builtin --eval-offset 280 --eval-limit 8
+	@echo "on-policy demo outputs in $(DEMO_ONPOLICY)/: round-000/, round-001/ (rollouts, cache, train, eval), report.json, rounds.png"
+
 test: venv
 	LOGITCACHE_REQUIRE_VLLM=1 $(PY) -m pytest -q
 
@@ -55,4 +65,4 @@ bench: venv
 	$(PY) benchmarks/distillation_quality.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(DEMO) $(DEMO_ONPOLICY) .pytest_cache

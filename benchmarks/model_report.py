@@ -71,12 +71,14 @@ NON_QUALITY_KEYS = {"name", "path", "model_dir", "parameters", "non_embedding_pa
                     "rss_before_load_mb", "rss_after_load_mb", "threads", "torch", "transformers", "new_tokens",
                     "batch_size", "repeats", "prompt_source", "details"}
 # Quality metrics where a larger value is better; the others (kl, perplexity, loss) are lower-better.
-HIGHER_IS_BETTER_HINTS = ("agreement", "accuracy", "acc", "top1", "score", "win")
+HIGHER_IS_BETTER_HINTS = ("agreement", "accuracy", "acc", "top1", "score", "win", "logprob", "loglik")
 QUALITY_LABELS = {      # the student trainer's eval metrics and the usual distillation ones
     "kl_exact": "KL(teacher || student) per token",
     "kl_forward": "KL(teacher || student) per token",
     "perplexity": "Student perplexity",
     "top1_agreement": "Top-1 agreement with the teacher",
+    "kl_reverse_own_text": "KL(student || teacher) per token of its own greedy answers",
+    "teacher_logprob_own_text": "Teacher log-likelihood per token of the student's greedy answers",
 }
 SPEED_LABELS = {
     "throughput_tokens_per_s": "Throughput, batch generation (generated tokens/s, higher is faster)",
@@ -387,6 +389,15 @@ def markdown_table(rows: list[dict]) -> str:
 
 # --- command line --------------------------------------------------------------------------------
 
+def onpolicy_columns(path: str, prompts: str, limit: int, out: Path, teacher: str | None) -> dict:
+    """The on-policy measures of one model (student_train.rounds.evaluate_onpolicy) as report columns."""
+    from logitcache.teacher.embedded import DEFAULT_TEACHER
+    from student_train.rounds import evaluate_onpolicy
+
+    m = evaluate_onpolicy(str(resolve_model_dir(path)), teacher or DEFAULT_TEACHER, prompts, limit, str(out))
+    return {"kl_reverse_own_text": m["kl_reverse_exact"], "teacher_logprob_own_text": m["teacher_logprob_per_token"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Measure causal LMs (parameters, disk, latency, throughput, peak RSS) on the CPU "
@@ -400,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats; the median is reported")
     ap.add_argument("--quality-json", help="JSON file: {name: {metric: value}}; adds columns and Pareto plots")
+    ap.add_argument("--onpolicy-prompts", help="held-out prompts: each model answers them greedily, the teacher "
+                    "scores the answers with --encoding full (student-onpolicy evaluate), adding the columns "
+                    "kl_reverse_own_text and teacher_logprob_own_text")
+    ap.add_argument("--onpolicy-limit", type=int, default=32, help="how many --onpolicy-prompts rows (default 32)")
+    ap.add_argument("--teacher", default=None, help="the teacher that scores (default: the embedded one)")
     args = ap.parse_args(argv)
 
     names = args.names.split(",") if args.names else [Path(d).expanduser().resolve().name for d in args.model_dirs]
@@ -421,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         row = measure_model(path, name=name, new_tokens=args.new_tokens, batch_size=args.batch_size,
                             threads=args.threads, repeats=args.repeats)
         row.update(quality.get(name, {}))
+        if args.onpolicy_prompts:
+            row.update(onpolicy_columns(path, args.onpolicy_prompts, args.onpolicy_limit, out / f"onpolicy-{name}",
+                                        args.teacher))
         rows.append(row)
 
     plots = {}

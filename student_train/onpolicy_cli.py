@@ -29,6 +29,7 @@ HELP = {
     "eval_prompts": "Held-out prompts: after each round the student answers --eval-limit of them greedily and the "
                     "teacher scores the answers with --encoding full (exact KL(q||p), teacher log-likelihood).",
     "eval_limit": "How many --eval-prompts rows.",
+    "eval_offset": "The first --eval-prompts row (e.g. held-out rows at the end of the training prompts).",
     "eval_cache": "A cache of teacher text captured with --encoding full: exact KL(p||q) on it after each round.",
     "max_new_tokens": "Longest student response.",
     "temperature": "The student's sampling temperature (1: its own distribution, what on-policy means).",
@@ -138,20 +139,21 @@ def generate(student, prompts, limit, offset, out, max_new_tokens, temperature, 
 @click.option("--teacher", default=DEFAULTS["teacher"], show_default=True, help=HELP["teacher"])
 @click.option("--prompts", required=True, help="Held-out prompt rows (as --prompts).")
 @click.option("--limit", type=int, default=32, show_default=True)
+@click.option("--offset", type=int, default=0, show_default=True, help="The first prompt row.")
 @click.option("--out", "-o", required=True, help="Directory: rollouts.jsonl, cache/ (--encoding full), metrics.json.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def evaluate(student, teacher, prompts, limit, out, max_new_tokens, device, no_progress, as_json):
+def evaluate(student, teacher, prompts, limit, offset, out, max_new_tokens, device, no_progress, as_json):
     """The on-policy measures of STUDENT (any student, on-policy trained or not): its greedy answers to held-out
     prompts, scored by the teacher over the whole vocabulary: exact KL(q||p) and KL(p||q) per token of its own
     text, and the teacher's log-likelihood per token of it."""
     from .rounds import evaluate_onpolicy
 
-    metrics = evaluate_onpolicy(student, teacher, prompts, limit, out, max_new_tokens=max_new_tokens, device=device,
-                                progress=not no_progress)
+    metrics = evaluate_onpolicy(student, teacher, prompts, limit, out, offset=offset, max_new_tokens=max_new_tokens,
+                                device=device, progress=not no_progress)
     if as_json:
         echo_json(metrics)
     else:

@@ -60,6 +60,7 @@ class RoundsConfig:
     onpolicy_frac: float = 1.0
     eval_prompts: str | None = None             # held-out prompts for the on-policy measures
     eval_limit: int = 32
+    eval_offset: int = 0                        # the first row of --eval-prompts
     eval_cache: str | None = None               # teacher text captured with --encoding full: exact KL per round
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -80,6 +81,8 @@ class RoundsConfig:
         for name in ("prompts_per_round", "rounds", "steps_per_round", "eval_limit", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise LogitcacheError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.eval_offset < 0:
+            raise LogitcacheError(f"--eval-offset must be >= 0, got {self.eval_offset}")
         if "://" in self.out:
             raise LogitcacheError(f"--out {self.out!r}: a run of rounds is written to a local directory")
         self.sampling()
@@ -227,7 +230,7 @@ class Rounds:
         if not self.cfg.eval_prompts:
             return None
         return evaluate_onpolicy(student, self.cfg.teacher, self.cfg.eval_prompts, self.cfg.eval_limit, out,
-                                 max_new_tokens=self.cfg.max_new_tokens, seq_len=self.cfg.seq_len,
+                                 offset=self.cfg.eval_offset, max_new_tokens=self.cfg.max_new_tokens, seq_len=self.cfg.seq_len,
                                  command=self.command, device=self.cfg.device, progress=self.progress)
 
     def command(self, name: str, args: list[str]) -> dict:
@@ -247,10 +250,11 @@ def run_command(name: str, args: list[str], log_dir: str) -> dict:
     return json.loads(done.stdout)
 
 
-def evaluate_onpolicy(student: str, teacher: str, prompts: str, limit: int, out: str, *, max_new_tokens: int = 128,
+def evaluate_onpolicy(student: str, teacher: str, prompts: str, limit: int, out: str, *, offset: int = 0,
+                      max_new_tokens: int = 128,
                       seq_len: int = 512, command=None, device: str = "cpu", progress: bool = False) -> dict:
     """What on-policy training is for, measured on the student's own text: it answers ``limit`` prompts of
-    ``prompts`` greedily, the teacher scores the answers with ``--encoding full`` (out/cache), and
+    ``prompts`` (from row ``offset``) greedily, the teacher scores the answers with ``--encoding full`` (out/cache), and
 
     - ``kl_reverse_exact``: exact KL(q_student || p_teacher) over the whole vocabulary, mean per response token;
     - ``kl_forward_exact``: exact KL(p || q) on the same tokens;
@@ -265,7 +269,7 @@ def evaluate_onpolicy(student: str, teacher: str, prompts: str, limit: int, out:
     os.makedirs(out, exist_ok=True)
     rollouts = os.path.join(out, "rollouts.jsonl")
     if not os.path.exists(rollouts):
-        rollout(student, read_prompts(prompts, limit), SamplingSettings(max_new_tokens, 0.0, 1.0, 0, 16), rollouts,
+        rollout(student, read_prompts(prompts, limit, offset), SamplingSettings(max_new_tokens, 0.0, 1.0, 0, 16), rollouts,
                 source=prompts, device=device, progress=progress)
     args = ["capture", os.path.join(out, "cache"), "--mode", "score", "--input", rollouts, "--source-name", "eval",
             "--teacher", teacher, "--encoding", Full.name, "--rollout-info", rollouts + ".info.json"]

@@ -140,3 +140,47 @@ def test_a_run_continues_only_with_its_settings(tiny_teacher, prompts, tmp_path)
     with pytest.raises(LogitcacheError, match="started with lr = 0.001, this run has 0.01"):
         Rounds(settings(tiny_teacher, prompts, tmp_path / "r", rounds=1, steps_per_round=1, lr=1e-2),
                progress=False).check_settings()
+
+
+def documented_commands(name: str) -> list[list[str]]:
+    """Every ``name ...`` command line of README.md, docs/*.md, the Makefile and the CLI's own help examples
+    (continuation lines joined)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = []
+    for path in [root / "README.md", root / "Makefile", *sorted((root / "docs").glob("*.md")),
+                 root / "student_train" / "onpolicy_cli.py"]:
+        text = re.sub(r"\\+\n\s*", " ", path.read_text())
+        for line in text.splitlines():
+            line = line.strip().replace("$(VENV)/bin/", "").replace("$(DEMO_ONPOLICY)", "demo_onpolicy")
+            if line.startswith(name + " "):
+                out.append(shlex.split(line.split(" #")[0])[1:])
+    return out
+
+
+def test_every_documented_student_onpolicy_command_parses():
+    """The examples in the docs name real subcommands and options with valid values (parsed, not run)."""
+    from student_train.onpolicy_cli import cli
+
+    commands = documented_commands("student-onpolicy")
+    assert len(commands) >= 5
+    for args in commands:
+        sub = cli.commands[args[0]]
+        sub.make_context(args[0], args[1:])          # raises on an unknown option or a bad value
+
+
+def test_cli_refuses_a_bad_setup_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from student_train.onpolicy_cli import cli
+
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "r")])
+    assert result.exit_code == 1 and result.output.strip().count("\n") == 0
+    assert "give exactly one of --student" in result.output
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "r"), "--student", "x", "--onpolicy-frac", "0.5"])
+    assert result.exit_code == 1 and "--onpolicy-frac" in result.output and "--offpolicy-cache" in result.output
+    result = CliRunner().invoke(cli, ["generate", "x", "--out", "rows.json"])
+    assert result.exit_code == 2 and "*.jsonl" in result.output
