@@ -397,8 +397,9 @@ def main() -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated keys of: {', '.join(CONFIGS)}")
     p.add_argument("--skip-models", action="store_true", help="no teacher-versus-students size/speed table")
     p.add_argument("--rounds", type=int, default=2, help="on-policy rows: rounds (the steps are split between them)")
-    p.add_argument("--no-onpolicy-eval", dest="onpolicy_eval", action="store_false",
-                   help="skip the on-policy measures (each student's greedy answers scored by the teacher)")
+    p.add_argument("--onpolicy-eval", default="compact,onpg,onrkl,gkd",
+                   help="configs whose students get the on-policy measures (their greedy answers to the held-out "
+                        "prompts scored by the teacher with --encoding full); '' for none")
     p.add_argument("--pareto-sizes", default="every:2,every:5", help="other student depths for the Pareto view")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reuse", action="store_true", help="reuse finished training runs found in --work")
@@ -454,7 +455,7 @@ def main() -> None:
         runs = []
         for seed in args.seeds:
             run = (rounds if cache == ROUNDS else train)(work, cache, flags, key, seed, args, log)
-            if args.onpolicy_eval:
+            if key in args.onpolicy_eval.split(","):
                 run["onpolicy"] = onpolicy_eval(work, run["student_dir"], f"{key}-s{seed}", args, log)
             runs.append(run)
             e = runs[-1]["end"]

@@ -34,7 +34,9 @@ HELP = {
     "max_new_tokens": "Longest student response.",
     "temperature": "The student's sampling temperature (1: its own distribution, what on-policy means).",
     "top_p": "The student's nucleus sampling threshold.",
-    "generate_batch_size": "Prompts sampled at once.",
+    "generate_batch_size": "Prompts sampled at once (transformers).",
+    "generator": "The student's sampler: auto (vLLM where the student samples on a GPU and vLLM is installed, "
+                 "else transformers), transformers or vllm.",
     "seq_len": "student-train --seq-len.",
     "batch_size": "student-train --batch-size.",
     "lr": "student-train --lr.",
@@ -113,12 +115,14 @@ def run(out, loss_args, no_progress, as_json, **flags):
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--generate-batch-size", type=int, default=16, show_default=True)
+@click.option("--generator", type=click.Choice(["auto", "transformers", "vllm"]), default="auto", show_default=True,
+              help=HELP["generator"])
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def generate(student, prompts, limit, offset, out, max_new_tokens, temperature, top_p, seed, generate_batch_size,
-             device, no_progress, as_json):
+             generator, device, no_progress, as_json):
     """STUDENT answers prompts; writes the rows `logitcache capture --mode score --input OUT` reads as token ids
     (prompt_ids, response_ids, behaviour_logprobs) and their provenance (`--rollout-info OUT.info.json`)."""
     from .rollout import SamplingSettings, read_prompts, rollout
@@ -127,7 +131,7 @@ def generate(student, prompts, limit, offset, out, max_new_tokens, temperature, 
         raise click.BadParameter(f"{out!r}: the rows are JSON lines; name the file *.jsonl", param_hint="--out")
     settings = SamplingSettings(max_new_tokens, temperature, top_p, seed, generate_batch_size)
     info = rollout(student, read_prompts(prompts, limit, offset), settings, out, source=prompts, device=device,
-                   progress=not no_progress)
+                   progress=not no_progress, generator=generator)
     if as_json:
         echo_json(info)
     else:

@@ -7,8 +7,11 @@ teacher scores exactly the student's tokens (docs/format.md, "Score inputs as to
     {"prompt": text, "prompt_ids": [...], "response_ids": [...], "behaviour_logprobs": [...], "response": text}
 
 ``behaviour_logprobs[i]`` = log q(response_ids[i] | prompt, response_ids[:i]) at temperature 1 (the
-model's own distribution), recomputed by one teacher-forced forward pass over each finished sequence:
-the value the policy gradient's importance ratio and advantage need. When sampling at another
+model's own distribution): with transformers, recomputed by one teacher-forced forward pass over each
+finished sequence; with vLLM (``generator="vllm"``, the default where a GPU and vLLM are present), vLLM's
+own ``raw_logprobs`` of the sampled token (log-softmax of the logits at T = 1, before any sampling
+processor), each request seeded on its own so its tokens do not depend on the batch. Both are the
+value the policy gradient's importance ratio and advantage need. When sampling at another
 temperature or top-p, the tokens come from that sampling distribution (recorded in the provenance), not
 from q; on-policy rounds sample at temperature 1, top-p 1 by default, where the two are the same.
 """
@@ -168,6 +171,70 @@ def generate(model, tokenizer, prompts: list[dict], settings: SamplingSettings, 
     return rows
 
 
+GENERATORS = ("auto", "transformers", "vllm")
+
+
+def choose_generator(name: str, device: str) -> str:
+    """``auto``: vLLM where the student samples on a GPU and vLLM is importable, else transformers (on the
+    CPU vLLM's engine start costs more than a round's sampling saves)."""
+    if name not in GENERATORS:
+        raise LogitcacheError(f"--generator {name!r}: choose {', '.join(GENERATORS)}")
+    if name != "auto":
+        return name
+    from logitcache.teacher.vllm_backend import vllm_available
+
+    return "vllm" if device.startswith("cuda") and torch.cuda.is_available() and vllm_available() else "transformers"
+
+
+def request_seed(seed: int, index: int) -> int:
+    return int(hashlib.blake2b(f"{seed}:request:{index}".encode(), digest_size=4).hexdigest(), 16) & 0x7FFFFFFF
+
+
+def generate_vllm(student_dir: str, prompts: list[dict], settings: SamplingSettings,
+                  system_prompt: str | None = None) -> list[dict]:
+    """As ``generate``, with vLLM on the student's directory: request i seeded with (seed, i); the sampled
+    tokens' log-probs are vLLM's raw log-probs at T = 1. vLLM starts worker processes: call this from a
+    program's main (the ``student-onpolicy`` command is one)."""
+    from transformers import AutoTokenizer
+
+    from logitcache.teacher.prepare import Tokenize
+    from logitcache.teacher.vllm_backend import configure_environment
+
+    on_cpu = configure_environment(1)
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+    except ImportError as e:
+        raise LogitcacheError(f"--generator vllm: vLLM is not importable ({e}); use --generator transformers") from None
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    tk = Tokenize(tokenizer, system_prompt)
+    prompt_ids = [tk.chat_prompt(p["messages"]) for p in prompts]
+    longest = max(len(p) for p in prompt_ids) + settings.max_new_tokens
+    llm = LLM(model=student_dir, dtype="float32" if on_cpu else "auto", seed=settings.seed, max_model_len=longest,
+              max_logprobs=1, logprobs_mode="raw_logprobs", **({"enforce_eager": True} if on_cpu else {}))
+    try:
+        greedy = settings.temperature == 0
+        params = [SamplingParams(temperature=settings.temperature, top_p=1.0 if greedy else settings.top_p,
+                                 max_tokens=settings.max_new_tokens, seed=request_seed(settings.seed, i), logprobs=0)
+                  for i in range(len(prompts))]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+    finally:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # already down
+            pass
+    rows = []
+    for p, ids, out in zip(prompts, prompt_ids, outs):
+        c = out.outputs[0]
+        response = list(c.token_ids)
+        if not response:
+            continue
+        lps = [float(step[t].logprob) for step, t in zip(c.logprobs, response)]
+        rows.append({"prompt": p["prompt"], "prompt_ids": ids, "response_ids": response, "behaviour_logprobs": lps,
+                     "response": tokenizer.decode(response, skip_special_tokens=False), "prompt_row": p["row"]})
+    return rows
+
+
 def write_rows(rows: list[dict], path: str) -> None:
     """JSON lines, written to a temporary file and renamed: a crash leaves no half file."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -188,15 +255,20 @@ def write_json(obj, path: str) -> None:
 
 def rollout(student_dir: str, prompts: list[dict], settings: SamplingSettings, out_path: str, *,
             round_index: int | None = None, source: str = "", system_prompt: str | None = None,
-            device: str = "cpu", progress: bool = False) -> dict:
-    """Sample ``prompts`` with the student, write the rows to ``out_path`` and their provenance (what the
-    round cache's manifest records as ``rollout``) to ``out_path`` + ``.info.json``; returns it."""
-    model, tokenizer = load_student(student_dir, device)
-    rows = generate(model, tokenizer, prompts, settings, system_prompt, device, progress)
+            device: str = "cpu", progress: bool = False, generator: str = "auto") -> dict:
+    """Sample ``prompts`` with the student (``generator``: ``choose_generator``), write the rows to
+    ``out_path`` and their provenance (what the round cache's manifest records as ``rollout``) to
+    ``out_path`` + ``.info.json``; returns it."""
+    generator = choose_generator(generator, device)
+    if generator == "vllm":
+        rows = generate_vllm(student_dir, prompts, settings, system_prompt)
+    else:
+        model, tokenizer = load_student(student_dir, device)
+        rows = generate(model, tokenizer, prompts, settings, system_prompt, device, progress)
     if not rows:
         raise LogitcacheError(f"the student {student_dir} gave no non-empty response to {len(prompts)} prompt(s)")
     info = {"round": round_index, "student": os.path.abspath(student_dir),
-            "student_fingerprint": student_fingerprint(student_dir), "generator": "transformers",
+            "student_fingerprint": student_fingerprint(student_dir), "generator": generator,
             "sampling": asdict(settings), "prompts": {"source": source, "first_row": prompts[0]["row"] if prompts else None,
                         "last_row": prompts[-1]["row"] if prompts else None, "count": len(prompts)},
             "samples": len(rows), "response_tokens": sum(len(r["response_ids"]) for r in rows)}

@@ -35,7 +35,7 @@ from logitcache.format.encodings.full import Full
 from logitcache.format.errors import LogitcacheError
 from logitcache.teacher.embedded import DEFAULT_TEACHER
 
-from .rollout import SamplingSettings, read_prompts, rollout, write_json
+from .rollout import SamplingSettings, choose_generator, read_prompts, rollout, write_json
 
 SETTINGS = "settings.json"
 
@@ -66,6 +66,7 @@ class RoundsConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     generate_batch_size: int = 16
+    generator: str = "auto"                     # the student's sampler: auto (vLLM on a GPU), transformers, vllm
     seq_len: int = 512
     batch_size: int = 8
     lr: float = 1e-4
@@ -81,6 +82,7 @@ class RoundsConfig:
         for name in ("prompts_per_round", "rounds", "steps_per_round", "eval_limit", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise LogitcacheError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        choose_generator(self.generator, "cpu")
         if self.eval_offset < 0:
             raise LogitcacheError(f"--eval-offset must be >= 0, got {self.eval_offset}")
         if "://" in self.out:
@@ -188,7 +190,8 @@ class Rounds:
         path = os.path.join(self.round_dir(r), "rollouts.jsonl")
         if not os.path.exists(path):
             rollout(self.student_after(r - 1), self.round_prompts(r), self.cfg.sampling(r), path, round_index=r,
-                    source=self.cfg.prompts, device=self.cfg.device, progress=self.progress)
+                    source=self.cfg.prompts, device=self.cfg.device, progress=self.progress,
+                    generator=self.cfg.generator)
         with open(path + ".info.json") as f:
             return json.load(f)
 
@@ -230,7 +233,7 @@ class Rounds:
         if not self.cfg.eval_prompts:
             return None
         return evaluate_onpolicy(student, self.cfg.teacher, self.cfg.eval_prompts, self.cfg.eval_limit, out,
-                                 offset=self.cfg.eval_offset, max_new_tokens=self.cfg.max_new_tokens, seq_len=self.cfg.seq_len,
+                                 offset=self.cfg.eval_offset, generator=self.cfg.generator, max_new_tokens=self.cfg.max_new_tokens, seq_len=self.cfg.seq_len,
                                  command=self.command, device=self.cfg.device, progress=self.progress)
 
     def command(self, name: str, args: list[str]) -> dict:
@@ -251,7 +254,7 @@ def run_command(name: str, args: list[str], log_dir: str) -> dict:
 
 
 def evaluate_onpolicy(student: str, teacher: str, prompts: str, limit: int, out: str, *, offset: int = 0,
-                      max_new_tokens: int = 128,
+                      generator: str = "auto", max_new_tokens: int = 128,
                       seq_len: int = 512, command=None, device: str = "cpu", progress: bool = False) -> dict:
     """What on-policy training is for, measured on the student's own text: it answers ``limit`` prompts of
     ``prompts`` (from row ``offset``) greedily, the teacher scores the answers with ``--encoding full`` (out/cache), and
@@ -270,7 +273,7 @@ def evaluate_onpolicy(student: str, teacher: str, prompts: str, limit: int, out:
     rollouts = os.path.join(out, "rollouts.jsonl")
     if not os.path.exists(rollouts):
         rollout(student, read_prompts(prompts, limit, offset), SamplingSettings(max_new_tokens, 0.0, 1.0, 0, 16), rollouts,
-                source=prompts, device=device, progress=progress)
+                source=prompts, device=device, progress=progress, generator=generator)
     args = ["capture", os.path.join(out, "cache"), "--mode", "score", "--input", rollouts, "--source-name", "eval",
             "--teacher", teacher, "--encoding", Full.name, "--rollout-info", rollouts + ".info.json"]
     if command is None:

