@@ -499,3 +499,36 @@ def test_full_targets_train_on_every_value_of_a_full_cache(tmp_path_factory, tin
 
     with pytest.raises(LogitcacheError, match="--full-targets.*--encoding full"):
         train(config(cache, tmp_path / "refused", full_targets=True), progress=False)
+
+
+def test_gkd_mix_weighs_the_two_parts_and_resumes_to_the_same_weights(cache, tmp_path):
+    """--offpolicy-cache / --onpolicy-frac: each step's loss is lambda * (round rows' loss) + (1 - lambda) *
+    (forward KL on the other cache's rows), both logged; a run killed after step 3 resumes, the off-policy
+    rows' position included, to the weights of one that never stopped."""
+    args = [cache, "--out", None, "--keep-layers", "0", "--seq-len", 48, "--batch-size", 4, "--max-steps", 5,
+            "--lr", 3e-3, "--warmup-steps", 1, "--save-every", 1, "--seed", 3, "--loss", "reverse_kl",
+            "--offpolicy-cache", cache, "--onpolicy-frac", 0.25]
+    whole = cli(*[tmp_path / "whole" if a is None else a for a in args])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    log = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines() if '"eval"' not in x]
+    assert len(log) == 5
+    for r in log:
+        assert r["loss"] == pytest.approx(0.25 * r["kd"] + 0.75 * r["kd_offpolicy"], rel=1e-5)
+        assert r["kd"] != pytest.approx(r["kd_offpolicy"], rel=1e-3)    # two different parts
+    killed = cli(*[tmp_path / "resumed" if a is None else a for a in args], env={"STUDENT_TRAIN_FAULT": "kill-after-step:3"})
+    assert killed.returncode == -9
+    resumed = cli(*[tmp_path / "resumed" if a is None else a for a in args])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = student_weights(tmp_path / "whole"), student_weights(tmp_path / "resumed")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    one_row = cli(cache, "--out", tmp_path / "one", "--keep-layers", "0", "--batch-size", 1, "--offpolicy-cache", cache,
+                  "--onpolicy-frac", 0.5)
+    assert one_row.returncode == 1 and "leaves no row for --offpolicy-cache" in one_row.stderr
+
+
+def test_policy_gradient_needs_a_round_cache(cache, tmp_path):
+    with pytest.raises(LogitcacheError, match="--loss policy_gradient: .* is not an on-policy round cache"):
+        train(config(cache, tmp_path / "pg", loss="policy_gradient"), progress=False)
+    with pytest.raises(LogitcacheError, match="--onpolicy-frac: the rest of each batch comes from --offpolicy-cache"):
+        config(cache, tmp_path / "x", onpolicy_frac=0.5)
