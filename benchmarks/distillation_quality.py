@@ -175,6 +175,17 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def compare(d: list[float], noise: float) -> tuple[float, str]:
+    """(mean paired difference, verdict): real when every seed moves the same way by more than ``noise``."""
+    if not d:
+        return 0.0, "no seed in common"
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return mean, "one seed: no noise estimate"
+    same = all(x > 0 for x in d) or all(x < 0 for x in d)
+    return mean, "real" if same and abs(mean) > noise else "within seed noise"
+
+
 def summarise(configs: list[dict], baseline: str) -> dict:
     """Mean and seed spread of each metric; a difference from the baseline config counts as real when
     it is larger than the seed-to-seed range of either config (paired by seed: same data order). With
@@ -194,6 +205,7 @@ def summarise(configs: list[dict], baseline: str) -> dict:
             if len(xs) == len(c["runs"]):
                 c["onpolicy_" + key], c["onpolicy_" + key + "_sd"] = mean_sd(xs)
                 c["onpolicy_" + key + "_range"] = max(xs) - min(xs)
+    by_seed = {r["seed"]: r for r in base["runs"]}
     for c in configs:
         if c is base:
             c["vs_baseline"] = "baseline"
@@ -201,23 +213,16 @@ def summarise(configs: list[dict], baseline: str) -> dict:
         if not base["runs"]:
             c["vs_baseline"], c["delta_kl"] = "no baseline in this invocation", 0.0
             continue
-        d = [r["end"]["kl_forward_exact"] - b["end"]["kl_forward_exact"] for r, b in zip(c["runs"], base["runs"])]
-        noise = max(c["kl_forward_exact_range"], base["kl_forward_exact_range"])
-        c["delta_kl"] = statistics.fmean(d)
-        same_sign = all(x > 0 for x in d) or all(x < 0 for x in d)
-        if len(d) < 2:
-            c["vs_baseline"] = "one seed: no noise estimate"
-        else:
-            c["vs_baseline"] = "real" if same_sign and abs(c["delta_kl"]) > noise else "within seed noise"
+        pairs = [(r, by_seed[r["seed"]]) for r in c["runs"] if r["seed"] in by_seed]      # paired by seed
+        c["delta_kl"], c["vs_baseline"] = compare([r["end"]["kl_forward_exact"] - b["end"]["kl_forward_exact"]
+                                                   for r, b in pairs],
+                                                  max(c["kl_forward_exact_range"], base["kl_forward_exact_range"]))
         for key in ONPOLICY_MEASURES:
             name = "onpolicy_" + key
-            if name in c and name in base and base["runs"]:
-                d = [r["onpolicy"][key] - b["onpolicy"][key] for r, b in zip(c["runs"], base["runs"])]
-                c[name + "_delta"] = statistics.fmean(d)
-                same = all(x > 0 for x in d) or all(x < 0 for x in d)
-                c[name + "_vs_baseline"] = ("real" if len(d) > 1 and same and
-                                            abs(c[name + "_delta"]) > max(c[name + "_range"], base[name + "_range"])
-                                            else "within seed noise")
+            if name in c and name in base:
+                c[name + "_delta"], c[name + "_vs_baseline"] = compare(
+                    [r["onpolicy"][key] - b["onpolicy"][key] for r, b in pairs],
+                    max(c[name + "_range"], base[name + "_range"]))
     by_key = {c.get("key"): c for c in configs}
     ce, dense = by_key.get("ce"), by_key.get("dense")
     out = {}
@@ -435,7 +440,10 @@ def main() -> None:
 
     print("[2/5] one cache per encoding over the same tokens, and the full-distribution evaluation set", flush=True)
     score = ["--mode", "score", "--backend", "hf", "--prompt-column", "prompt", "--response-column", "response"]
-    chosen = [k.strip() for k in args.configs.split(",") if k.strip()]
+    # "key" or "key:0+1": a config, optionally with its own seeds (a row whose other seeds did not run)
+    seeds_of = {k.split(":")[0].strip(): ([int(x) for x in k.split(":")[1].split("+")] if ":" in k else args.seeds)
+                for k in args.configs.split(",") if k.strip()}
+    chosen = list(seeds_of)
     unknown = [k for k in chosen if k not in CONFIGS]
     if unknown:
         raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
@@ -453,7 +461,7 @@ def main() -> None:
     for key in chosen:
         name, cache, flags = CONFIGS[key]
         runs = []
-        for seed in args.seeds:
+        for seed in seeds_of[key]:
             run = (rounds if cache == ROUNDS else train)(work, cache, flags, key, seed, args, log)
             if key in args.onpolicy_eval.split(","):
                 run["onpolicy"] = onpolicy_eval(work, run["student_dir"], f"{key}-s{seed}", args, log)
