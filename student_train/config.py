@@ -142,8 +142,8 @@ class TrainConfig:
         except ValueError as e:
             raise LogitcacheError(f"--loss {self.loss} / --tail / --temperature / --ce-alpha / --loss-arg: {e}") from None
 
-    def policy_args(self) -> tuple[float, float]:
-        """(discount, clip) of ``--loss policy_gradient`` (``--loss-arg discount=0.0 --loss-arg clip=0.2``)."""
+    def policy_args(self) -> tuple[float, float, bool]:
+        """(discount, clip, baseline) of ``--loss policy_gradient`` (``--loss-arg discount=0 clip=0.2 baseline=1``)."""
         from .policy import check_pg_args
 
         try:

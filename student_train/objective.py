@@ -88,10 +88,11 @@ def logits_loss(cfg: TrainConfig, kd: losses.DistillationConfig, logits: torch.T
                 weights: torch.Tensor, extra: list) -> tuple[torch.Tensor, dict]:
     """Teacher loss(es) and CE on the student's (B, T, V) logits: the unfused objective."""
     if cfg.loss == POLICY_GRADIENT:
-        discount, clip = cfg.policy_args()
+        discount, clip, baseline = cfg.policy_args()
         kd_loss, stats = policy_gradient_loss(logits, batch["labels"], batch["teacher_token_logprob"],
                                               batch["behaviour_logprob"], weights, batch["document_ids"],
-                                              discount=discount, clip=clip, chunk_rows=kd.chunk_rows)
+                                              discount=discount, clip=clip, baseline=baseline,
+                                              chunk_rows=kd.chunk_rows)
         parts = {"kd": kd_loss.detach(), **stats}
     else:
         kd_loss = teacher_loss(logits, batch["teacher"], weights, kd)

@@ -12,14 +12,20 @@ gamma = 0 is the per-token form of the on-policy distillation recipe),
 
     G_t = sum_{s >= t, same response} gamma^(s - t) A_s.
 
-With the importance ratio r_t = q_theta(x_t) / q_b(x_t) (1 while the student has not moved since it
-sampled) the loss is PPO's clipped surrogate over the loss tokens (weights w_t):
+With a baseline b (``baseline=1``, the default: b = the w-weighted mean of G over the micro-batch's
+loss tokens; ``baseline=0``: b = 0), the importance ratio r_t = q_theta(x_t) / q_b(x_t) (1 while the
+student has not moved since it sampled) and D_t = G_t - b, the loss is PPO's clipped surrogate over the
+loss tokens (weights w_t):
 
-    loss = - sum_t w_t min(r_t G_t, clip(r_t, 1 - eps, 1 + eps) G_t) / sum_t w_t
+    loss = - sum_t w_t min(r_t D_t, clip(r_t, 1 - eps, 1 + eps) D_t) / sum_t w_t
 
-Its gradient at r = 1 is - sum_t w_t G_t grad log q_theta(x_t) / sum_t w_t: the score-function gradient
-of the reverse KL, KL(q || p) = E_q[log q - log p] (the term E_q[grad log q] is 0). G_t carries no
-gradient; nor does q_b. Shapes: (B, T, V) logits, (B, T) everything else.
+Its gradient at r = 1 is - sum_t w_t D_t grad log q_theta(x_t) / sum_t w_t: the score-function gradient
+of the reverse KL, KL(q || p) = E_q[log q - log p] (the term E_q[grad log q] is 0, which is also why a
+constant b leaves the expectation unchanged; the batch mean moves it by O(1/N) for N tokens). D_t, b and
+q_b carry no gradient. Without a baseline every A_t of a student far from its teacher is negative, each
+step pushes down whatever was sampled, and the mass runs to tokens nobody sampled: measured, a student
+collapsed to repeating one token within one round (docs/results.md). Shapes: (B, T, V) logits, (B, T)
+everything else.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ import torch
 
 from .losses import DEFAULT_CHUNK_ROWS, IGNORE_INDEX, StudentLogProbsAtIds
 
-PG_ARGS = ("discount", "clip")         # --loss-arg names of the policy-gradient loss
+PG_ARGS = ("discount", "clip", "baseline")     # --loss-arg names of the policy-gradient loss
 
 
-def check_pg_args(args: dict) -> tuple[float, float]:
-    """(discount, clip) from ``--loss-arg`` values, checked: discount in [0, 1], clip > 0."""
+def check_pg_args(args: dict) -> tuple[float, float, bool]:
+    """(discount, clip, baseline) from ``--loss-arg`` values, checked: discount in [0, 1], clip > 0,
+    baseline 0 or 1."""
     unknown = sorted(set(args) - set(PG_ARGS))
     if unknown:
         raise ValueError(f"policy_gradient takes no argument {', '.join(unknown)}; it accepts {', '.join(PG_ARGS)}")
@@ -41,7 +48,9 @@ def check_pg_args(args: dict) -> tuple[float, float]:
         raise ValueError(f"discount must be in [0, 1], got {discount}")
     if not clip > 0:
         raise ValueError(f"clip must be > 0, got {clip}")
-    return discount, clip
+    if args.get("baseline", 1) not in (0, 1):
+        raise ValueError(f"baseline must be 0 (none) or 1 (the batch's mean return), got {args['baseline']}")
+    return discount, clip, bool(args.get("baseline", 1))
 
 
 def discounted_returns(advantage: torch.Tensor, document_ids: torch.Tensor, discount: float) -> torch.Tensor:
@@ -65,9 +74,10 @@ def discounted_returns(advantage: torch.Tensor, document_ids: torch.Tensor, disc
 
 def policy_gradient_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logprob: torch.Tensor,
                          behaviour_logprob: torch.Tensor, weights: torch.Tensor, document_ids: torch.Tensor, *,
-                         discount: float = 0.0, clip: float = 0.2,
+                         discount: float = 0.0, clip: float = 0.2, baseline: bool = True,
                          chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> tuple[torch.Tensor, dict]:
-    """The clipped reverse-KL policy-gradient loss of the module docstring and its statistics.
+    """The clipped reverse-KL policy-gradient loss of the module docstring (``baseline``: subtract the
+    micro-batch's mean return) and its statistics.
 
     logits (B, T, V) any float dtype; labels (B, T) int64, the sampled token x_t at each position
     (``IGNORE_INDEX`` elsewhere); teacher_logprob, behaviour_logprob (B, T) float32 log p(x_t), log q_b(x_t)
@@ -91,10 +101,12 @@ def policy_gradient_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_log
     b_t = torch.where(on, behaviour_logprob.to(cdt), zero)
     advantage = p_t - b_t
     returns = discounted_returns(advantage, torch.where(on, document_ids, torch.zeros_like(document_ids)), discount)
-    ratio = torch.exp(torch.where(on, logq - b_t, zero))
-    surrogate = torch.minimum(ratio * returns, ratio.clamp(1.0 - clip, 1.0 + clip) * returns)
     wsum = w.sum()
     denom = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+    if baseline:
+        returns = torch.where(on, returns - (returns * w).sum() / denom, zero)
+    ratio = torch.exp(torch.where(on, logq - b_t, zero))
+    surrogate = torch.minimum(ratio * returns, ratio.clamp(1.0 - clip, 1.0 + clip) * returns)
     loss = -(surrogate * w).sum() / denom
     with torch.no_grad():
         clipped = ((ratio < 1.0 - clip) | (ratio > 1.0 + clip)).to(cdt)
