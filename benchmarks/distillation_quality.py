@@ -64,7 +64,10 @@ CONFIGS = {
     "hidden": ("fwd KL + hidden (cosine, layer -1), topk-64", "topk-64", ["--layer-map", "-1:-1", "--hidden-weight", "1"]),
     # on-policy: student-onpolicy rounds (the student's own samples scored by the teacher, compact), the same
     # optimizer steps in all (--steps split over --rounds), from the same starting student
-    "onpg": ("on-policy, policy gradient (per-token reverse KL)", ROUNDS, ["--loss", "policy_gradient"]),
+    "onpg": ("on-policy, policy gradient (per-token reverse KL, batch-mean baseline)", ROUNDS,
+             ["--loss", "policy_gradient"]),
+    "onpg0": ("on-policy, policy gradient without a baseline", ROUNDS,
+              ["--loss", "policy_gradient", "--loss-arg", "baseline=0"]),
     "onrkl": ("on-policy, reverse KL over the stored distribution", ROUNDS, ["--loss", "reverse_kl"]),
     "gkd": ("GKD mix lambda=0.5: on-policy JSD(0.5) + off-policy fwd KL", ROUNDS,
             ["--loss", "generalized_jsd", "--loss-arg", "beta=0.5", "--offpolicy-cache", "{cache-compact}",
@@ -402,7 +405,7 @@ def main() -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated keys of: {', '.join(CONFIGS)}")
     p.add_argument("--skip-models", action="store_true", help="no teacher-versus-students size/speed table")
     p.add_argument("--rounds", type=int, default=2, help="on-policy rows: rounds (the steps are split between them)")
-    p.add_argument("--onpolicy-eval", default="compact,onpg,onrkl,gkd",
+    p.add_argument("--onpolicy-eval", default="compact,onpg,onpg0,onrkl,gkd",
                    help="configs whose students get the on-policy measures (their greedy answers to the held-out "
                         "prompts scored by the teacher with --encoding full); '' for none")
     p.add_argument("--pareto-sizes", default="every:2,every:5", help="other student depths for the Pareto view")
