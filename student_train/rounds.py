@@ -150,7 +150,7 @@ class Rounds:
         if os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)
-            changed = [k for k in mine if k not in ("device",) and saved.get(k) != mine[k]]
+            changed = [k for k in mine if k not in ("out", "device") and saved.get(k) != mine[k]]   # a moved run continues
             if changed:
                 k = changed[0]
                 raise LogitcacheError(f"{self.out} was started with {k} = {saved.get(k)!r}, this run has {mine[k]!r}: "
