@@ -401,9 +401,8 @@ def plot_onpolicy(res: dict, path: Path) -> None:
         ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], s=70, color=dots.get_facecolor()[0],
                    edgecolor="black", label=f"{c['name']} ({len(xs)} seed{'s' if len(xs) > 1 else ''})")
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("exact KL(teacher || student) on held-out teacher text, nats/token (log)")
-    ax.set_ylabel("exact KL(student || teacher) on its own answers, nats/token (log)")
+    ax.set_xlabel("exact KL(teacher || student) on held-out teacher text, nats/token (log scale)")
+    ax.set_ylabel("exact KL(student || teacher) on its own answers, nats/token")
     ax.set_title("Off-policy against on-policy training, same student and optimizer steps", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
