@@ -13,7 +13,7 @@ One script, from a clean working directory to ``benchmarks/results/distillation_
 4. Teacher and students (three depths) are measured for size, latency, throughput and memory
    (``model_report.py``), with the Pareto view of quality against speed.
 
-    python benchmarks/distillation_quality.py                 # ~45 min on 2 CPU cores
+    python benchmarks/distillation_quality.py                 # ~2.5 h on 2 CPU cores (on-policy rows: ~25 min a seed)
     python benchmarks/distillation_quality.py --quick         # a smoke run, minutes
 """
 
