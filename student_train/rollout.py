@@ -236,21 +236,19 @@ def generate_vllm(student_dir: str, prompts: list[dict], settings: SamplingSetti
 
 
 def write_rows(rows: list[dict], path: str) -> None:
-    """JSON lines, written to a temporary file and renamed: a crash leaves no half file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """JSON lines, written in one step (``CacheFS.write_atomic``): a crash leaves no half file."""
+    write_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
 def write_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_file(path, json.dumps(obj, indent=1).encode())
+
+
+def write_file(path: str, data: bytes) -> None:
+    from logitcache.store.fs import CacheFS
+
+    parent, name = os.path.split(os.path.abspath(path))
+    CacheFS(parent).write_atomic(name, data)
 
 
 def rollout(student_dir: str, prompts: list[dict], settings: SamplingSettings, out_path: str, *,
