@@ -49,18 +49,13 @@ class SamplingSettings:
 
 
 def student_fingerprint(student_dir: str) -> str:
-    """``"sha256:<hex>"`` over the student's weight files and config.json (names and bytes): which student
-    sampled a round."""
-    names = sorted(n for n in os.listdir(student_dir) if n.endswith((".safetensors", ".bin")) or n == "config.json")
-    if not names:
-        raise LogitcacheError(f"{student_dir}: no model weights (*.safetensors) to fingerprint")
-    h = hashlib.sha256()
-    for name in names:
-        h.update(name.encode() + b"\0")
-        with open(os.path.join(student_dir, name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return "sha256:" + h.hexdigest()
+    """Which student sampled a round: the teacher's recipe (``identity.weights_fingerprint``: config.json and,
+    per weight file, name, size and first and last MiB)."""
+    from pathlib import Path
+
+    from logitcache.teacher.identity import weights_fingerprint
+
+    return weights_fingerprint(Path(student_dir))
 
 
 def read_prompts(source: str, limit: int | None, offset: int = 0, system_prompt: str | None = None) -> list[dict]:
@@ -161,9 +156,7 @@ def generate(model, tokenizer, prompts: list[dict], settings: SamplingSettings, 
         for p, prompt, r in zip(chunk, prompt_ids, responses):
             if not r:
                 continue
-            rows.append({"prompt": p["prompt"], "prompt_ids": prompt, "response_ids": r,
-                         "behaviour_logprobs": next(lps), "response": tokenizer.decode(r, skip_special_tokens=False),
-                         "prompt_row": p["row"]})
+            rows.append(sample_row(p, prompt, r, next(lps), tokenizer))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -230,9 +223,15 @@ def generate_vllm(student_dir: str, prompts: list[dict], settings: SamplingSetti
         if not response:
             continue
         lps = [float(step[t].logprob) for step, t in zip(c.logprobs, response)]
-        rows.append({"prompt": p["prompt"], "prompt_ids": ids, "response_ids": response, "behaviour_logprobs": lps,
-                     "response": tokenizer.decode(response, skip_special_tokens=False), "prompt_row": p["row"]})
+        rows.append(sample_row(p, ids, response, lps, tokenizer))
     return rows
+
+
+def sample_row(prompt: dict, prompt_ids: list[int], response_ids: list[int], behaviour: list[float], tokenizer) -> dict:
+    """One row as ``logitcache capture --mode score`` reads it (token ids, behaviour log-probs) plus texts."""
+    return {"prompt": prompt["prompt"], "prompt_ids": prompt_ids, "response_ids": response_ids,
+            "behaviour_logprobs": behaviour, "response": tokenizer.decode(response_ids, skip_special_tokens=False),
+            "prompt_row": prompt["row"]}
 
 
 def write_rows(rows: list[dict], path: str) -> None:

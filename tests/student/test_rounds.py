@@ -75,7 +75,7 @@ def test_a_killed_round_resumes_to_the_same_student(tiny_teacher, prompts, tmp_p
         rows = [json.loads(x) for x in (d / "rollouts.jsonl").read_text().splitlines()]
         cache = open_cache(str(d / "cache"))
         assert cache.manifest.rollout["round"] == r and cache.manifest.rollout["samples"] == len(rows)
-        assert cache.manifest.rollout["student_fingerprint"].startswith("sha256:")
+        assert cache.manifest.rollout["student_fingerprint"].startswith("sha256-edges:")
         samples = cache.samples.to_pylist()
         assert len(samples) == len(rows)
         for rec, row in zip(samples, rows):
