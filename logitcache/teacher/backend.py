@@ -23,12 +23,14 @@ class SequenceRequest:
 
     ``response_ids`` None means: generate a response (at most ``max_new_tokens``). Rows from
     ``score_from`` to the second-to-last position get their next-token distribution stored.
+    ``draw_key``: the key of this sample's random draws (``distribution.row_keys``), an int63.
     """
 
     prompt_ids: list[int]
     response_ids: list[int] | None
     score_from: int
     max_new_tokens: int = 0
+    draw_key: int = 0
 
 
 @dataclass
@@ -69,8 +71,7 @@ class CapturedSequence:
     """Per-position results, one row per token (fill values outside the scored rows).
 
     Shapes: tokens (n,), topk_ids (n, k), topk_logprobs (n, k), entropy (n,), target_logprob (n,),
-    hidden[layer] (n, d); ``extras``: the encoding's device extras (empty when the backend computes
-    none: vLLM, whose tail is then derived from its top-k values).
+    hidden[layer] (n, d); ``extras``: the encoding's device extras.
     """
 
     tokens: np.ndarray
@@ -97,10 +98,11 @@ class TeacherBackend(Protocol):
 
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
             generation: GenerationSettings | None, progress: ProgressFn | None = None,
-            encoding: Encoding | None = None, draw_seed: int = 0) -> list[CapturedSequence]:
+            encoding: Encoding | None = None) -> list[CapturedSequence]:
         """Generate where asked, then capture every request; results in request order. ``encoding``: the
-        cache's encoding, whose declared extras the backend computes (random draws from a generator of
-        their own seeded with ``draw_seed``); a backend that cannot compute them must refuse it."""
+        cache's encoding, whose declared extras the backend computes (random draws keyed by each
+        request's ``draw_key`` and the row's position: ``distribution.row_keys``); a backend that cannot
+        compute them must refuse it."""
 
     def close(self) -> None:
         """Free the engine (GPU memory, worker processes)."""

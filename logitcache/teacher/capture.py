@@ -218,6 +218,12 @@ def shard_seed(seed: int, name: str) -> int:
     return int(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=4).hexdigest(), 16) & 0x7FFFFFFF
 
 
+def draw_key(seed: int, sample_id: str) -> int:
+    """The key of a sample's random draws (``distribution.row_keys``): its rows' draws depend on the
+    seed, the sample and the position only, not on shards, batches, workers or the backend."""
+    return int(hashlib.blake2b(f"draws:{seed}:{sample_id}".encode(), digest_size=8).hexdigest(), 16) >> 1
+
+
 def _percentile90(x: np.ndarray) -> float:
     return float(np.percentile(x, 90)) if x.size else float("nan")
 
@@ -469,9 +475,11 @@ def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar) -> tupl
     if cfg.mode == "generate":
         gen = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, shard_seed(cfg.seed, name),
                                  plan.header.tokenizer.eos_token_ids)
+    for p in prepared:
+        p.request.draw_key = draw_key(cfg.seed, p.sample_id)
     captured = backend.run([p.request for p in prepared], cfg.top_k, cfg.hidden_layers, gen,
-                           progress=bar.update if bar is not None else None, encoding=encoding_from(cfg.encoding),
-                           draw_seed=shard_seed(cfg.seed + 1, name)) if prepared else []   # draws: a stream per shard
+                           progress=bar.update if bar is not None else None,
+                           encoding=encoding_from(cfg.encoding)) if prepared else []
     arrays, samples, scored = build_shard(prepared, captured, plan.header.arrays, name, table,
                                           lambda ids: plan.tokenizer.decode(ids, skip_special_tokens=False),
                                           plan.header)

@@ -20,7 +20,7 @@ from ..format.encodings import Encoding
 from ..format.errors import LogitcacheError
 from ..format.manifest import TeacherInfo
 from .backend import CapturedSequence, DeviceExtras, GenerationSettings, ProgressFn, SequenceRequest
-from .distribution import distribution_extras, distribution_stats, extras_fill, next_token_stats
+from .distribution import distribution_extras, distribution_stats, extras_fill, needs_keys, next_token_stats, row_keys
 from .identity import ResolvedTeacher, describe_teacher
 
 log = logging.getLogger(__name__)
@@ -105,17 +105,16 @@ class HFBackend:
     # ---- generation: one pass, statistics from the logits each decoding step computes anyway ----
     @torch.no_grad()
     def _generate(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
-                  gen: GenerationSettings, progress: ProgressFn | None, encoding: Encoding | None,
-                  draw_seed: int) -> list[CapturedSequence]:
+                  gen: GenerationSettings, progress: ProgressFn | None,
+                  encoding: Encoding | None) -> list[CapturedSequence]:
         out: list[CapturedSequence | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
         rng = torch.Generator(device=self.device).manual_seed(gen.seed)
         eos = torch.tensor(gen.eos_token_ids or [-1], device=self.device)
-        draws = self._draw_generator(encoding, top_k, draw_seed)   # its own stream: responses do not depend on it
         for b in range(0, len(order), self.generate_batch_size):
             idx = order[b:b + self.generate_batch_size]
             batch = self._generate_batch([requests[i] for i in idx], top_k, hidden_layers, gen, eos, rng, progress,
-                                         encoding, draws)
+                                         encoding)
             for i, seq in zip(idx, batch):
                 out[i] = seq
         return out  # type: ignore[return-value]
@@ -123,15 +122,9 @@ class HFBackend:
     def _layer(self, out, layer: int) -> torch.Tensor:
         return out.last_hidden_state if layer == self.num_layers else out.hidden_states[layer]
 
-    def _draw_generator(self, encoding: Encoding | None, top_k: int, seed: int) -> torch.Generator | None:
-        if not extras_fill(encoding, top_k, self.vocab_size):
-            return None
-        return torch.Generator(device=self.device).manual_seed(int(seed))
-
     def _generate_batch(self, reqs: list[SequenceRequest], top_k: int, layers: list[int], gen: GenerationSettings,
                         eos: torch.Tensor, rng: torch.Generator, progress: ProgressFn | None,
-                        encoding: Encoding | None,
-                        draws: torch.Generator | None) -> list[CapturedSequence]:
+                        encoding: Encoding | None) -> list[CapturedSequence]:
         """Left-padded prefill, then a KV-cached decoding loop. Step t's distribution is row
         ``prompt_len - 1 + t``; the token it yields is fed next, which also gives its hidden state."""
         dev, b = self.device, len(reqs)
@@ -153,8 +146,9 @@ class HFBackend:
         j = col - (width - torch.tensor(plen, device=dev)[:, None])          # position within each prompt
         starts = torch.tensor([q.score_from for q in reqs], device=dev)[:, None]
         prompt_rows = (j >= starts) & (j < torch.tensor(plen, device=dev)[:, None] - 1)
+        draw_keys = torch.tensor([q.draw_key for q in reqs], dtype=torch.int64, device=dev)
         prompt_stats = self._stats_grid(out.last_hidden_state, prompt_rows, torch.roll(ids, -1, 1), top_k, encoding,
-                                        draws)
+                                        self._keys(encoding, draw_keys[:, None], j))
 
         caps = torch.tensor([q.max_new_tokens for q in reqs], device=dev)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -169,7 +163,8 @@ class HFBackend:
             logits = self._head(h).float()                                  # (b, V)
             logp = torch.log_softmax(logits, -1)
             top_ids, top_lp, ent = distribution_stats(logp, top_k)
-            step_extras.append(distribution_extras(logp, top_ids, top_lp, encoding, draws))
+            step_keys = self._keys(encoding, draw_keys, torch.tensor(plen, device=dev) - 1 + len(steps))
+            step_extras.append(distribution_extras(logp, top_ids, top_lp, encoding, step_keys))
             token = sample_next(logits, gen.temperature, gen.top_p, rng)
             steps.append((top_ids, top_lp, ent, logp.gather(-1, token[:, None])[:, 0], token))
             active = ~done
@@ -229,12 +224,19 @@ class HFBackend:
             batches.append(cur)
         return batches
 
+    @staticmethod
+    def _keys(encoding: Encoding | None, draw_keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """``row_keys`` of rows at ``positions`` of samples with ``draw_keys`` (broadcast), for draws."""
+        return row_keys(*torch.broadcast_tensors(draw_keys, positions)) if needs_keys(encoding) else None
+
     def _stats_grid(self, final: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, top_k: int,
-                    encoding: Encoding | None = None, draws: torch.Generator | None = None) -> dict:
+                    encoding: Encoding | None = None, keys: torch.Tensor | None = None) -> dict:
         """Statistics of the ``rows`` (b, T) mask of ``final`` (b, T, d), scattered back into (b, T, ...)
-        host arrays holding fill values elsewhere (extras under ``extra.<name>``)."""
+        host arrays holding fill values elsewhere (extras under ``extra.<name>``; ``keys``: (b, T)
+        ``row_keys`` for draws)."""
         tk_ids, tk_lp, ent, tgt, extras = next_token_stats(final[rows], self._head, targets[rows], top_k,
-                                                           self.chunk_rows, encoding, draws)
+                                                           self.chunk_rows, encoding,
+                                                           keys[rows] if keys is not None else None)
         b, T = rows.shape
         grid = {"topk_ids": torch.zeros((b, T, top_k), dtype=torch.int64, device=self.device),
                 "topk_logprobs": torch.full((b, T, top_k), float("nan"), device=self.device),
@@ -251,12 +253,11 @@ class HFBackend:
 
     @torch.no_grad()
     def _score(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
-               progress: ProgressFn | None, encoding: Encoding | None, draw_seed: int) -> list[CapturedSequence]:
+               progress: ProgressFn | None, encoding: Encoding | None) -> list[CapturedSequence]:
         seqs = [np.asarray(r.prompt_ids + list(r.response_ids), dtype=np.int64) for r in requests]
         results: list[CapturedSequence | None] = [None] * len(seqs)
         lengths = [len(s) for s in seqs]
         need_all = any(layer != self.num_layers for layer in hidden_layers)
-        draws = self._draw_generator(encoding, top_k, draw_seed)
         for batch in self._batches(lengths):
             width = max(lengths[i] for i in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -273,8 +274,10 @@ class HFBackend:
             pos = torch.arange(width, device=self.device)[None, :]
             lens = torch.tensor([lengths[i] for i in batch], device=self.device)[:, None]
             starts = torch.tensor([requests[i].score_from for i in batch], device=self.device)[:, None]
+            draw_keys = torch.tensor([requests[i].draw_key for i in batch], dtype=torch.int64, device=self.device)
             grid = self._stats_grid(out.last_hidden_state, (pos >= starts) & (pos < lens - 1),
-                                    torch.roll(ids, -1, dims=1), top_k, encoding, draws)
+                                    torch.roll(ids, -1, dims=1), top_k, encoding,
+                                    self._keys(encoding, draw_keys[:, None], pos))
             hid = {layer: self._layer(out, layer).float().cpu().numpy() for layer in hidden_layers}
             for r, i in enumerate(batch):
                 n, q = lengths[i], requests[i]
@@ -290,7 +293,7 @@ class HFBackend:
 
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
             generation: GenerationSettings | None, progress: ProgressFn | None = None,
-            encoding: Encoding | None = None, draw_seed: int = 0) -> list[CapturedSequence]:
+            encoding: Encoding | None = None) -> list[CapturedSequence]:
         if top_k > self.vocab_size:
             raise LogitcacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({self.vocab_size})")
         to_generate = [i for i, r in enumerate(requests) if r.response_ids is None]
@@ -300,11 +303,11 @@ class HFBackend:
             if generation is None:
                 raise ValueError("requests without response_ids need generation settings")
             for i, seq in zip(to_generate, self._generate([requests[i] for i in to_generate], top_k, hidden_layers,
-                                                          generation, progress, encoding, draw_seed)):
+                                                          generation, progress, encoding)):
                 out[i] = seq
         if to_score:
             for i, seq in zip(to_score, self._score([requests[i] for i in to_score], top_k, hidden_layers, progress,
-                                                    encoding, draw_seed)):
+                                                    encoding)):
                 out[i] = seq
         return out  # type: ignore[return-value]
 

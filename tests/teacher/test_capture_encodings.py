@@ -113,6 +113,15 @@ def test_sampled_capture_draws_from_the_teacher_unbiased(tmp_path, tiny_teacher,
     # the draws are seeded: capturing again gives the very same cache
     run_capture(job(tmp_path / "again", tiny_teacher, source=str(text_file), encoding="sampled", draws=n))
     assert_caches_equal(cache, open_cache(str(tmp_path / "again")))
+    # and keyed by sample and position: other batches and shards draw the same ids for every sample
+    run_capture(job(tmp_path / "other", tiny_teacher, source=str(text_file), encoding="sampled", draws=n,
+                    batch_tokens=4096, samples_per_shard=2))
+    other = open_cache(str(tmp_path / "other"))
+    assert len(other.manifest.shards) != len(cache.manifest.shards)
+    for rec in cache.samples.to_pylist():
+        a, b = cache.sample(rec["sample_id"]), other.sample(rec["sample_id"])
+        for name in ("dist/counts", "dist/ids", "dist/draw_counts"):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{name} of {rec['sample_id']}")
 
 
 def test_hybrid_capture_head_exact_tail_drawn_outside_it(tmp_path, tiny_teacher, tiny_model, text_file):

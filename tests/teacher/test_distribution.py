@@ -49,3 +49,50 @@ def test_uniform_distribution_has_entropy_log_v():
     _, vals, ent, _, _ = next_token_stats(torch.zeros(3, V), lambda h: h, torch.zeros(3, dtype=torch.long), top_k=4)
     assert ent.tolist() == pytest.approx([math.log(V)] * 3, abs=1e-4)
     assert vals[0, 0].item() == pytest.approx(-math.log(V), abs=1e-5)
+
+
+# ---- keyed draws ----------------------------------------------------------------------------------
+def _mix64_numpy(x):
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def test_keyed_uniforms_are_splitmix64_bits_of_key_position_and_draw():
+    import numpy as np
+
+    from logitcache.teacher.distribution import keyed_uniforms, row_keys
+
+    draw_keys = torch.tensor([0, 1, 2 ** 62 + 12345, 987654321], dtype=torch.int64)
+    positions = torch.tensor([0, 5, 7, 4095], dtype=torch.int64)
+    keys = row_keys(draw_keys, positions)
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        want_keys = _mix64_numpy(draw_keys.numpy().astype(np.uint64) ^ _mix64_numpy(positions.numpy().astype(np.uint64) + golden))
+        assert keys.numpy().view(np.uint64).tolist() == want_keys.tolist()
+        j = np.arange(1, 4, dtype=np.uint64)
+        bits = _mix64_numpy(want_keys[:, None] + j[None, :] * golden) >> np.uint64(11)
+    assert keyed_uniforms(keys, 3).numpy().tolist() == (bits.astype(np.float64) * 2.0 ** -53).tolist()
+
+
+def test_keyed_draws_follow_the_weights_and_never_draw_a_zero_weight():
+    from logitcache.teacher.distribution import keyed_draws, row_keys
+
+    w = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0]] * 4000)
+    keys = row_keys(torch.full((4000,), 7), torch.arange(4000))
+    ids = keyed_draws(w * 3.0, keys, 5)                       # unnormalised weights: same distribution
+    counts = torch.bincount(ids.flatten(), minlength=6).double()
+    assert counts[[0, 2, 5]].sum() == 0
+    expected = 20000 * w[0].double()
+    live = expected > 0
+    chi2 = (((counts - expected)[live]) ** 2 / expected[live]).sum().item()
+    assert chi2 < 13.8                                        # chi-square, 2 d.o.f., p = 0.001
+    # a row's draws depend on its key alone: the same rows in another order, or alone, draw the same ids
+    perm = torch.randperm(4000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(keyed_draws(w[perm], keys[perm], 5), ids[perm])
+    assert torch.equal(keyed_draws(w[:1], keys[:1], 5), ids[:1])
+    assert keyed_draws(torch.zeros(1, 6), keys[:1], 3).tolist() == [[0, 0, 0]]   # no mass: id 0 (never counted)
