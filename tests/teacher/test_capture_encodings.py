@@ -14,9 +14,10 @@ import zarr
 from logitcache import open_cache
 from logitcache.format import FORMAT_VERSION, LogitcacheError
 from logitcache.format.encodings import encoding_from, resolve_encoding
-from logitcache.format.encodings import EncodingError, SampledRows, max_abs_error
+from logitcache.format.encodings import EncodingError, max_abs_error
 from logitcache.teacher.capture import CaptureJob, run_capture
 from tests.conftest import assert_caches_equal
+from tests.teacher.estimators import assert_same_draws, direct_logp, hybrid_z, sampled_z, scored_rows
 
 FP16_ATOL, FP16_RTOL = 2e-3, 1e-3
 
@@ -33,19 +34,6 @@ def tiny_model(tiny_teacher):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
-
-
-def direct_logp(model, tokens) -> np.ndarray:
-    with torch.no_grad():
-        logits = model(torch.tensor([tokens.astype(np.int64).tolist()])).logits[0].double()
-    return torch.log_softmax(logits, -1).numpy()
-
-
-def scored_rows(cache, model):
-    """(record, stored arrays, direct float64 log-probs) of every sample."""
-    for rec in cache.samples.to_pylist():
-        a = cache.sample(rec["sample_id"])
-        yield rec, a, direct_logp(model, a["tokens"])
 
 
 @pytest.mark.parametrize("encoding", ["adaptive", "compact"])
@@ -83,33 +71,13 @@ def test_bucket_encodings_store_the_most_probable_ids_and_the_exact_tail(tmp_pat
     assert checked > 50
 
 
-def _z_score(errors: list[float], variances: list[float]) -> float:
-    return float(np.sum(errors) / np.sqrt(np.sum(variances)))
-
-
 def test_sampled_capture_draws_from_the_teacher_unbiased(tmp_path, tiny_teacher, tiny_model, text_file):
     n = 64
     run_capture(job(tmp_path / "c", tiny_teacher, source=str(text_file), encoding="sampled", draws=n))
     cache = open_cache(str(tmp_path / "c"), verify=True)
-    enc = cache.manifest.capture.encoding
-    assert enc == {"name": "sampled", "draws": 64, "temperature": 1.0}
-    errors, variances = [], []
-    for rec, a, logp in scored_rows(cache, tiny_model):
-        s, e = rec["scored_start"], rec["scored_end"]
-        d = encoding_from(enc).decode(a, 49152)
-        assert isinstance(d, SampledRows)
-        assert (d.n_draws[s:e] == n).all() and (d.n_draws[:s] == 0).all()
-        t = d.to_targets().rows(s, e)
-        off = t.offsets
-        for j in range(e - s):
-            lp = logp[s + j]
-            p = np.exp(lp)
-            h = -(p * lp).sum()
-            est = -(t.targets[off[j]:off[j + 1]] * lp[t.ids[off[j]:off[j + 1]]]).sum()   # CE_hat(p, p) -> H(p)
-            errors.append(est - h)
-            variances.append(((p * lp * lp).sum() - h * h) / n)
-    assert len(errors) > 50
-    assert abs(_z_score(errors, variances)) < 4.5
+    assert cache.manifest.capture.encoding == {"name": "sampled", "draws": 64, "temperature": 1.0}
+    z, rows = sampled_z(cache, tiny_model)
+    assert rows > 50 and abs(z) < 4.5
     # the draws are seeded: capturing again gives the very same cache
     run_capture(job(tmp_path / "again", tiny_teacher, source=str(text_file), encoding="sampled", draws=n))
     assert_caches_equal(cache, open_cache(str(tmp_path / "again")))
@@ -118,49 +86,13 @@ def test_sampled_capture_draws_from_the_teacher_unbiased(tmp_path, tiny_teacher,
                     batch_tokens=4096, samples_per_shard=2))
     other = open_cache(str(tmp_path / "other"))
     assert len(other.manifest.shards) != len(cache.manifest.shards)
-    for rec in cache.samples.to_pylist():
-        a, b = cache.sample(rec["sample_id"]), other.sample(rec["sample_id"])
-        for name in ("dist/counts", "dist/ids", "dist/draw_counts"):
-            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{name} of {rec['sample_id']}")
+    assert_same_draws(cache, other, ("dist/counts", "dist/ids", "dist/draw_counts"))
 
 
 def test_hybrid_capture_head_exact_tail_drawn_outside_it(tmp_path, tiny_teacher, tiny_model, text_file):
-    n = 32
-    run_capture(job(tmp_path / "c", tiny_teacher, source=str(text_file), encoding="hybrid", top_k=4, draws=n))
-    cache = open_cache(str(tmp_path / "c"), verify=True)
-    enc = cache.manifest.capture.encoding
-    bound = max_abs_error(enc["bits"], enc["lo"])
-    errors, variances = [], []
-    for rec, a, logp in scored_rows(cache, tiny_model):
-        s, e = rec["scored_start"], rec["scored_end"]
-        head = encoding_from({**enc, "name": "compact"}).decode(a, 49152).rows(s, e)    # the head alone
-        t = encoding_from(enc).decode(a, 49152).rows(s, e)
-        ho, to = head.offsets, t.offsets
-        for j in range(e - s):
-            lp = logp[s + j]
-            hid = head.ids[ho[j]:ho[j + 1]]
-            top4 = np.argsort(-lp)[:4]
-            assert set(hid) == set(top4[lp[top4] >= enc["lo"]])          # the top-k above lo: the exact head
-            assert np.abs(head.logprobs[ho[j]:ho[j + 1]] - lp[hid]).max() <= bound + 1e-4
-            m = 1.0 - np.exp(lp[hid]).sum()
-            assert head.tail[j] == pytest.approx(m, rel=1e-4, abs=1e-6)
-            ids, tg = t.ids[to[j]:to[j + 1]], t.targets[to[j]:to[j + 1]]
-            drawn = ids[~np.isin(ids, hid)]
-            assert len(drawn) == len(ids) - len(hid)
-            if m <= 1e-12:
-                continue
-            assert tg.sum() == pytest.approx(1.0, abs=1e-6)
-            # the estimate of CE(p, p) = H(p): head part exact (up to rounding), tail part drawn
-            p = np.exp(lp)
-            rest = np.ones(len(lp), bool)
-            rest[hid] = False
-            pt = p[rest] / p[rest].sum()
-            n_t = int(np.ceil(n * m - 1e-12))
-            h_tail = -(pt * lp[rest]).sum()
-            est_tail = -(tg[~np.isin(ids, hid)] * lp[drawn]).sum()
-            errors.append(est_tail - m * h_tail)
-            variances.append(m * m * ((pt * lp[rest] ** 2).sum() - h_tail ** 2) / n_t)
-    assert abs(_z_score(errors, variances)) < 4.5
+    run_capture(job(tmp_path / "c", tiny_teacher, source=str(text_file), encoding="hybrid", top_k=4, draws=32))
+    z, rows = hybrid_z(open_cache(str(tmp_path / "c"), verify=True), tiny_model, top_k=4, head_atol=1e-6)
+    assert rows > 20 and abs(z) < 4.5
 
 
 def test_full_capture_holds_every_value_and_reads_with_zarr_alone(tmp_path, tiny_teacher, tiny_model, text_file):
@@ -259,7 +191,6 @@ def test_estimated_caches_refuse_other_divergences(tmp_path, tiny_teacher, text_
     (dict(encoding="adaptive", bits=8), "--bits applies to --encoding compact/hybrid, not adaptive"),
     (dict(encoding="sampled", proposal_temperature=0.5), "--proposal-temperature must be >= 1"),
     (dict(encoding="compact", keep_mass=1.5), "--keep-mass must be in"),
-    (dict(encoding="sampled", backend="vllm"), "sampled needs the full distribution"),
     (dict(encoding="full", samples_per_shard=100), "too many for --encoding full"),
     (dict(encoding="zip"), "'zip' is not one of"),
 ])

@@ -10,7 +10,8 @@ An encoding declares in one place (its module under ``format/encodings/``):
   (``ExtraSpec``: name, row shape, dtype, fill, and the device computation that makes it);
 - ``encode``: candidates + extras -> the stored arrays (numpy, host side), and ``decode``: stored
   arrays -> typed rows (``rows``);
-- its capabilities: ``needs_full_distribution`` (draws or every value: the hf backend only),
+- its capabilities: ``needs_full_distribution`` (draws or every value from the whole row),
+  ``reads_top_k`` (False: a backend need not return top-k candidates),
   ``estimated`` (its targets estimate p without bias: forward KL / cross-entropy at T = 1 only),
   ``ragged`` (entries per token vary: padding is -1 / -inf), ``stores_tail`` (the exact mass outside
   the ids is stored, not derived as 1 - sum p),
@@ -67,6 +68,7 @@ class Encoding:
     default_top_k: ClassVar[int] = 64
     default_samples_per_shard: ClassVar[int] = 256
     needs_full_distribution: ClassVar[bool] = False
+    reads_top_k: ClassVar[bool] = True                        # encode reads the top-k candidates
     estimated: ClassVar[bool] = False
     ragged: ClassVar[bool] = True                             # entries per token vary (entry arrays)
     stores_tail: ClassVar[bool] = False                       # decode gives the exact tail (SparseRows.tail)

@@ -162,6 +162,7 @@ class Sampled(Encoding):
                                      "the proposal temperature of the draws (not the generation's, not the loss's)"))
     default_top_k = 1
     needs_full_distribution = True
+    reads_top_k = False
     estimated = True
     summary = "--draws ids drawn from the teacher (unbiased; forward KL / CE only)"
 
