@@ -46,7 +46,7 @@ RESERVED_ENGINE_ARGS = {
     "model": "from --teacher", "dtype": "from --dtype", "max_model_len": "from --max-length", "seed": "from --seed",
     "max_logprobs": "from --top-k", "tensor_parallel_size": "from --tensor-parallel-size",
     "logprobs_mode": "raw log-probs at T=1 are what the cache stores",
-    "worker_extension_cls": "the exact-entropy hook", "speculative_config": "for --hidden-layers",
+    "worker_extension_cls": "the logitcache worker hook", "speculative_config": "for --hidden-layers",
     "kv_transfer_config": "for --hidden-layers",
 }
 

@@ -88,6 +88,11 @@ class VLLMBackend:
                         vllm.__version__, ", ".join(SUPPORTED_VLLM))
         self.teacher, self.dtype, self.max_length, self.top_k = teacher, dtype, max_length, top_k
         self.hidden_layers = list(hidden_layers or [])
+        # hidden states: forward hooks in the worker on the CPU build (eager); vLLM's extract_hidden_states
+        # where CUDA graphs / torch.compile would skip Python hooks (docs/backends.md, "Hidden states")
+        self.hidden_method = os.environ.get("LOGITCACHE_VLLM_HIDDEN") or ("hook" if on_cpu else "extract")
+        if self.hidden_method not in ("hook", "extract"):
+            raise LogitcacheError(f"LOGITCACHE_VLLM_HIDDEN={self.hidden_method!r}: choose hook or extract")
         self._final_norm, self._final_layer, self._hidden_dir = None, None, None
         tuning = {"enforce_eager": True} if on_cpu else {}      # no graph compilation on the CPU build
         if gpu_memory_utilization is not None:
@@ -96,7 +101,7 @@ class VLLMBackend:
         kwargs = dict(model=str(teacher.path), dtype=dtype, max_model_len=max_length, seed=seed,
                       max_logprobs=self.plan.num_logprobs, logprobs_mode="raw_logprobs", tensor_parallel_size=tensor_parallel_size,
                       worker_extension_cls=EXTENSION)
-        if self.hidden_layers:
+        if self.hidden_layers and self.hidden_method == "extract":
             self._setup_hidden(kwargs)
         kwargs = {**tuning, **(engine_args or {}), **kwargs}
         try:
@@ -107,6 +112,13 @@ class VLLMBackend:
         if not all(hooks):
             raise LogitcacheError(f"vLLM {vllm.__version__}: the exact-entropy hook found nothing to wrap in this "
                                   f"version (tested: {', '.join(SUPPORTED_VLLM)}); use --backend hf")
+        if self.hidden_layers and self.hidden_method == "hook":
+            problems = [p for p in self.llm.collective_rpc(
+                "logitcache_hidden", args=(self.hidden_layers, self.info.num_layers)) if p]
+            if problems:
+                self.close()
+                raise LogitcacheError(f"--hidden-layers under --backend vllm: {problems[0]}; set "
+                                      "LOGITCACHE_VLLM_HIDDEN=extract (vLLM's extract_hidden_states) or use --backend hf")
         problems = [p for p in self.llm.collective_rpc("logitcache_configure", args=(self.plan,)) if p]
         if problems:
             self.close()
@@ -161,12 +173,12 @@ class VLLMBackend:
             raise ValueError(f"backend loaded for top_k={self.top_k}, hidden layers {self.hidden_layers}, encoding "
                              f"{self.plan.encoding}; asked for {top_k}, {hidden_layers}, {encoding}")
         k1 = self.plan.num_logprobs          # the top-k the encoding reads, then the hook's slots
-        placed = self.plan.keyed or self.plan.full
+        placed = self.plan.keyed or self.plan.full or (self.hidden_layers and self.hidden_method == "hook")
         prompts, params = [], []
         for i, r in enumerate(requests):
             extra = {"logitcache": (r.draw_key, i)} if placed else {}
             if r.response_ids is None:
-                if self.hidden_layers:
+                if self.hidden_layers and self.hidden_method == "extract":
                     extra["kv_transfer_params"] = {"include_output_tokens": True}
                 if generation is None:
                     raise ValueError("requests without response_ids need generation settings")
@@ -187,13 +199,34 @@ class VLLMBackend:
         results = [self._convert(r, o, top_k, encoding) for r, o in zip(requests, outputs)]
         if self.plan.full:
             self._fill_full(results)
-        if self.hidden_layers:
+        if self.hidden_layers and self.hidden_method == "hook":
+            self._take_hidden(results)
+        elif self.hidden_layers:
             self._flush_hidden()
             for seq, out in zip(results, outputs):
                 self._fill_hidden(seq, out)
         if progress:
             progress(int(sum(len(c.tokens) for c in results)))
         return results
+
+    def _take_hidden(self, results: list[CapturedSequence]) -> None:
+        """Hidden rows from the worker's forward hooks: every token vLLM fed (all of a scored sequence;
+        all but the last generated token), each checked to be the sequence's token at its position."""
+        taken = self.llm.collective_rpc("logitcache_take_hidden")[0]     # tensor-parallel rank 0's rows
+        for slot, seq in enumerate(results):
+            n = len(seq.tokens)
+            fed = n if seq.finish_reason == "scored" else n - 1
+            positions, ids, layers = taken.get(slot, (np.zeros(0, np.int64), np.zeros(0, np.int64), {}))
+            last = len(positions) - 1 - np.unique(positions[::-1], return_index=True)[1]   # a recomputed row: the last
+            positions, ids = positions[last], ids[last]
+            where = f"vLLM hidden states of request {slot}"
+            if not np.array_equal(positions, np.arange(fed)) or not np.array_equal(ids, seq.tokens[:fed]):
+                raise LogitcacheError(f"{where}: the worker returned rows for other positions or tokens than the "
+                                      "sequence captured; nothing stored")
+            for layer in self.hidden_layers:
+                full = np.zeros((n, layers[layer].shape[-1]), dtype=np.float32)
+                full[:fed] = layers[layer][last]
+                seq.hidden[layer] = full
 
     def _flush_hidden(self) -> None:
         """The connector writes a finished request's rows one engine step after it finishes; a

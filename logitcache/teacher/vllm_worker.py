@@ -252,8 +252,71 @@ def _hook_v2_runner() -> None:
             _HOOKED.append(f"{module.__name__}.compute_topk_scores")
 
 
+# ---- hidden states by forward hooks (the residual stream at chosen layers) -----------------------------
+_HIDDEN_LAYERS: list[int] = []
+_STEP: dict[int, torch.Tensor] = {}                     # this forward pass's rows, by layer
+_HIDDEN: dict[int, list[tuple[np.ndarray, np.ndarray, dict[int, torch.Tensor]]]] = {}   # slot -> parts
+_HANDLES: list = []
+
+
+def _decoder_parts(model, num_layers: int):
+    """(embeddings, decoder blocks, final norm) of a vLLM decoder (Llama-like: ``model.model``), or None."""
+    inner = getattr(model, "model", None)
+    parts = tuple(getattr(inner, name, None) for name in ("embed_tokens", "layers", "norm"))
+    if any(x is None for x in parts) or len(parts[1]) != num_layers:
+        return None
+    return parts
+
+
+def _keep(layer: int, final_norm: bool = False):
+    def hook(module, args, output):
+        if isinstance(output, tuple):     # a block gives (hidden, residual): the stream is their sum
+            h = output[0] if final_norm or len(output) < 2 or output[1] is None else output[0] + output[1]
+        else:
+            h = output
+        _STEP[layer] = h.detach().to("cpu", torch.float32, copy=True)
+    return hook
+
+
+def _place_hidden(runner) -> None:
+    """After a forward pass: this step's rows of each request of ours, with their positions and ids."""
+    if not _STEP:
+        return
+    n = runner.input_batch.num_reqs
+    qsl = runner.query_start_loc.np[:n + 1].astype(np.int64)
+    total = int(qsl[-1])
+    positions = runner.positions[:total].cpu().numpy().astype(np.int64)
+    ids = runner.input_ids.cpu[:total].numpy().astype(np.int64)
+    for i, req_id in enumerate(runner.input_batch.req_ids[:n]):
+        slot = _tag(runner.requests[req_id])[1]
+        a, b = qsl[i], qsl[i + 1]
+        if slot >= 0 and b > a:
+            _HIDDEN.setdefault(slot, []).append((positions[a:b], ids[a:b], {k: v[a:b] for k, v in _STEP.items()}))
+    _STEP.clear()
+
+
+def _hook_v1_execute() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner.execute_model
+    if getattr(original, "_logitcache", False):
+        return
+
+    def execute_model(self, *args, **kwargs):
+        _STEP.clear()
+        out = original(self, *args, **kwargs)
+        if _HIDDEN_LAYERS:
+            _place_hidden(self)
+        return out
+
+    execute_model._logitcache = True
+    GPUModelRunner.execute_model = execute_model
+    _HOOKED.append("vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model (hidden states)")
+
+
 _hook_v1_sampler()
 _hook_v1_runner()
+_hook_v1_execute()
 _hook_v2_runner()
 
 
@@ -273,6 +336,36 @@ class WorkerExtension:
                 and not runner.startswith("vllm.v1.worker.cpu_model_runner"):
             return f"the model runner {runner} (vLLM's V2 runner) is not one whose rows logitcache can place"
         return None
+
+    def logitcache_hidden(self, layers: list[int], num_layers: int) -> str | None:
+        """Capture ``layers`` (0: embeddings, L: after L blocks, ``num_layers``: after the final norm) by
+        forward hooks; returns a problem (this model's layout is not known) or None."""
+        global _HIDDEN_LAYERS
+        for handle in _HANDLES:
+            handle.remove()
+        _HANDLES.clear()
+        _HIDDEN.clear()
+        _HIDDEN_LAYERS = []
+        if not layers:
+            return None
+        parts = _decoder_parts(self.model_runner.get_model(), num_layers)
+        if parts is None:
+            return "the model has no model.embed_tokens / model.layers / model.norm to hook"
+        embed, blocks, norm = parts
+        for layer in layers:
+            module = embed if layer == 0 else norm if layer == num_layers else blocks[layer - 1]
+            _HANDLES.append(module.register_forward_hook(_keep(layer, final_norm=layer == num_layers)))
+        _HIDDEN_LAYERS = list(layers)
+        return None
+
+    def logitcache_take_hidden(self) -> dict[int, tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]]:
+        """Every hidden row kept since the last call, by request slot: (positions, token ids, {layer: (n, d)})."""
+        out = {}
+        for slot, parts in _HIDDEN.items():
+            out[slot] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                         {layer: torch.cat([p[2][layer] for p in parts]).numpy() for layer in _HIDDEN_LAYERS})
+        _HIDDEN.clear()
+        return out
 
     def logitcache_take_full(self) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Every full row kept since the last call, by request slot: (positions, target ids, rows (n, V))."""

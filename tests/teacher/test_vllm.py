@@ -105,7 +105,7 @@ def captured(tmp_path_factory, inputs, smollm2_dir, name: str, backend: str = "v
     from logitcache.teacher.capture import CaptureJob, run_capture
 
     cache = tmp_path_factory.mktemp(f"{backend}-{name}") / "cache"
-    job = dict(teacher=str(smollm2_dir), mode="score", source=str(inputs / "texts.jsonl"), **job)
+    job = {"teacher": str(smollm2_dir), "mode": "score", "source": str(inputs / "texts.jsonl"), **job}
     if backend == "vllm":
         vllm_capture(cache, **job)
     else:
@@ -224,3 +224,46 @@ def test_auto_says_which_backend_it_picked_and_why(monkeypatch):
     monkeypatch.setattr(vllm_backend, "vllm_version", lambda: None)
     name, why = capture.choose_backend("auto")
     assert name == "hf" and "vLLM is not installed (pip install vllm" in why
+
+
+def test_rows_returned_for_another_position_or_token_are_refused():
+    """The side channels (whole rows of ``full``, hidden states by forward hooks) are checked row by row
+    against the sequence and the logprob path before anything is stored."""
+    from logitcache.format.encodings import encoding_class
+    from logitcache.teacher.backend import CapturedSequence, DeviceExtras
+    from logitcache.teacher.vllm_backend import VLLMBackend
+    from logitcache.teacher.vllm_slots import slot_plan
+
+    V, tokens = 6, np.array([3, 1, 4, 1, 5])
+    logp = np.log(np.full((4, V), 1.0 / V, np.float32))
+
+    def backend(answer):
+        b = object.__new__(VLLMBackend)
+        b.llm = type("FakeLLM", (), {"collective_rpc": lambda self, name: [answer]})()
+        b.plan, b.hidden_layers = slot_plan(encoding_class("full").resolve(), 2, V), [1]
+        return b
+
+    def seq():
+        enc = encoding_class("full").resolve()
+        s = CapturedSequence(tokens=tokens, prompt_len=2, score_from=0, score_to=4,
+                             topk_ids=np.zeros((5, 2), np.int64), topk_logprobs=np.zeros((5, 2), np.float32),
+                             entropy=np.zeros(5, np.float32), target_logprob=np.full(5, np.log(1 / V), np.float32),
+                             extras=DeviceExtras(enc.extras(2, V), 5))
+        return s
+
+    good = {0: (np.arange(4), tokens[1:], logp)}
+    s = seq()
+    backend(good)._fill_full([s])
+    np.testing.assert_array_equal(s.extras["all_logprobs"][:4], logp)
+    assert np.isnan(s.extras["all_logprobs"][4]).all()
+    with pytest.raises(LogitcacheError, match="does not belong to its position"):
+        backend({0: (np.arange(4), tokens[[2, 2, 3, 4]], logp)})._fill_full([seq()])     # another target id
+    with pytest.raises(LogitcacheError, match=r"returned rows \[0, 1, 2\]"):
+        backend({0: (np.arange(3), tokens[1:4], logp[:3])})._fill_full([seq()])         # a row missing
+    # hidden rows: every fed token, each the sequence's token at its position
+    hidden = {1: np.arange(10, dtype=np.float32).reshape(5, 2)}
+    s = seq()
+    backend({0: (np.arange(5), tokens, hidden)})._take_hidden([s])
+    np.testing.assert_array_equal(s.hidden[1], hidden[1])
+    with pytest.raises(LogitcacheError, match="other positions or tokens"):
+        backend({0: (np.arange(5), tokens[::-1], hidden)})._take_hidden([seq()])
