@@ -66,15 +66,16 @@ def keyed_draws(weights: torch.Tensor, keys: torch.Tensor, n: int) -> torch.Tens
     not necessarily normalised (an all-zero row draws id 0), by the inverse CDF at ``keyed_uniforms``;
     an id of weight 0 is never drawn."""
     cdf = weights.double().cumsum(-1)                                        # (rows, V)
-    u = keyed_uniforms(keys, n) * cdf[:, -1:]
-    ids = torch.searchsorted(cdf, u, right=True)
-    last = (weights > 0).cumsum(-1).argmax(-1, keepdim=True)                 # the last id of weight > 0
+    total = cdf[:, -1:]
+    ids = torch.searchsorted(cdf, keyed_uniforms(keys, n) * total, right=True)
+    last = torch.searchsorted(cdf, total)          # the last id of weight > 0 (u * total may round up to total)
     return torch.minimum(ids, last)
 
 
 def _tail(logp, top_ids, top_vals, enc, keys) -> dict[str, torch.Tensor]:
-    """The exact mass outside the top-k ids: a logsumexp over the rest, never 1 - sum p."""
-    return {"tail": logp.scatter(-1, top_ids, float("-inf")).logsumexp(-1).exp()}
+    """The exact mass outside the top-k ids: the sum of p over the rest, never 1 - sum p (which
+    cancels to noise when the tail is small)."""
+    return {"tail": logp.exp().scatter(-1, top_ids, 0.0).sum(-1)}
 
 
 def _draws(logp, top_ids, top_vals, enc, keys) -> dict[str, torch.Tensor]:

@@ -112,9 +112,10 @@ def _chunk_rows(device: torch.device) -> int:
     return 64 if device.type == "cpu" else 1024
 
 
-def fill_slots(tensors, scores: torch.Tensor, targets: torch.Tensor | None = None):
+def fill_slots(tensors, scores: torch.Tensor, targets: torch.Tensor | None = None, are_logprobs: bool = False):
     """Overwrite the slots of ``tensors`` (vLLM's (ids, values, ranks) of (rows, 1 + num_logprobs))
-    with what ``_PLAN`` asks for, computed from ``scores`` (rows, V) log-probs or logits."""
+    with what ``_PLAN`` asks for, computed from ``scores`` (rows, V): logits, or float32 log-probs
+    (``are_logprobs``: then not normalised again)."""
     from ..format.encodings import encoding_from
     from .distribution import distribution_extras, row_keys
 
@@ -137,7 +138,8 @@ def fill_slots(tensors, scores: torch.Tensor, targets: torch.Tensor | None = Non
     step = _chunk_rows(scores.device)
     for s in range(0, rows, step):
         e = min(s + step, rows)
-        logp = torch.log_softmax(scores[s:e].float(), dim=-1)
+        logp = scores[s:e] if are_logprobs and scores.dtype == torch.float32 else \
+            torch.log_softmax(scores[s:e].float(), dim=-1)
         top_ids, top_vals = ids[s:e, 1:base].long(), values[s:e, 1:base].float()
         out = {"entropy": -(logp.exp() * logp.clamp_min(torch.finfo(torch.float32).min)).sum(-1)}
         if encoding is not None and (keys is not None or not plan.keyed):
@@ -188,7 +190,8 @@ def _hook_v1_sampler() -> None:
     inner = original.__func__ if isinstance(original, staticmethod) else original
 
     def gather_logprobs(logprobs, num_logprobs, token_ids):
-        return fill_slots(inner(logprobs, num_logprobs, token_ids), logprobs, token_ids)
+        return fill_slots(inner(logprobs, num_logprobs, token_ids), logprobs, token_ids,
+                          are_logprobs=_PLAN is not None)      # configured: logprobs_mode raw_logprobs
 
     gather_logprobs._logitcache = True
     Sampler.gather_logprobs = staticmethod(gather_logprobs)
