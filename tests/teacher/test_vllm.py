@@ -130,6 +130,23 @@ def test_hybrid_draws_of_generated_rows_pass_the_estimator_test(tmp_path_factory
     # head values and tails within the two engines' float32 difference (~2e-5 in log-prob)
     z, rows = hybrid_z(cache, smollm2_model, top_k=16, head_atol=2e-4, tail_rel=2e-4)
     assert rows > 50 and abs(z) < 4.5
+    # keyed by sample and position in both engines: the hf backend draws the same tail ids at each prompt
+    # and response row (up to ids whose CDF step the engines' float32 difference moves a uniform across)
+    from logitcache.format.encodings import encoding_from
+
+    hf = captured(tmp_path_factory, inputs, smollm2_dir, "hybrid", backend="hf", encoding="hybrid", top_k=16, draws=64,
+                  mode="generate", source=str(inputs / "prompts.jsonl"), max_new_tokens=16, with_prompt=True)
+    enc, vocab = encoding_from(cache.manifest.capture.encoding), cache.manifest.teacher.vocab_size
+    for rec in cache.samples.to_pylist():
+        a, b = cache.sample(rec["sample_id"]), hf.sample(rec["sample_id"])
+        assert np.array_equal(a["tokens"], b["tokens"])
+        ta, tb = (enc.decode(x, vocab).rows(0, rec["num_tokens"] - 1) for x in (a, b))
+        for part, rows_ in (("prompt", range(rec["prompt_tokens"] - 1)),
+                            ("response", range(rec["prompt_tokens"] - 1, rec["num_tokens"] - 1))):
+            same = [len(set(ta.ids[ta.offsets[t]:ta.offsets[t + 1]]) & set(tb.ids[tb.offsets[t]:tb.offsets[t + 1]]))
+                    / max(len(set(ta.ids[ta.offsets[t]:ta.offsets[t + 1]]) | set(tb.ids[tb.offsets[t]:tb.offsets[t + 1]])), 1)
+                    for t in rows_]
+            assert np.mean(same) > 0.95, f"sample {rec['row']} {part} rows: {np.mean(same):.3f} of the ids shared"
 
 
 def test_compact_tails_equal_the_hf_backends_exact_tails(tmp_path_factory, inputs, smollm2_dir):
@@ -213,6 +230,44 @@ def test_the_hook_fills_each_slot_from_the_same_functions_as_the_hf_backend(monk
     ids, values, _ = gathered(scores, plan)
     with pytest.raises(LogitcacheError, match="did not return the entropy slot .* hook is not active"):
         flat_to_arrays(FakeFlat(ids.numpy(), values.numpy()), plan, "test")
+
+
+@pytest.mark.parametrize("name, params", [("topk", {}), ("adaptive", {}), ("compact", {}), ("hybrid", {"draws": 8}),
+                                          ("sampled", {"draws": 8}), ("sampled", {"draws": 8, "temperature": 1.5})])
+def test_every_encodings_extras_come_back_as_the_hf_backend_computes_them(monkeypatch, name, params):
+    """Through the slots and the backend's reader, each extra equals distribution_extras on the same rows."""
+    import torch
+
+    from logitcache.format.encodings import encoding_class
+    from logitcache.teacher import vllm_worker
+    from logitcache.teacher.backend import CapturedSequence, DeviceExtras
+    from logitcache.teacher.distribution import distribution_extras, row_keys
+    from logitcache.teacher.vllm_backend import _fill, flat_to_arrays
+    from logitcache.teacher.vllm_slots import slot_plan
+
+    n, V, k = 40, 300, 4
+    enc = encoding_class(name).resolve(**params)
+    plan = slot_plan(enc, k, V)
+    assert plan.top_k == (0 if name == "sampled" else k)           # vLLM is asked for no top-k it need not give
+    scores = torch.log_softmax(torch.randn(n, V, generator=torch.Generator().manual_seed(1)) * 4, -1)
+    keys, positions = np.full(n, 99), np.arange(n)
+    monkeypatch.setattr(vllm_worker, "_PLAN", plan)
+    monkeypatch.setattr(vllm_worker._CTX, "rows", (keys, np.zeros(n, np.int64), positions))
+    ids, values, _ = vllm_worker.fill_slots(gathered(scores, plan), scores, are_logprobs=True)
+    got_ids, got_lps = flat_to_arrays(FakeFlat(ids.numpy(), values.numpy()), plan, "test")
+    seq = CapturedSequence(tokens=np.zeros(n + 1, np.int64), prompt_len=1, score_from=0, score_to=n,
+                           topk_ids=np.zeros((n + 1, k), np.int64), topk_logprobs=np.zeros((n + 1, k), np.float32),
+                           entropy=np.zeros(n + 1, np.float32), target_logprob=np.zeros(n + 1, np.float32),
+                           extras=DeviceExtras(enc.extras(k, V), n + 1))
+    _fill(seq, plan, 0, got_ids, got_lps, 0, n)
+    top_vals, top_ids = scores.topk(k, -1)
+    want = distribution_extras(scores, top_ids, top_vals, enc, row_keys(torch.from_numpy(keys), torch.from_numpy(positions)))
+    assert set(want) == set(seq.extras)
+    for key, value in want.items():
+        np.testing.assert_allclose(seq.extras[key][:n], value.numpy(), rtol=1e-6, atol=0, err_msg=key)
+    np.testing.assert_allclose(seq.entropy[:n], -(scores.exp() * scores).sum(-1).numpy(), rtol=1e-5)
+    if plan.top_k:
+        assert np.array_equal(seq.topk_ids[:n], top_ids.numpy())
 
 
 def test_auto_says_which_backend_it_picked_and_why(monkeypatch):
