@@ -70,7 +70,8 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--teacher", default="smollm2-135m", show_default=True,
               help="Embedded teacher name, local Hugging Face model directory, or hub id.")
 @click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
-              help="Inference engine: vllm (fast; the default when importable) or hf (transformers).")
+              help="Inference engine: vllm (fast) or hf (transformers); auto: vllm when installed, else hf. "
+                   "Both capture every encoding. The choice and its reason are printed (and in --json).")
 @click.option("--mode", type=click.Choice(["generate", "score"]), default="generate", show_default=True,
               help="generate: the teacher writes responses (response / chain-of-thought distillation). "
                    "score: teacher forcing over given text or prompt+response pairs.")

@@ -73,10 +73,11 @@ def synthetic_logp(n: int, seed: int) -> torch.Tensor:
 
 def encode_decode(enc, logp: torch.Tensor, top_k: int, scored: np.ndarray, seed: int, value_dtype="float16"):
     """The capture path on given log-probs: device stats and extras, encode_rows, decode."""
-    from logitcache.teacher.distribution import distribution_extras, distribution_stats
+    from logitcache.teacher.distribution import distribution_extras, distribution_stats, row_keys
 
     ids, vals, _ = distribution_stats(logp, top_k)
-    extras = distribution_extras(logp, ids, vals, enc, torch.Generator().manual_seed(seed))
+    keys = row_keys(torch.full((logp.shape[0],), seed), torch.arange(logp.shape[0]))     # a sample's rows
+    extras = distribution_extras(logp, ids, vals, enc, keys)
     arrays = enc.encode_rows(top_k, V, ids.numpy(), vals.numpy(), {k: v.numpy() for k, v in extras.items()},
                              scored, value_dtype)
     return arrays, enc.decode(arrays, V), ids.numpy()
