@@ -147,17 +147,19 @@ def generate(student, prompts, limit, offset, out, max_new_tokens, temperature, 
 @click.option("--out", "-o", required=True, help="Directory: rollouts.jsonl, cache/ (--encoding full), metrics.json.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
+              help="The teacher's engine for scoring (logitcache capture --backend).")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def evaluate(student, teacher, prompts, limit, offset, out, max_new_tokens, device, no_progress, as_json):
+def evaluate(student, teacher, prompts, limit, offset, out, max_new_tokens, device, backend, no_progress, as_json):
     """The on-policy measures of STUDENT (any student, on-policy trained or not): its greedy answers to held-out
     prompts, scored by the teacher over the whole vocabulary: exact KL(q||p) and KL(p||q) per token of its own
     text, and the teacher's log-likelihood per token of it."""
     from .rounds import evaluate_onpolicy
 
     metrics = evaluate_onpolicy(student, teacher, prompts, limit, out, offset=offset, max_new_tokens=max_new_tokens,
-                                device=device, progress=not no_progress)
+                                device=device, progress=not no_progress, backend=backend)
     if as_json:
         echo_json(metrics)
     else:

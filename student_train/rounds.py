@@ -234,7 +234,8 @@ class Rounds:
             return None
         return evaluate_onpolicy(student, self.cfg.teacher, self.cfg.eval_prompts, self.cfg.eval_limit, out,
                                  offset=self.cfg.eval_offset, generator=self.cfg.generator, max_new_tokens=self.cfg.max_new_tokens, seq_len=self.cfg.seq_len,
-                                 command=self.command, device=self.cfg.device, progress=self.progress)
+                                 command=self.command, device=self.cfg.device, progress=self.progress,
+                                 backend=self.cfg.backend)
 
     def command(self, name: str, args: list[str]) -> dict:
         return run_command(name, args, self.out)
@@ -254,8 +255,8 @@ def run_command(name: str, args: list[str], log_dir: str) -> dict:
 
 
 def evaluate_onpolicy(student: str, teacher: str, prompts: str, limit: int, out: str, *, offset: int = 0,
-                      generator: str = "auto", max_new_tokens: int = 128,
-                      seq_len: int = 512, command=None, device: str = "cpu", progress: bool = False) -> dict:
+                      generator: str = "auto", max_new_tokens: int = 128, seq_len: int = 512, command=None,
+                      device: str = "cpu", progress: bool = False, backend: str = "auto") -> dict:
     """What on-policy training is for, measured on the student's own text: it answers ``limit`` prompts of
     ``prompts`` (from row ``offset``) greedily, the teacher scores the answers with ``--encoding full`` (out/cache), and
 
@@ -275,7 +276,7 @@ def evaluate_onpolicy(student: str, teacher: str, prompts: str, limit: int, out:
         rollout(student, read_prompts(prompts, limit, offset), SamplingSettings(max_new_tokens, 0.0, 1.0, 0, 16), rollouts,
                 source=prompts, device=device, progress=progress, generator=generator)
     args = ["capture", os.path.join(out, "cache"), "--mode", "score", "--input", rollouts, "--source-name", "eval",
-            "--teacher", teacher, "--encoding", Full.name, "--rollout-info", rollouts + ".info.json"]
+            "--teacher", teacher, "--backend", backend, "--encoding", Full.name, "--rollout-info", rollouts + ".info.json"]
     if command is None:
         run_command("logitcache", args, out)
     else:

@@ -195,7 +195,11 @@ class VLLMBackend:
                 params.append(SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k1,
                                              flat_logprobs=True, detokenize=False, extra_args=extra or None))
                 prompts.append(TokensPrompt(prompt_token_ids=list(r.prompt_ids) + list(r.response_ids)))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as e:        # the engine failed on this teacher (e.g. a kernel its build lacks)
+            raise LogitcacheError(f"vLLM failed to run teacher {self.teacher.name} ({type(e).__name__}: {e}); "
+                                  "use --backend hf") from e
         results = [self._convert(r, o, top_k, encoding) for r, o in zip(requests, outputs)]
         if self.plan.full:
             self._fill_full(results)
