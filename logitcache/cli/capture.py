@@ -108,7 +108,11 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--hidden-layers", callback=_layers, default=None,
               help="Hidden states to store, e.g. 4,12,-1 (0 = embeddings, -1 = final layer after its norm).")
 @click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True)
+              show_default=True, help="Storage dtype of hidden states and of --attention-layers' queries and keys.")
+@click.option("--attention-layers", callback=_layers, default=None,
+              help="Decoder blocks whose attention queries and keys to store (post-rotary, per head: the "
+                   "attention is rebuilt per document at training time), e.g. 0,15,29 or -1 (the last block). "
+                   "hf backend.")
 @click.option("--system-prompt", default=None, help="System message for generate mode (default: the template's).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True,

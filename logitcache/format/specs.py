@@ -27,6 +27,7 @@ BEHAVIOUR_LOGPROB = "behaviour_logprob"   # 1.4: log q_b(tokens[j+1]) of the pol
 FULL_LOGPROBS = "dist/full_logprobs"
 HIDDEN_GROUP = "hidden"
 DIST_GROUP = "dist"
+ATTENTION_GROUP = "attn"                  # 1.5: attn/<block>_q and attn/<block>_k, post-rotary (heads, head_dim)
 
 LOGPROB_DTYPES = ("float16", "float32")
 HIDDEN_DTYPES = ("bfloat16", "float16", "float32")
@@ -84,6 +85,8 @@ class ArraySpec:
     @property
     def dimension_names(self) -> tuple[str, ...]:
         rows = "entry" if self.per_entry else "token"
+        if self.name.startswith(ATTENTION_GROUP + "/"):
+            return (rows, "head", "head_dim")
         extra = {TOPK_IDS: "k", TOPK_LOGPROBS: "k", FULL_LOGPROBS: "vocab"}.get(self.name, "d")
         return (rows, *([extra] if self.row_shape else []))
 

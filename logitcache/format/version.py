@@ -8,7 +8,7 @@ something that exists. Readers accept every minor version of their own major.
 from .errors import FormatError
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "1.4"
+FORMAT_VERSION = "1.5"
 
 # What each minor version added (docs/format.md, "Versioning"). 1.0 readers read 1.1 caches: they
 # ignore the manifest sections below and never look under derived/.
@@ -24,6 +24,8 @@ MINOR_ADDITIONS = {
            "follow fixed patterns. 1.2 readers read 1.3 caches (zarr-python verifies the crc32c codec)",
     "1.4": "`behaviour_logprob` array, score inputs as token ids, manifest `rollout` (on-policy rounds); "
            "1.3 readers read 1.4 caches: they ignore both",
+    "1.5": "`attn/<block>_q` and `attn/<block>_k` arrays (attention queries and keys per head, after the rotary "
+           "embedding: attention transfer); 1.4 readers read 1.5 caches and ignore them",
 }
 
 

@@ -71,7 +71,8 @@ class CapturedSequence:
     """Per-position results, one row per token (fill values outside the scored rows).
 
     Shapes: tokens (n,), topk_ids (n, k), topk_logprobs (n, k), entropy (n,), target_logprob (n,),
-    hidden[layer] (n, d); ``extras``: the encoding's device extras.
+    hidden[layer] (n, d); ``extras``: the encoding's device extras; ``attention``: per array name
+    (``attn/<block>_q`` / ``k``, format 1.5) (n, heads, head_dim) post-rotary queries / keys.
     """
 
     tokens: np.ndarray
@@ -85,6 +86,7 @@ class CapturedSequence:
     hidden: dict[int, np.ndarray] = field(default_factory=dict)
     finish_reason: str = "scored"
     extras: DeviceExtras = field(default_factory=lambda: DeviceExtras([], 0))
+    attention: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 ProgressFn = Callable[[int], None]
@@ -98,8 +100,9 @@ class TeacherBackend(Protocol):
 
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
             generation: GenerationSettings | None, progress: ProgressFn | None = None,
-            encoding: Encoding | None = None) -> list[CapturedSequence]:
-        """Generate where asked, then capture every request; results in request order. ``encoding``: the
+            encoding: Encoding | None = None, attention_layers: list[int] = ()) -> list[CapturedSequence]:
+        """Generate where asked, then capture every request; results in request order. ``attention_layers``:
+        decoder blocks whose queries and keys to capture (a backend that cannot must refuse). ``encoding``: the
         cache's encoding, whose declared extras the backend computes (random draws keyed by each
         request's ``draw_key`` and the row's position: ``distribution.row_keys``); a backend that cannot
         compute them must refuse it."""

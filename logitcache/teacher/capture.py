@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from .. import __version__
 from ..format import layout
-from ..format.arrays import BEHAVIOUR_LOGPROB, ENTROPY, TARGET_LOGPROB, TOKENS, absolute_layer, array_specs
+from ..format.arrays import (ATTENTION_GROUP, BEHAVIOUR_LOGPROB, ENTROPY, TARGET_LOGPROB, TOKENS, absolute_layer,
+                             array_specs, attention_layers)
 from ..format.encodings import DEFAULT_ENCODING, Encoding, encoding_class, encoding_from
 from ..format.errors import ConfigMismatchError, EncodingError, LogitcacheError
 from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
@@ -77,6 +78,7 @@ class CaptureJob:
     with_prompt: bool = False
     hidden_layers: list[int] = field(default_factory=list)
     hidden_dtype: str = "bfloat16"
+    attention_layers: list[int] = field(default_factory=list)   # 1.5: blocks whose queries / keys are stored
     system_prompt: str | None = None
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -166,6 +168,9 @@ def validate(job: CaptureJob) -> None:
             bad(f"--engine-arg {key}", f"logitcache sets this itself ({owner}); leave it out")
     if job.rollout is not None:
         check_rollout(job.rollout, "--rollout-info")
+    if job.attention_layers and choose_backend(job.backend)[0] == "vllm":
+        bad("--attention-layers", "the vllm backend does not capture attention queries and keys (its attention "
+                                  "runs in fused kernels); use --backend hf")
 
 
 def check_rollout(rollout, where: str) -> None:
@@ -209,6 +214,25 @@ def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
     return out
 
 
+def attention_specs(path, blocks: list[int], num_layers: int) -> dict[int, tuple[int, int, int]]:
+    """{block: (query heads, KV heads, head_dim)} of --attention-layers (negative: from the last block)."""
+    if not blocks:
+        return {}
+    from transformers import AutoConfig
+
+    from .attention_capture import attention_shape
+
+    shape = attention_shape(AutoConfig.from_pretrained(path))
+    out = {}
+    for b in blocks:
+        block = b + num_layers if b < 0 else b
+        if not 0 <= block < num_layers:
+            raise LogitcacheError(f"--attention-layers: block {b} is out of range for a teacher with {num_layers} "
+                                  f"decoder blocks (use 0..{num_layers - 1} or -1..-{num_layers})")
+        out[block] = shape
+    return out
+
+
 def input_key(table: InputTable, limit: int | None) -> str:
     ident = json.dumps([table.source_name, table.split, table.columns, limit], sort_keys=True)
     return "i" + hashlib.blake2b(ident.encode(), digest_size=4).hexdigest()
@@ -222,6 +246,12 @@ def draw_key(seed: int, sample_id: str) -> int:
     """The key of a sample's random draws (``distribution.row_keys``): its rows' draws depend on the
     seed, the sample and the position only, not on shards, batches, workers or the backend."""
     return int(hashlib.blake2b(f"draws:{seed}:{sample_id}".encode(), digest_size=8).hexdigest(), 16) >> 1
+
+
+def attention_kwargs(specs) -> dict:
+    """``attention_layers=`` for a backend's run when the cache stores attention (1.5), else nothing."""
+    blocks = attention_layers(specs)
+    return {"attention_layers": blocks} if blocks else {}
 
 
 def _percentile90(x: np.ndarray) -> float:
@@ -252,7 +282,12 @@ def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence],
     for name, spec in specs.items():
         if name in arrays:
             continue
-        chunks = [c.hidden[int(name.split("/")[1])] for c in captured] if name.startswith("hidden/") else per_row[name]
+        if name.startswith("hidden/"):
+            chunks = [c.hidden[int(name.split("/")[1])] for c in captured]
+        elif name.startswith(ATTENTION_GROUP + "/"):
+            chunks = [c.attention[name] for c in captured]
+        else:
+            chunks = per_row[name]
         arrays[name] = cat(chunks, spec.row_shape, np.float32)
     lengths = np.array([len(c.tokens) for c in captured], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(captured) else np.zeros(0, np.int64)
@@ -350,7 +385,8 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
     cfg = capture_config(job, top_k=top_k, hidden_layers=layers, max_length=teacher.max_length,
                          samples_per_shard=per_shard, encoding=enc)
     specs = array_specs(teacher.vocab_size, top_k, job.logprob_dtype, layers, teacher.hidden_size, job.hidden_dtype,
-                        enc, behaviour="behaviour_logprobs" in table.columns)
+                        enc, behaviour="behaviour_logprobs" in table.columns,
+                        attention=attention_specs(resolved.path, job.attention_layers, teacher.num_layers))
     header = Manifest(teacher=teacher, tokenizer=tokenizer_info(tokenizer, _generation_eos(resolved.path)),
                       capture=cfg, arrays=specs, codecs=codec_lib.describe(specs, job.codec),
                       created_by=f"logitcache {__version__}", rollout=job.rollout)
@@ -482,8 +518,8 @@ def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar) -> tupl
     for p in prepared:
         p.request.draw_key = draw_key(cfg.seed, p.sample_id)
     captured = backend.run([p.request for p in prepared], cfg.top_k, cfg.hidden_layers, gen,
-                           progress=bar.update if bar is not None else None,
-                           encoding=encoding_from(cfg.encoding)) if prepared else []
+                           progress=bar.update if bar is not None else None, encoding=encoding_from(cfg.encoding),
+                           **attention_kwargs(plan.header.arrays)) if prepared else []
     arrays, samples, scored = build_shard(prepared, captured, plan.header.arrays, name, table,
                                           lambda ids: plan.tokenizer.decode(ids, skip_special_tokens=False),
                                           plan.header)

@@ -16,11 +16,13 @@ import logging
 import numpy as np
 import torch
 
+from ..format.arrays import attention_name
 from ..format.encodings import Encoding
 from ..format.errors import LogitcacheError
 from ..format.manifest import TeacherInfo
 from .backend import CapturedSequence, DeviceExtras, GenerationSettings, ProgressFn, SequenceRequest
 from .distribution import distribution_extras, distribution_stats, extras_fill, needs_keys, next_token_stats, row_keys
+from .attention_capture import QKRecorder
 from .identity import ResolvedTeacher, describe_teacher
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class HFBackend:
             raise LogitcacheError(f"teacher {teacher.name}: LM head has {self.vocab_size} outputs but config.vocab_size "
                                   f"is {cfg.vocab_size}")
         self._check_head()
+        self._recorder = None            # queries and keys of --attention-layers, while a run needs them
 
     # ---- identity ---------------------------------------------------------------------------
     def teacher_info(self) -> TeacherInfo:
@@ -141,6 +144,9 @@ class HFBackend:
         out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             output_hidden_states=need_all)
         prompt_hidden = {layer: self._layer(out, layer).float().cpu().numpy() for layer in layers}   # (b, P, d)
+        rec = self._recorder
+        prompt_qk = {k: v.cpu().numpy() for k, v in rec.take(positions).items()} if rec else {}   # (b, P, h, dh)
+        step_qk: list[dict] = []
         # Prompt rows (--with-prompt): teacher-forced statistics over the prefill's hidden states.
         col = torch.arange(width, device=dev)[None, :]
         j = col - (width - torch.tensor(plen, device=dev)[:, None])          # position within each prompt
@@ -174,7 +180,7 @@ class HFBackend:
             done |= hit | (n_new >= caps)
             if progress:
                 progress(int(active.sum()))
-            if bool(done.all()) and not layers:
+            if bool(done.all()) and not layers and rec is None:
                 break                                                       # the last token need not be fed
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], 1)
             last_pos = last_pos + 1
@@ -183,12 +189,15 @@ class HFBackend:
             h, past = out.last_hidden_state[:, -1], out.past_key_values
             for layer in layers:
                 step_hidden[layer].append(self._layer(out, layer)[:, -1])
+            if rec is not None:
+                step_qk.append(rec.take(last_pos[:, None]))
             if bool(done.all()):
                 break
 
         s_ids, s_lp, s_ent, s_tgt, s_tok = (torch.stack(x, 1).cpu().numpy() for x in zip(*steps))   # (b, S, ...)
         s_hid = {layer: torch.stack(v, 1).float().cpu().numpy() for layer, v in step_hidden.items()}
         s_ext = {key: torch.stack([e[key] for e in step_extras], 1).cpu().numpy() for key in step_extras[0]}
+        s_qk = {key: torch.cat([x[key] for x in step_qk], 1).cpu().numpy() for key in prompt_qk}    # (b, S, h, dh)
         n_new, stopped = n_new.cpu().numpy(), stopped.cpu().numpy()
         results = []
         for r, q in enumerate(reqs):
@@ -207,6 +216,8 @@ class HFBackend:
                 seq.extras.put(key, rows, values[r, :R])
             for layer in layers:
                 seq.hidden[layer] = np.concatenate([prompt_hidden[layer][r, lo:], s_hid[layer][r, :R]])
+            for (block, part), values in prompt_qk.items():
+                seq.attention[attention_name(block, part)] = np.concatenate([values[r, lo:], s_qk[(block, part)][r, :R]])
             results.append(seq)
         return results
 
@@ -279,6 +290,8 @@ class HFBackend:
                                     torch.roll(ids, -1, dims=1), top_k, encoding,
                                     self._keys(encoding, draw_keys[:, None], pos))
             hid = {layer: self._layer(out, layer).float().cpu().numpy() for layer in hidden_layers}
+            qk = {attention_name(*key): v.cpu().numpy() for key, v in
+                  self._recorder.take(pos.expand(len(batch), -1)).items()} if self._recorder else {}
             for r, i in enumerate(batch):
                 n, q = lengths[i], requests[i]
                 seq = _empty_sequence(seqs[i], len(q.prompt_ids), top_k, score_from=min(q.score_from, max(n - 1, 0)),
@@ -286,6 +299,7 @@ class HFBackend:
                 for name, values in grid.items():
                     _put(seq, name, slice(None), values[r, :n])
                 seq.hidden = {layer: h[r, :n] for layer, h in hid.items()}
+                seq.attention = {name: v[r, :n] for name, v in qk.items()}
                 results[i] = seq
             if progress:
                 progress(int(sum(lengths[i] for i in batch)))
@@ -293,9 +307,19 @@ class HFBackend:
 
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
             generation: GenerationSettings | None, progress: ProgressFn | None = None,
-            encoding: Encoding | None = None) -> list[CapturedSequence]:
+            encoding: Encoding | None = None, attention_layers: list[int] = ()) -> list[CapturedSequence]:
         if top_k > self.vocab_size:
             raise LogitcacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({self.vocab_size})")
+        self._recorder = QKRecorder(self._decoder, self.model.config, list(attention_layers)) if attention_layers \
+            else None
+        try:
+            return self._run(requests, top_k, hidden_layers, generation, progress, encoding)
+        finally:
+            if self._recorder is not None:
+                self._recorder.close()
+                self._recorder = None
+
+    def _run(self, requests, top_k, hidden_layers, generation, progress, encoding) -> list[CapturedSequence]:
         to_generate = [i for i, r in enumerate(requests) if r.response_ids is None]
         to_score = [i for i, r in enumerate(requests) if r.response_ids is not None]
         out: list[CapturedSequence | None] = [None] * len(requests)

@@ -164,9 +164,13 @@ class VLLMBackend:
     # ---------------------------------------------------------------------------------------------
     def run(self, requests: list[SequenceRequest], top_k: int, hidden_layers: list[int],
             generation: GenerationSettings | None, progress: ProgressFn | None = None,
-            encoding: Encoding | None = None) -> list[CapturedSequence]:
+            encoding: Encoding | None = None, attention_layers: list[int] = ()) -> list[CapturedSequence]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+
+        if attention_layers:                 # capture.validate refuses first
+            raise LogitcacheError("--attention-layers: the vllm backend does not capture attention queries and keys; "
+                                  "use --backend hf")
 
         if top_k != self.top_k or list(hidden_layers) != self.hidden_layers or \
                 (encoding.to_dict() if encoding is not None else None) != self.plan.encoding:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from logitcache import open_cache
-from logitcache.format import ConfigMismatchError, InputError, LogitcacheError, cache_fingerprint
+from logitcache.format import FORMAT_VERSION, ConfigMismatchError, InputError, LogitcacheError, cache_fingerprint
 from logitcache.format.arrays import BEHAVIOUR_LOGPROB, TARGET_LOGPROB, array_specs
 from logitcache.teacher.capture import CaptureJob, run_capture
 from logitcache.teacher.inputs import load_input
@@ -66,7 +66,7 @@ def test_token_ids_are_stored_verbatim_with_behaviour_and_teacher_logprobs(tmp_p
     run_capture(job(tmp_path / "c", tiny_teacher, source=src))
     cache = open_cache(str(tmp_path / "c"), verify=True)
     m = cache.manifest
-    assert m.format_version == "1.4" and m.rollout is None
+    assert m.format_version == FORMAT_VERSION and m.rollout is None
     assert m.inputs[0].columns == {r: r for r in ("prompt_ids", "response_ids", "behaviour_logprobs")}
     assert list(m.arrays).index(BEHAVIOUR_LOGPROB) == list(m.arrays).index(TARGET_LOGPROB) + 1
     recs = cache.samples.to_pylist()
