@@ -82,3 +82,29 @@ def _masked_log_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Te
     m = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min).detach()
     lse = (scores - m).exp().sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny).log() + m
     return (scores - lse).masked_fill(~allowed, 0.0)
+
+
+class AttentionTransfer:
+    """The student's side of attention transfer: forward hooks on the query / key projections of its
+    blocks in ``pairs`` ([[student_block, teacher_block], ...], non-negative), and, after the student's
+    forward pass on a batch, the mean over the pairs of ``attention_transfer_loss`` against the batch's
+    ``attn_q.<teacher_block>`` / ``attn_k.<teacher_block>`` (documents kept apart by ``document_ids``,
+    positions from ``position_ids``, padding ``document_ids == 0``)."""
+
+    def __init__(self, model, pairs: list[list[int]], relations: int):
+        from logitcache.teacher.attention_capture import QKRecorder
+
+        from .model import decoder_body
+
+        self.pairs, self.relations = [tuple(p) for p in pairs], int(relations)
+        self.recorder = QKRecorder(decoder_body(model), model.config, sorted({s for s, _ in self.pairs}))
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        qk = self.recorder.take(batch["position_ids"])
+        valid = batch["document_ids"] != 0
+        total = sum(attention_transfer_loss(qk[(s, "q")], qk[(s, "k")], batch[f"attn_q.{t}"], batch[f"attn_k.{t}"],
+                                            valid, self.relations, batch["document_ids"]) for s, t in self.pairs)
+        return total / len(self.pairs)
+
+    def close(self) -> None:
+        self.recorder.close()

@@ -63,6 +63,13 @@ from logitcache.cli.common import echo_json, handle_errors
                                   "(the cache must hold those teacher layers).")
 @click.option("--hidden-loss", type=click.Choice(["cosine", "mse"]))
 @click.option("--hidden-weight", type=float)
+@click.option("--attention-transfer", "attention_transfer",
+              help="Attention transfer: student:teacher decoder block pairs, e.g. 3:11,7:23 (the cache must hold "
+                   "those blocks' queries and keys: capture --attention-layers).")
+@click.option("--attention-transfer-weight", type=float, help="Its weight beside the logit loss.  [default: 1.0]")
+@click.option("--attention-relations", type=int,
+              help="Relation heads per block (MiniLMv2; needed when head widths differ).  [default: the teacher's "
+                   "query heads]")
 @click.option("--eval-frac", type=float, help="Held-out share of the cache, chosen by sample id.  [default: 0.05]")
 @click.option("--eval-cache", help="Evaluate on this cache instead of a held-out split (all of it is trained on); one "
                                    "captured with --encoding full adds the exact KL over the whole vocabulary.")
@@ -88,7 +95,8 @@ from logitcache.cli.common import echo_json, handle_errors
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @handle_errors
-def cli(cache, out, config_file, loss_args, layer_map, teachers, teacher_weights, no_progress, as_json, **flags):
+def cli(cache, out, config_file, loss_args, layer_map, attention_transfer, teachers, teacher_weights, no_progress,
+        as_json, **flags):
     """Distil a student from CACHE (a logitcache directory or fsspec URL) without loading the teacher.
 
     Streams the cache's top-k log-probs (and hidden states with --layer-map), trains with an explicit
@@ -121,6 +129,8 @@ def cli(cache, out, config_file, loss_args, layer_map, teachers, teacher_weights
         base["loss_args"] = dict(parse_loss_arg(a) for a in loss_args)
     if layer_map:
         base["layer_map"] = parse_layer_map(layer_map)
+    if attention_transfer:
+        base["attention_transfer"] = parse_layer_map(attention_transfer, "--attention-transfer")
     if teachers:
         base["teachers"] = list(teachers)
     if teacher_weights:

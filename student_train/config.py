@@ -51,6 +51,9 @@ class TrainConfig:
     layer_map: list = field(default_factory=list)   # [[student_layer, teacher_layer], ...]
     hidden_loss: str = "cosine"                 # cosine | mse
     hidden_weight: float = 1.0
+    attention_transfer: list = field(default_factory=list)  # [[student_block, teacher_block], ...] (cache attn/)
+    attention_transfer_weight: float = 1.0      # loss += this * the mean attention KL over the pairs
+    attention_relations: int = 0                # relation heads per block (0: the teacher's query heads)
     eval_frac: float = 0.05                     # held-out share of the cache (by sample id hash)
     eval_cache: str | None = None               # evaluate on this cache instead (no split; --encoding full: exact KL)
     eval_every: int = 0                         # steps; 0 = at the start and the end only
@@ -109,6 +112,14 @@ class TrainConfig:
             self.layer_map = [[int(s), int(t)] for s, t in self.layer_map]
         except (TypeError, ValueError):
             bad("layer_map", f"{self.layer_map!r}: expected [[student_layer, teacher_layer], ...]")
+        try:
+            self.attention_transfer = [[int(s), int(t)] for s, t in self.attention_transfer]
+        except (TypeError, ValueError):
+            bad("attention_transfer", f"{self.attention_transfer!r}: expected [[student_block, teacher_block], ...]")
+        if not (self.attention_transfer_weight >= 0 and math.isfinite(self.attention_transfer_weight)):
+            bad("attention_transfer_weight", f"{self.attention_transfer_weight!r}: must be a finite number >= 0")
+        if self.attention_relations < 0:
+            bad("attention_relations", f"{self.attention_relations}: must be >= 0 (0: the teacher's query heads)")
         if self.teacher_weights and len(self.teacher_weights) != 1 + len(self.teachers):
             bad("teacher_weights", f"{len(self.teacher_weights)} weight(s) for {1 + len(self.teachers)} teacher caches "
                                    "(the main cache and each --teacher)")
@@ -216,8 +227,9 @@ def _is(value, kind) -> bool:
     return isinstance(value, kind)
 
 
-def parse_layer_map(text: str | None) -> list[list[int]]:
-    """'2:12,5:-1' -> [[2, 12], [5, -1]] (student layer : teacher layer, Hugging Face numbering)."""
+def parse_layer_map(text: str | None, flag: str = "--layer-map") -> list[list[int]]:
+    """'2:12,5:-1' -> [[2, 12], [5, -1]] (student layer : teacher layer, Hugging Face numbering; for
+    --attention-transfer, decoder block indices)."""
     if not text:
         return []
     out = []
@@ -226,7 +238,7 @@ def parse_layer_map(text: str | None) -> list[list[int]]:
         try:
             out.append([int(s), int(t)])
         except ValueError:
-            raise LogitcacheError(f"--layer-map {text!r}: expected student:teacher pairs such as 2:12,5:-1") from None
+            raise LogitcacheError(f"{flag} {text!r}: expected student:teacher pairs such as 2:12,5:-1") from None
         if not sep:
-            raise LogitcacheError(f"--layer-map {text!r}: {item!r} has no ':'")
+            raise LogitcacheError(f"{flag} {text!r}: {item!r} has no ':'")
     return out

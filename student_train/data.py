@@ -46,7 +46,8 @@ student's logits at position ``t`` are compared with ``teacher_*[t]`` with no sh
 "scored"): only rows from ``prompt_tokens - 1`` on, i.e. those predicting response tokens,
 intersected with the scored rows. Teacher values are copied on loss rows only; everywhere else the
 targets hold their padding and ``teacher_entropy`` is 0 (never NaN). Hidden states
-(``hidden.<layer>``) are copied for every real token (0 on padding).
+(``hidden.<layer>``) and attention queries and keys (``attn_q.<block>`` / ``attn_k.<block>``, (B, T,
+heads, head_dim), format 1.5) are copied for every real token (0 on padding).
 
 **Teacher targets** (``batch["teacher"]``, typed: ``targets``), from the cache's encoding decoded
 by ``Cache.teacher_rows``, ``teacher_width`` = ``Encoding.width(k)`` columns per token:
@@ -106,7 +107,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitcache.format import LogitcacheError
 from logitcache.format.arrays import (BEHAVIOUR_LOGPROB, FULL_LOGPROBS, TARGET_LOGPROB, absolute_layer,
-                                     bf16_bits_to_float32)
+                                     attention_name, bf16_bits_to_float32)
+from logitcache.format.arrays import attention_layers as attention_layers_of
 from logitcache.format.encodings import SparseRows, TargetRows, as_targets
 from logitcache.format.fingerprint import vocab_sha256
 from logitcache.store.reader import Cache, open_cache
@@ -302,7 +304,7 @@ class CacheStream(IterableDataset):
                  sample_ids: Iterable[str] | None = None, where: str | pc.Expression | None = None,
                  rank: int | None = None, world_size: int | None = None, prefetch: int = 2, pad_id: int = 0,
                  storage_options: dict | None = None, allow_partial: bool = False, with_full: bool = False,
-                 dense_targets: bool = False, token_logprobs: bool = False):
+                 dense_targets: bool = False, token_logprobs: bool = False, attention_layers: Iterable[int] = ()):
         if seq_len < 2:
             raise LogitcacheError(f"seq_len must be at least 2 (a row needs a token and its next one), got {seq_len}")
         if batch_size < 1:
@@ -350,6 +352,16 @@ class CacheStream(IterableDataset):
                 raise LogitcacheError(f"hidden layer {layer} is not in the cache {self.url}; {have}")
             if resolved not in self.hidden_layers:
                 self.hidden_layers.append(resolved)
+        stored_blocks = attention_layers_of(manifest.arrays)          # 1.5: attn/<block>_q / _k
+        self.attention_layers: list[int] = []
+        for block in attention_layers:
+            resolved = block + manifest.teacher.num_layers if block < 0 else block
+            if resolved not in stored_blocks:
+                have = (f"it holds blocks {', '.join(map(str, stored_blocks))}" if stored_blocks else
+                        "it holds no attention queries and keys (capture --attention-layers)")
+                raise LogitcacheError(f"attention block {block} is not in the cache {self.url}; {have}")
+            if resolved not in self.attention_layers:
+                self.attention_layers.append(resolved)
 
         world_default = default_rank_world() if rank is None or world_size is None else (0, 1)
         self.rank = int(rank if rank is not None else world_default[0])
@@ -606,6 +618,10 @@ class CacheStream(IterableDataset):
         d = cache.manifest.teacher.hidden_size
         for layer in self.hidden_layers:
             out[f"hidden.{layer}"] = np.zeros((B, T, d), np.float32)
+        for block in self.attention_layers:
+            for part in ("q", "k"):
+                row = cache.manifest.arrays[attention_name(block, part)].row_shape
+                out[f"attn_{part}.{block}"] = np.zeros((B, T, *row), np.float32)
 
         blocks.start(batch)
         _, seg_row, seg = self._segments(plan, [batch])
@@ -628,6 +644,9 @@ class CacheStream(IterableDataset):
             flat["input_ids"][sorted_dest] = blocks.take("tokens", every)
             for layer in self.hidden_layers:
                 blocks.take_into(f"hidden/{layer}", every, flat[f"hidden.{layer}"], sorted_dest)
+            for block in self.attention_layers:
+                for part in ("q", "k"):
+                    blocks.take_into(attention_name(block, part), every, flat[f"attn_{part}.{block}"], sorted_dest)
             if on.any():
                 loss = _Rows(shards[on], rows[on])
                 dest = dest[on][loss.order]
@@ -753,6 +772,7 @@ class _Blocks:
         """Which blocks each batch reads (every array the stream reads, on its grid)."""
         stream = self.stream
         names = [*READ_ARRAYS, *(f"hidden/{layer}" for layer in stream.hidden_layers),
+                 *(attention_name(b, part) for b in stream.attention_layers for part in ("q", "k")),
                  *([FULL_LOGPROBS] if stream.with_full else []), *stream.encoding.stored_names(),
                  *([TARGET_LOGPROB, BEHAVIOUR_LOGPROB] if stream.token_logprobs else [])]
         shard = stream._shard_names[next(iter(self.needed))]

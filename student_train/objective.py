@@ -5,6 +5,7 @@ Importable without the training loop (the transformers Trainer adapter uses ``fo
 ``teacher_loss``). The loss is chosen by the type of the batch's teacher targets (``targets``):
 
     loss = ce_alpha * CE + (1 - ce_alpha) * KD + hidden_weight * feature loss
+           + attention_transfer_weight * attention KL (``attention_loss``)
 
 each a token-weighted mean over the micro-batch's loss tokens (``student_train.losses``).
 """
@@ -182,9 +183,10 @@ def choose_loss_head(model, mode: str, logits_bytes: int, device: torch.device) 
 
 def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: dict, projector,
                  hidden_names: list[str], attention: Attention = DENSE,
-                 head: LossHead | None = None) -> tuple[torch.Tensor, dict]:
+                 head: LossHead | None = None, transfer=None) -> tuple[torch.Tensor, dict]:
     """The micro-batch loss and its parts (detached, for the log). With ``head`` (``install_loss_head``)
-    the LM head and the teacher and CE losses run fused, chunk by chunk (same value and gradients)."""
+    the LM head and the teacher and CE losses run fused, chunk by chunk (same value and gradients);
+    with ``transfer`` (``attention_loss.AttentionTransfer``) + attention_transfer_weight x its loss."""
     weights = token_weights(cfg, batch)
     extra = [(batch[f"teacher{j}"], weights * batch[f"teacher{j}_mask"]) for j in range(1, len(cfg.teachers) + 1)]
     if head is not None:
@@ -210,5 +212,9 @@ def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: 
                    for i, ((s, _), name) in enumerate(zip(cfg.layer_map, hidden_names)))
         loss = loss + cfg.hidden_weight * feat
         parts["hidden"] = feat.detach()
+    if transfer is not None:
+        att = transfer.loss(batch)
+        loss = loss + cfg.attention_transfer_weight * att
+        parts["attention"] = att.detach()
     parts["loss"] = loss.detach()
     return loss, parts

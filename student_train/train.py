@@ -106,6 +106,39 @@ def selected_ids(cfg: TrainConfig, cache) -> list[str] | None:
     return read_selection(cfg.selection, cache)
 
 
+def attention_pairs(cfg: TrainConfig, manifest, n_student_layers: int) -> list[list[int]]:
+    """--attention-transfer pairs with non-negative block indices, each checked against the student's
+    blocks (the cache's are checked by the stream)."""
+    out = []
+    for s, t in cfg.attention_transfer:
+        block = s + n_student_layers if s < 0 else s
+        if not 0 <= block < n_student_layers:
+            raise LogitcacheError(f"--attention-transfer {s}:{t}: the student has decoder blocks 0..{n_student_layers - 1}")
+        out.append([block, t + manifest.teacher.num_layers if t < 0 else t])
+    return out
+
+
+def attention_transfer(cfg: TrainConfig, model, manifest, pairs: list[list[int]]):
+    """The student's ``AttentionTransfer`` for ``pairs`` (None without), its relation heads checked to
+    divide both sides' queries (heads x head_dim numbers per token)."""
+    if not pairs:
+        return None
+    from logitcache.format.arrays import attention_name
+    from logitcache.teacher.attention_capture import attention_shape
+
+    from .attention_loss import AttentionTransfer
+
+    heads, _, head_dim = attention_shape(model.config)
+    t_heads, t_dim = manifest.arrays[attention_name(pairs[0][1], "q")].row_shape
+    relations = cfg.attention_relations or t_heads
+    for who, width in (("the teacher's", t_heads * t_dim), ("the student's", heads * head_dim)):
+        if width % relations:
+            raise LogitcacheError(f"--attention-relations {relations}: {who} {width} query numbers per token do not "
+                                  "split into that many relation heads; choose a divisor of both "
+                                  f"({t_heads * t_dim} and {heads * head_dim})")
+    return AttentionTransfer(model, pairs, relations)
+
+
 def open_same_teacher(url: str, flag: str, manifest, why: str):
     """Another cache (``--eval-cache``, ``--offpolicy-cache``) of the training cache's teacher and tokenizer."""
     other = open_cache(url)
@@ -196,9 +229,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.full_targets and not stores_full_distribution(cache):
         raise LogitcacheError(f"--full-targets: {cfg.cache} was captured with --encoding {cache.encoding.name}; "
                               "it needs a cache captured with --encoding full")
+    transfer_pairs = attention_pairs(cfg, manifest, n_student_layers)
     stream = CacheStream(cache, cfg.seq_len, on_rows, seed=cfg.seed, sample_ids=train_ids,
                          where=cfg.where, hidden_layers=teacher_layers, rank=rank, world_size=world,
-                         dense_targets=cfg.full_targets, token_logprobs=cfg.loss == POLICY_GRADIENT)
+                         dense_targets=cfg.full_targets, token_logprobs=cfg.loss == POLICY_GRADIENT,
+                         attention_layers=[t for _, t in transfer_pairs])
     loader = make_dataloader(stream, num_workers=cfg.num_workers)
     joins = [TeacherJoin(url, stream) for url in cfg.teachers]
     offpolicy = open_offpolicy_rows(cfg, manifest, off_rows, rank, world) if cfg.offpolicy_cache else None
@@ -226,6 +261,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     projector = losses.HiddenStateProjector([model.config.hidden_size] * len(cfg.layer_map),
                                             [manifest.teacher.hidden_size] * len(cfg.layer_map)) \
         if cfg.layer_map else None
+    transfer = attention_transfer(cfg, model, manifest, transfer_pairs)
     model.to(device).train()
     if projector is not None:
         projector.to(device)
@@ -302,7 +338,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 with parallel.gradient_sync(wrapped, step_ends and offpolicy is None):   # all-reduce once a step
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss, parts = compute_loss(cfg, kd, wrapped, batch, projector, hidden_names, attention,
-                                                   head)
+                                                   head, transfer)
                     (share * loss / cfg.grad_accum).backward()
                 if offpolicy is not None:             # the GKD mix: (1 - lambda) of forward KL on teacher text
                     off = {k: v.to(device, non_blocking=True) for k, v in offpolicy.next().items()}
