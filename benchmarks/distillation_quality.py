@@ -47,6 +47,9 @@ CACHES = {
     "sampled": ["--encoding", "sampled", "--draws", "64"],
     "hybrid": ["--encoding", "hybrid", "--top-k", "16", "--bits", "10", "--draws", "64"],
     "full": ["--encoding", "full"],        # every value: the dense reference (~65 KB/token)
+    # compact + the queries and keys of 3 teacher blocks (those the every:3 student's blocks 3, 7, 10 copy)
+    "compact-attn": ["--encoding", "compact", "--top-k", "64", "--keep-mass", "0.99", "--bits", "8",
+                     "--attention-layers", "9,21,29"],
 }
 ROUNDS = "rounds"         # a config trained by student-onpolicy rounds instead of one cache
 # key -> (config name, cache, student-train flags)
@@ -62,6 +65,12 @@ CONFIGS = {
     "reverse": ("reverse KL off-policy, compact", "compact", ["--loss", "reverse_kl"]),
     "jsd": ("JSD(0.5) off-policy, compact", "compact", ["--loss", "generalized_jsd", "--loss-arg", "beta=0.5"]),
     "hidden": ("fwd KL + hidden (cosine, layer -1), topk-64", "topk-64", ["--layer-map", "-1:-1", "--hidden-weight", "1"]),
+    # students of equal parameter count (67.3M) and equal steps, cut by importance instead of by stride (PRUNE)
+    "prune-bi": ("pruned by block influence: 11 of 30 blocks, fwd KL, compact", "compact", []),
+    "prune-ll": ("pruned by likelihood drop: 11 of 30 blocks, fwd KL, compact", "compact", []),
+    "prune-w": ("pruned by importance, depth + width: 16 blocks, FFN 896 of 1536, fwd KL, compact", "compact", []),
+    "attn": ("fwd KL + attention transfer (3 blocks, weight 1), compact", "compact-attn",
+             ["--attention-transfer", "3:9,7:21,10:29", "--attention-transfer-weight", "1"]),
     # on-policy: student-onpolicy rounds (the student's own samples scored by the teacher, compact), the same
     # optimizer steps in all (--steps split over --rounds), from the same starting student
     "onpg": ("on-policy, policy gradient (per-token reverse KL, batch-mean baseline)", ROUNDS,
@@ -73,7 +82,10 @@ CONFIGS = {
             ["--loss", "generalized_jsd", "--loss-arg", "beta=0.5", "--offpolicy-cache", "{cache-compact}",
              "--onpolicy-frac", "0.5"]),
 }
-DEFAULT_CONFIGS = "ce,dense,compact,hybrid,onpg,onrkl"
+# key -> student-prune flags: the student is cut from the teacher by importance on the compact cache's tokens
+PRUNE = {"prune-bi": ["--depth", "11"], "prune-ll": ["--depth", "11", "--depth-method", "likelihood"],
+         "prune-w": ["--depth", "16", "--ffn", "896"]}
+DEFAULT_CONFIGS = "ce,dense,compact,hybrid,onpg,onrkl,prune-bi,prune-ll,prune-w,attn"
 ONPOLICY_MEASURES = ("kl_reverse_exact", "teacher_logprob_per_token")
 BASELINE = "compact"
 DIST_PREFIXES = ("topk_", "dist/")
@@ -106,9 +118,11 @@ def capture(work: Path, name: str, flags: list[str], log: Path) -> dict:
     stored = cache.stored_bytes()
     per = {k: v / scored for k, v in stored.items() if k.startswith(DIST_PREFIXES)}
     hidden = sum(v for k, v in stored.items() if k.startswith("hidden/")) / scored
+    attention = sum(v for k, v in stored.items() if k.startswith("attn/")) / scored
     return {"name": name, "flags": flags, "path": str(out), "encoding": cache.manifest.capture.encoding,
             "top_k": cache.manifest.capture.top_k, "samples": cache.manifest.num_samples, "scored_tokens": scored,
-            "dist_bytes_per_token": sum(per.values()), "arrays_bytes_per_token": per, "hidden_bytes_per_token": hidden, "wall_s": wall,
+            "dist_bytes_per_token": sum(per.values()), "arrays_bytes_per_token": per, "hidden_bytes_per_token": hidden,
+            "attention_bytes_per_token": attention, "wall_s": wall,
             "tokens_per_s": summary["tokens_per_second"]}
 
 
@@ -130,8 +144,15 @@ def train(work: Path, cache: str, flags: list[str], tag: str, seed: int, args, l
         report = json.loads((out / "report.json").read_text())
         return {"seed": seed, "wall_s": 0.0, "student_dir": report["student_dir"], "reused": True,
                 "tokens_per_s": report["tokens_per_second"], "start": report["eval_start"], "end": report["eval_end"]}
+    student = ["--keep-layers", args.keep_layers]
+    if tag in PRUNE:                                  # the student cut by importance, once for every seed
+        pruned = work / f"pruned-{tag}"
+        if not (pruned / "prune_report.json").exists():
+            sh([str(BIN / "student-prune"), str(work / "cache-compact"), "--out", str(pruned), "--json",
+                *PRUNE[tag]], log)
+        student = ["--student", str(pruned)]
     cmd = [str(BIN / "student-train"), str(work / f"cache-{cache}"), "--out", str(out), "--no-resume",
-           "--keep-layers", args.keep_layers, "--max-steps", str(args.steps), "--seq-len", str(args.seq_len),
+           *student, "--max-steps", str(args.steps), "--seq-len", str(args.seq_len),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", "3", "--seed", str(seed),
            "--eval-cache", str(work / "cache-eval-full"), "--save-every", "1000", "--no-progress", "--json",
            *flags]                                  # a later --keep-layers in flags wins (click)
@@ -287,6 +308,8 @@ def write_markdown(res: dict, path: Path) -> str:
         elif "--layer-map" in c["flags"]:
             hidden = cache.get("hidden_bytes_per_token")
             b = f"{b:.0f} + hidden" + (f" {hidden:.0f}" if hidden else "")
+        elif "--attention-transfer" in c["flags"]:
+            b = f"{b:.0f} + q/k {cache.get('attention_bytes_per_token', 0):.0f}"
         else:
             b = f"{b:.0f}"
         share = c.get("share_of_dense_gain")
@@ -535,6 +558,9 @@ def teacher_versus_students(work: Path, configs: list[dict], args, log: Path) ->
         r = train(work, best["cache"], [*best["flags"], "--keep-layers", size], f"size-{size.replace(':', '')}",
                   args.seeds[0], args, log)
         students.append((size, r))
+    for c in configs:                                 # the students cut by importance (same size as every:3)
+        if c["key"] in PRUNE and c["runs"]:
+            students.append((f"{c['key']} ({' '.join(PRUNE[c['key']])})", c["runs"][0]))
     for size, run in students:
         m = measure_model(run["student_dir"], name=f"student {size}")
         m.update({k: run["end"][k] for k in ("kl_forward_exact", "kl_reverse_exact", "perplexity", "top1_agreement")})
