@@ -97,3 +97,18 @@ def test_the_attention_loss_pulls_a_students_attention_toward_the_teachers(attn_
 def test_bad_attention_transfer_settings_are_refused(attn_cache, tmp_path, kw, message):
     with pytest.raises(LogitcacheError, match=message):
         train(config(attn_cache, tmp_path / "bad", **kw), progress=False)
+
+
+def test_every_documented_student_train_and_capture_command_parses():
+    """The examples in README, docs and the Makefile name real options with valid values (parsed, not run)."""
+    from logitcache.cli.capture import capture
+    from student_train.cli import cli
+    from tests.student.test_rounds import documented_commands
+
+    trains = documented_commands("student-train")
+    captures = [c[1:] for c in documented_commands("logitcache capture")]
+    assert any("--attention-transfer" in c for c in trains) and any("--attention-layers" in c for c in captures)
+    for args in trains:
+        cli.make_context("student-train", list(args))
+    for args in captures:
+        capture.make_context("capture", list(args))
