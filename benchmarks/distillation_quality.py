@@ -148,8 +148,10 @@ def train(work: Path, cache: str, flags: list[str], tag: str, seed: int, args, l
     if tag in PRUNE:                                  # the student cut by importance, once for every seed
         pruned = work / f"pruned-{tag}"
         if not (pruned / "prune_report.json").exists():
+            measured = [r for r in (work / f"pruned-{k}" / "prune_report.json" for k in PRUNE) if r.exists()]
+            reuse = ["--importance-from", str(measured[0])] if measured else []     # one measurement for all
             sh([str(BIN / "student-prune"), str(work / "cache-compact"), "--out", str(pruned), "--json",
-                *PRUNE[tag]], log)
+                *PRUNE[tag], *reuse], log)
         student = ["--student", str(pruned)]
     cmd = [str(BIN / "student-train"), str(work / f"cache-{cache}"), "--out", str(out), "--no-resume",
            *student, "--max-steps", str(args.steps), "--seq-len", str(args.seq_len),

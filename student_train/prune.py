@@ -52,6 +52,7 @@ class PruneConfig:
     ffn: int | None = None                      # FFN neurons per block to keep (intermediate_size)
     kv_heads: int | None = None                 # KV groups per block to keep (with their query heads)
     hidden: int | None = None                   # embedding channels to keep (hidden_size)
+    importance_from: str | None = None          # a prune_report.json of the same teacher and calibration: reuse
 
 
 @dataclass
@@ -317,8 +318,12 @@ def prune(cfg: PruneConfig, log=print) -> dict:
     llama_parts(model)
     check_targets(cfg, model.config)
     sequences = calibration_sequences(cfg.cache, cfg.calibration_tokens, cfg.seq_len)
-    log(f"calibrating on {sum(s.shape[1] for s in sequences)} tokens of {len(sequences)} samples")
-    imp = measure_importance(model, sequences)
+    if cfg.importance_from:
+        imp = reused_importance(cfg, str(source), model.config)
+        log(f"importance from {cfg.importance_from}")
+    else:
+        log(f"calibrating on {sum(s.shape[1] for s in sequences)} tokens of {len(sequences)} samples")
+        imp = measure_importance(model, sequences)
     before = count_parameters(model)
     L = model.config.num_hidden_layers
     blocks = keep_blocks(imp, cfg.depth, cfg.depth_method) if cfg.depth is not None else list(range(L))
@@ -346,6 +351,27 @@ def prune(cfg: PruneConfig, log=print) -> dict:
         json.dump(report, f, indent=1)
     plot_importance(report, os.path.join(cfg.out, "prune_report.png"))
     return report
+
+
+def reused_importance(cfg: PruneConfig, teacher: str, model_cfg) -> Importance:
+    """The importance of an earlier report (``--importance-from``), if it measured this teacher on the same
+    cache with the same calibration settings; else an error naming what differs."""
+    try:
+        with open(cfg.importance_from) as f:
+            report = json.load(f)
+        earlier, imp = report["config"], Importance(**report["importance"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LogitcacheError(f"--importance-from {cfg.importance_from}: not a prune report ({type(e).__name__}: "
+                              f"{e})") from None
+    same = {"teacher": (report.get("teacher"), teacher), "cache": (earlier.get("cache"), cfg.cache),
+            "calibration_tokens": (earlier.get("calibration_tokens"), cfg.calibration_tokens),
+            "seq_len": (earlier.get("seq_len"), cfg.seq_len),
+            "blocks": (len(imp.block_influence), model_cfg.num_hidden_layers)}
+    for name, (was, now) in same.items():
+        if was != now:
+            raise LogitcacheError(f"--importance-from {cfg.importance_from}: measured with {name} {was!r}, not "
+                                  f"{now!r}; measure again without --importance-from")
+    return imp
 
 
 def plot_importance(report: dict, path: str) -> None:

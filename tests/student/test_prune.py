@@ -220,3 +220,16 @@ def test_every_documented_student_prune_command_parses():
     assert len(commands) >= 3
     for args in commands:
         cli.make_context("student-prune", args)          # raises on an unknown option or a bad value
+
+
+def test_importance_is_reused_from_an_earlier_report_only_when_it_measured_the_same(tiny4, calib_cache, tmp_path):
+    first = prune(PruneConfig(cache=calib_cache, out=str(tmp_path / "a"), teacher=str(tiny4), depth=3),
+                  log=lambda m: None)
+    again = prune(PruneConfig(cache=calib_cache, out=str(tmp_path / "b"), teacher=str(tiny4), depth=2, ffn=32,
+                              importance_from=str(tmp_path / "a" / "prune_report.json")), log=lambda m: None)
+    assert again["importance"] == first["importance"]
+    assert again["kept"]["blocks"] == top(first["importance"]["block_influence"], 2)
+    with pytest.raises(LogitcacheError, match="measured with calibration_tokens 4096, not 100"):
+        prune(PruneConfig(cache=calib_cache, out=str(tmp_path / "c"), teacher=str(tiny4), depth=2,
+                          calibration_tokens=100, importance_from=str(tmp_path / "a" / "prune_report.json")),
+              log=lambda m: None)
