@@ -549,7 +549,9 @@ def teacher_versus_students(work: Path, configs: list[dict], args, log: Path) ->
     print("[4/5] teacher versus students: size, latency, throughput, memory", flush=True)
     from model_report import measure_model
 
-    best = min((c for c in configs if not c["name"].startswith(("CE", "dense"))), key=lambda c: c["kl_forward_exact"])
+    # the stride students' Pareto line: the best configuration of the --keep-layers student
+    best = min((c for c in configs if not c["name"].startswith(("CE", "dense")) and c["key"] not in PRUNE
+                and c["cache"] != ROUNDS), key=lambda c: c["kl_forward_exact"])
     pareto_config = best["name"]
     teacher_dir = next(Path(os.environ.get("LOGITCACHE_HOME", Path.home() / ".cache" / "logitcache"))
                        .glob("teachers/smollm2-135m*"))
