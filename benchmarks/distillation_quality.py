@@ -551,7 +551,8 @@ def teacher_versus_students(work: Path, configs: list[dict], args, log: Path) ->
 
     # the stride students' Pareto line: the best configuration of the --keep-layers student
     best = min((c for c in configs if not c["name"].startswith(("CE", "dense")) and c["key"] not in PRUNE
-                and c["cache"] != ROUNDS), key=lambda c: c["kl_forward_exact"])
+                and c["cache"] != ROUNDS and "--attention-transfer" not in c["flags"]),
+               key=lambda c: c["kl_forward_exact"])
     pareto_config = best["name"]
     teacher_dir = next(Path(os.environ.get("LOGITCACHE_HOME", Path.home() / ".cache" / "logitcache"))
                        .glob("teachers/smollm2-135m*"))
