@@ -315,7 +315,7 @@ def write_markdown(res: dict, path: Path) -> str:
         else:
             b = f"{b:.0f}"
         share = c.get("share_of_dense_gain")
-        share = "—" if share is None else f"{share:.0%}"
+        share = "—" if share is None or c.get("key") in PRUNE else f"{share:.0%}"   # another student: not comparable
         lines.append(f"| {c['name']} | {b} | {fmt(c['kl_forward_exact'], c['kl_forward_exact_sd'])} | {share} | "
                      f"{fmt(c['kl_reverse_exact'], c['kl_reverse_exact_sd'])} | {fmt(c['perplexity'], None, 2)} | "
                      f"{fmt(c['top1_agreement'], c['top1_agreement_sd'])} | {delta or 'baseline'} |")

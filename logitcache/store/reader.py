@@ -464,7 +464,8 @@ class Cache:
                     out[layout.SAMPLES] += size
                     continue
                 parts = rel.split("/")[1:]          # below arrays.zarr/
-                name = "/".join(parts[:2]) if parts and parts[0] in ("hidden", "dist") else (parts[0] if parts else "")
+                two = "/".join(parts[:2])          # grouped arrays: hidden/<l>, dist/<x>, attn/<b>_q (1.5)
+                name = two if two in out else (parts[0] if parts else "")
                 if name in out:
                     out[name] += size
         return out

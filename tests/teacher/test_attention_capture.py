@@ -81,3 +81,11 @@ def test_the_docs_numpy_reader_rebuilds_the_same_attention(tmp_path, tiny_teache
     a = open_cache(str(tmp_path / "c")).sample(ns["s"]["sample_id"])
     want = rebuild_attention(torch.from_numpy(a["attn/1_q"]), torch.from_numpy(a["attn/1_k"])).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_stored_bytes_count_the_attention_arrays(tmp_path, tiny_teacher, text_file):
+    run_capture(CaptureJob(cache=str(tmp_path / "c"), teacher=str(tiny_teacher), backend="hf", mode="score",
+                           source=str(text_file), progress=False, encoding="topk", top_k=4, attention_layers=[1]))
+    stored = open_cache(str(tmp_path / "c")).stored_bytes()
+    files = sum(f.stat().st_size for f in (tmp_path / "c" / "shards").rglob("*") if f.is_file() and "/attn/1_q/" in str(f))
+    assert stored["attn/1_q"] == files > 0 and stored["attn/1_k"] > 0
