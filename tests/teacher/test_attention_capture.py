@@ -89,3 +89,23 @@ def test_stored_bytes_count_the_attention_arrays(tmp_path, tiny_teacher, text_fi
     stored = open_cache(str(tmp_path / "c")).stored_bytes()
     files = sum(f.stat().st_size for f in (tmp_path / "c" / "shards").rglob("*") if f.is_file() and "/attn/1_q/" in str(f))
     assert stored["attn/1_q"] == files > 0 and stored["attn/1_k"] > 0
+
+
+def test_export_keeps_the_attention_arrays_element_by_element(tmp_path, tiny_teacher, text_file):
+    import pyarrow as pa
+
+    from logitcache.query.export import export_selection
+    from logitcache.query.selection import write_selection
+
+    run_capture(CaptureJob(cache=str(tmp_path / "c"), teacher=str(tiny_teacher), backend="hf", mode="score",
+                           source=str(text_file), progress=False, encoding="topk", top_k=4, attention_layers=[1],
+                           samples_per_shard=2))
+    cache = open_cache(str(tmp_path / "c"))
+    ids = cache.samples.column("sample_id").to_pylist()[1::2]
+    write_selection(pa.table({"sample_id": ids}), str(tmp_path / "sel.parquet"), cache, "every other sample")
+    export_selection(cache, str(tmp_path / "sel.parquet"), str(tmp_path / "e"))
+    exported = open_cache(str(tmp_path / "e"), verify=True)
+    assert exported.samples.column("sample_id").to_pylist() == ids
+    for sid in ids:
+        for name in ("attn/1_q", "attn/1_k"):
+            np.testing.assert_array_equal(exported.sample(sid)[name], cache.sample(sid)[name])
