@@ -206,27 +206,22 @@ def _hook_v1_runner() -> None:
     if getattr(sample, "_logitcache", False):
         return
 
-    def _sample(self, logits, spec_decode_metadata):
-        if _PLAN is None or not (_PLAN.keyed or _PLAN.full):
-            return sample(self, logits, spec_decode_metadata)
-        _CTX.rows = _sample_rows(self, spec_decode_metadata)
-        try:
-            return sample(self, logits, spec_decode_metadata)
-        finally:
-            _CTX.rows = None
+    def placing(original, attr: str, rows_of):
+        """``original`` with ``_CTX.<attr>`` set to ``rows_of(runner, *args)`` while it runs (plans that place rows)."""
+        def wrapper(self, *args):
+            if _PLAN is None or not (_PLAN.keyed or _PLAN.full):
+                return original(self, *args)
+            setattr(_CTX, attr, rows_of(self, *args))
+            try:
+                return original(self, *args)
+            finally:
+                setattr(_CTX, attr, None)
+        wrapper._logitcache = True
+        return wrapper
 
-    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
-        if _PLAN is None or not (_PLAN.keyed or _PLAN.full):
-            return prompt(self, hidden_states, num_scheduled_tokens)
-        _CTX.prompt_calls = _prompt_calls(self, num_scheduled_tokens)
-        try:
-            return prompt(self, hidden_states, num_scheduled_tokens)
-        finally:
-            _CTX.prompt_calls = None
-
-    _sample._logitcache = _get_prompt_logprobs_dict._logitcache = True
-    GPUModelRunner._sample = _sample
-    GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
+    GPUModelRunner._sample = placing(sample, "rows", lambda runner, logits, spec: _sample_rows(runner, spec))
+    GPUModelRunner._get_prompt_logprobs_dict = placing(
+        prompt, "prompt_calls", lambda runner, hidden, scheduled: _prompt_calls(runner, scheduled))
     _HOOKED.append("vllm.v1.worker.gpu_model_runner.GPUModelRunner (rows placed)")
 
 

@@ -76,28 +76,11 @@ class TestVLLMBackend(BackendTests):
 
 
 # ---- every encoding inside the engine: draws, exact tails, whole rows ---------------------------------
-from tests.teacher.backend_conformance import PROMPTS, TEXTS  # noqa: E402
 from tests.teacher.estimators import assert_same_draws, hybrid_z, sampled_z  # noqa: E402
 
 
 def vllm_capture(cache, **job) -> None:
     TestVLLMBackend.capture(None, cache, **job)
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vllm-inputs")
-    (d / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return d
-
-
-@pytest.fixture(scope="module")
-def smollm2_model(smollm2_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
 
 def captured(tmp_path_factory, inputs, smollm2_dir, name: str, backend: str = "vllm", **job):

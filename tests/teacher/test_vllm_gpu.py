@@ -6,7 +6,6 @@ Skipped with a message where no CUDA device or no vLLM is present (this project'
 GPU); run them on a GPU machine with `pytest tests/teacher/test_vllm_gpu.py` after `pip install vllm`.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ if not (torch.cuda.is_available() and vllm_available()):
                 f"{'no GPU' if not torch.cuda.is_available() else 'no vLLM'}", allow_module_level=True)
 
 from logitcache import open_cache  # noqa: E402
-from tests.teacher.backend_conformance import PROMPTS, TEXTS, check_against_direct  # noqa: E402
+from tests.teacher.backend_conformance import check_against_direct  # noqa: E402
 from tests.teacher.estimators import sampled_z  # noqa: E402
 from tests.teacher.test_vllm import TestVLLMBackend, cli_flags  # noqa: E402
 
@@ -36,38 +35,23 @@ def gpu_capture(cache, env: dict | None = None, **job):
     return open_cache(str(cache), verify=True)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gpu-inputs")
-    (d / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return d
-
-
-@pytest.fixture(scope="module")
-def model(smollm2_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-
-
 @pytest.mark.parametrize("mode", ["score", "generate"])
-def test_v2_runner_hook_stores_what_a_direct_computation_gives(tmp_path, files, smollm2_dir, model, mode):
-    source = files / ("texts.jsonl" if mode == "score" else "prompts.jsonl")
+def test_v2_runner_hook_stores_what_a_direct_computation_gives(tmp_path, inputs, smollm2_dir, smollm2_model, mode):
+    source = inputs / ("texts.jsonl" if mode == "score" else "prompts.jsonl")
     cache = gpu_capture(tmp_path / "c", env={"VLLM_USE_V2_MODEL_RUNNER": "1"}, teacher=str(smollm2_dir), mode=mode,
                         source=str(source), encoding="compact", top_k=16, max_new_tokens=16, with_prompt=True)
-    check_against_direct(cache, model, TestVLLMBackend, generate=mode == "generate")
+    check_against_direct(cache, smollm2_model, TestVLLMBackend, generate=mode == "generate")
 
 
-def test_hidden_states_through_extract_hidden_states(tmp_path, files, smollm2_dir, model):
-    cache = gpu_capture(tmp_path / "c", teacher=str(smollm2_dir), mode="score", source=str(files / "texts.jsonl"),
+def test_hidden_states_through_extract_hidden_states(tmp_path, inputs, smollm2_dir, smollm2_model):
+    cache = gpu_capture(tmp_path / "c", teacher=str(smollm2_dir), mode="score", source=str(inputs / "texts.jsonl"),
                         encoding="topk", top_k=16, hidden_layers=[0, 15, -1])
     assert cache.manifest.capture.hidden_layers == [0, 15, 30]
-    check_against_direct(cache, model, TestVLLMBackend)
+    check_against_direct(cache, smollm2_model, TestVLLMBackend)
 
 
-def test_keyed_draws_on_the_gpu_pass_the_estimator_test(tmp_path, files, smollm2_dir, model):
-    cache = gpu_capture(tmp_path / "c", teacher=str(smollm2_dir), mode="score", source=str(files / "texts.jsonl"),
+def test_keyed_draws_on_the_gpu_pass_the_estimator_test(tmp_path, inputs, smollm2_dir, smollm2_model):
+    cache = gpu_capture(tmp_path / "c", teacher=str(smollm2_dir), mode="score", source=str(inputs / "texts.jsonl"),
                         encoding="sampled", draws=64)
-    z, rows = sampled_z(cache, model)
+    z, rows = sampled_z(cache, smollm2_model)
     assert rows > 50 and abs(z) < 4.5
