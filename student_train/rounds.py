@@ -288,22 +288,14 @@ def evaluate_onpolicy(student: str, teacher: str, prompts: str, limit: int, out:
 
 def measure_onpolicy(student: str, cache_url: str, seq_len: int = 512, device: str = "cpu") -> dict:
     """The measures of ``evaluate_onpolicy`` from a full-encoding cache of the student's own responses."""
-    import torch
-
     from logitcache.store.reader import open_cache
 
-    from .data import CacheStream
-    from .evaluation import evaluate
-    from .rollout import load_student
+    from .fidelity import fidelity
 
-    cache = open_cache(cache_url)
-    samples = cache.samples.to_pylist()
+    samples = open_cache(cache_url).samples.to_pylist()
     scored = sum(s["scored_end"] - s["scored_start"] for s in samples)
     loglik = sum(s["teacher_logprob_sum"] for s in samples)
-    longest = max(s["num_tokens"] for s in samples)
-    model, _ = load_student(student, device)
-    stream = CacheStream(cache, max(seq_len, longest), 4, shuffle=False, rank=0, world_size=1, with_full=True)
-    metrics = evaluate(model, stream, torch.device(device), None)
+    metrics = fidelity(student, cache_url, device=device, seq_len=seq_len)
     return {"kl_reverse_exact": metrics["kl_reverse_exact"], "kl_forward_exact": metrics["kl_forward_exact"],
             "top1_agreement": metrics["top1_agreement"], "teacher_logprob_per_token": loglik / scored,
             "response_tokens": scored, "mean_response_tokens": scored / len(samples), "samples": len(samples)}
