@@ -487,31 +487,59 @@ def _finish(cfg, model, weights, projector_weights, tokenizer_dir, history, stat
     return report
 
 
-def plot_curves(history: dict, path: str) -> None:
+def curves_figure(history: dict):
+    """The run's curves as a matplotlib figure: left, the training loss at every logged step (a line:
+    those are a trajectory); right, the held-out measures at the steps evaluated (markers only: two
+    evaluations joined by a line would invent the path between them): KL(teacher || student) as the
+    cache's encoding gives it, the exact KL over the whole vocabulary where an evaluation cache holds
+    it, and top-1 agreement on its own axis. Optimizer steps are integer ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.9))
     tr = history["train"]
     if tr:
-        axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
+        left.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="training loss")
         if "kd" in tr[0] and any("ce" in r or "hidden" in r for r in tr):
-            axes[0].plot([r["step"] for r in tr], [r["kd"] for r in tr], label="KD part", alpha=0.7)
-    axes[0].set_xlabel("optimizer step")
-    axes[0].set_title("training loss")
-    axes[0].legend()
+            left.plot([r["step"] for r in tr], [r["kd"] for r in tr], label="its distillation part", alpha=0.7)
+        left.legend(loc="upper right")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("loss (nats/token)")
+    left.set_title("training loss, per logged step")
+
     ev = [e for e in history["eval"] if "kl_forward" in e]
+    handles = []
     if ev:
-        axes[1].plot([e["step"] for e in ev], [e["kl_forward"] for e in ev], "o-", label="KL(teacher||student)")
-        ax2 = axes[1].twinx()
-        ax2.plot([e["step"] for e in ev], [e["top1_agreement"] for e in ev], "s--", color="tab:green",
-                 label="top-1 agreement")
-        ax2.set_ylabel("top-1 agreement")
-        axes[1].legend(loc="upper right")
-    axes[1].set_xlabel("optimizer step")
-    axes[1].set_title("held-out, against the cached teacher")
+        steps = [e["step"] for e in ev]
+        handles += right.plot(steps, [e["kl_forward"] for e in ev], "o", ms=7, linestyle="none",
+                              label="KL(teacher || student), stored encoding")
+        exact = [(e["step"], e["kl_forward_exact"]) for e in ev if e.get("kl_forward_exact") is not None]
+        if exact:
+            handles += right.plot(*zip(*exact), "D", ms=6, linestyle="none", color="tab:red",
+                                  label="KL(teacher || student), exact over the vocabulary")
+        twin = right.twinx()
+        handles += twin.plot(steps, [e["top1_agreement"] for e in ev], "s", ms=6, linestyle="none",
+                             color="tab:green", label="top-1 agreement (right axis)")
+        twin.set_ylabel("top-1 agreement (share of tokens)")
+        twin.set_ylim(0, 1)
+        right.legend(handles=handles, loc="center right", fontsize=8)
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("KL (nats/token)")
+    right.set_title(f"held-out, against the teacher ({len(ev)} evaluation(s))")
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(history: dict, path: str) -> None:
+    """``curves_figure`` written to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(history)
     fig.savefig(path, dpi=110)
     plt.close(fig)

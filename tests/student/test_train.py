@@ -532,3 +532,34 @@ def test_policy_gradient_needs_a_round_cache(cache, tmp_path):
         train(config(cache, tmp_path / "pg", loss="policy_gradient"), progress=False)
     with pytest.raises(LogitcacheError, match="--onpolicy-frac: the rest of each batch comes from --offpolicy-cache"):
         config(cache, tmp_path / "x", onpolicy_frac=0.5)
+
+
+def test_curves_figure_labels_units_markers_and_integer_steps():
+    """curves.png: labelled axes with units, top-1 agreement in the legend, the exact KL when measured,
+    integer step ticks, and evaluations as markers with no line between them; training loss as a line."""
+    from matplotlib.ticker import MaxNLocator
+
+    from student_train.train import curves_figure
+
+    history = {"train": [{"step": s, "loss": 5.0 - 0.1 * s, "kd": 4.0 - 0.1 * s, "ce": 1.0} for s in range(1, 3)],
+               "eval": [{"step": 0, "kl_forward": 6.0, "kl_forward_exact": 6.2, "top1_agreement": 0.1},
+                        {"step": 2, "kl_forward": 3.0, "kl_forward_exact": 3.1, "top1_agreement": 0.4}]}
+    fig = curves_figure(history)
+    left, right, twin = fig.axes
+    assert left.get_ylabel() == "loss (nats/token)" and right.get_ylabel() == "KL (nats/token)"
+    assert twin.get_ylabel() == "top-1 agreement (share of tokens)"
+    assert left.get_xlabel() == right.get_xlabel() == "optimizer step"
+    fig.canvas.draw()
+    for a in (left, right):
+        assert isinstance(a.xaxis.get_major_locator(), MaxNLocator)
+        assert all(float(t).is_integer() for t in a.get_xticks()), a.get_xticks()
+    legend = [t.get_text() for t in right.get_legend().get_texts()]
+    assert legend == ["KL(teacher || student), stored encoding", "KL(teacher || student), exact over the vocabulary",
+                      "top-1 agreement (right axis)"]
+    for line in right.get_lines() + twin.get_lines():          # evaluations: markers, no joining line
+        assert line.get_linestyle() == "None" and line.get_marker() not in (None, "None", "")
+    exact = next(line for line in right.get_lines() if "exact" in line.get_label())
+    assert list(exact.get_ydata()) == [6.2, 3.1] and list(exact.get_xdata()) == [0, 2]
+    loss = left.get_lines()[0]
+    assert loss.get_linestyle() == "-" and list(loss.get_xdata()) == [1, 2]
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["training loss", "its distillation part"]
