@@ -10,8 +10,10 @@ One script, from a clean working directory to ``benchmarks/results/distillation_
    for each (cache, loss) configuration and seed; every run is evaluated against the full
    distribution of the evaluation set: exact KL(teacher || student) and KL(student || teacher) over
    the whole vocabulary, perplexity on the teacher's responses, top-1 agreement.
-4. Teacher and students (three depths) are measured for size, latency, throughput and memory
-   (``model_report.py``), with the Pareto view of quality against speed.
+4. Teacher and students (three depths, and the students pruned by importance) go through the
+   evaluation report command, ``student-eval``: arithmetic accuracy, fidelity on the evaluation cache,
+   size, latency, throughput (transformers and vLLM) and memory, with the Pareto fronts
+   (``benchmarks/results/teacher_vs_students/``).
 
     python benchmarks/distillation_quality.py                 # ~2.5 h on 2 CPU cores (on-policy rows: ~25 min a seed)
     python benchmarks/distillation_quality.py --quick         # a smoke run, minutes
@@ -358,15 +360,16 @@ def write_markdown(res: dict, path: Path) -> str:
               "distribution only; `tokens`, `entropy` and `target_logprob` add ~5 B/token to every cache, "
               "`samples.parquet` ~2. Write and read speeds of each encoding: `encodings.md`."]
     if res.get("models"):
-        from model_report import markdown_table
-
+        report_md = (path.parent / EVAL_REPORT / "report.md").read_text()
+        table = report_md[report_md.index("| model |"):report_md.index("\n## Pareto fronts")].strip()
         lines += ["", "## Teacher versus students", "",
-                  f"Measured on this machine ({res['machine']}), float32, each model in a fresh process: latency = "
-                  "ms per generated token at batch 1 (greedy, KV cache, prefill excluded), throughput = generated "
-                  "tokens/s at batch 8; quality on the evaluation set as above (students trained with "
-                  f"{res['pareto_config']}, seed {a['seeds'][0]}).", "",
-                  markdown_table(res["models"]), "",
-                  "![quality against speed](quality_pareto.png)"]
+                  f"Produced by `student-eval` ({EVAL_REPORT}/report.md; the command: {res['eval_command']}). "
+                  "Students trained with "
+                  f"{res['pareto_config']}, seed {a['seeds'][0]}; the others cut by importance as above.", "",
+                  report_md[report_md.index("Cost measured"):report_md.index("| model |")].strip(), "",
+                  table, "",
+                  f"![KL against latency]({EVAL_REPORT}/pareto_kl_forward_exact_vs_latency_ms_per_token.png) "
+                  f"![accuracy against size]({EVAL_REPORT}/pareto_arithmetic_accuracy_vs_parameters.png)"]
     lines += ["", f"Wall time: {res['wall_s'] / 60:.1f} min. Raw numbers: `distillation_quality.json`.", ""]
     text = "\n".join(lines)
     path.write_text(text)
@@ -437,7 +440,7 @@ def plot_onpolicy(res: dict, path: Path) -> None:
 
 def update_docs(md: str, docs: Path) -> None:
     """Replace the generated part of docs/results.md (between the markers) with the new tables."""
-    body = md.split("\n", 2)[2].replace("](quality_pareto.png)", "](../benchmarks/results/quality_pareto.png)")
+    body = md.split("\n", 2)[2].replace(f"]({EVAL_REPORT}/", f"](../benchmarks/results/{EVAL_REPORT}/")
     body = body.replace("](quality_onpolicy.png)", "](../benchmarks/results/quality_onpolicy.png)")
     write_block(docs, "distillation_quality",
                 f"{body}\n![quality against size](../benchmarks/results/quality_by_encoding.png)",
@@ -531,56 +534,49 @@ def main() -> None:
         configs.append({"key": key, "name": name, "cache": cache, "flags": flags, "runs": runs})
     resolution = summarise(configs, BASELINE)
     if args.skip_models:
-        models, pareto_config = [], None
+        models, pareto_config, eval_command = [], None, None
     else:
-        models, pareto_config = teacher_versus_students(work, configs, args, log)
+        models, pareto_config, eval_command = teacher_versus_students(work, configs, args, log, out)
 
     print("[5/5] writing results", flush=True)
     res = {"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
            "train_pairs": sum(1 for _ in open(work / "train.jsonl")), "eval_pairs": sum(1 for _ in open(work / "eval.jsonl")),
            "eval_tokens": ev["scored_tokens"], "caches": caches, "eval_cache": ev, "configs": configs,
-           "models": models, "pareto_config": pareto_config, "baseline": BASELINE, "resolution": resolution,
+           "models": models, "pareto_config": pareto_config, "eval_command": eval_command, "baseline": BASELINE, "resolution": resolution,
            "wall_s": time.perf_counter() - t0}
     (out / "distillation_quality.json").write_text(json.dumps(res, indent=1, default=str))
     render(res, out, docs=not args.no_docs)
 
 
-def teacher_versus_students(work: Path, configs: list[dict], args, log: Path) -> tuple[list[dict], str]:
-    print("[4/5] teacher versus students: size, latency, throughput, memory", flush=True)
-    from model_report import measure_model
+EVAL_REPORT = "teacher_vs_students"
 
+
+def teacher_versus_students(work: Path, configs: list[dict], args, log: Path, out: Path) -> tuple[list[dict], str, str]:
+    """The teacher and the students through ``student-eval`` (the command users run): its report's rows,
+    the configuration of the stride students, and the command line."""
+    print("[4/5] teacher versus students: student-eval (accuracy, fidelity, size, speed, memory)", flush=True)
     # the stride students' Pareto line: the best configuration of the --keep-layers student
     best = min((c for c in configs if not c["name"].startswith(("CE", "dense")) and c["key"] not in PRUNE
                 and c["cache"] != ROUNDS and "--attention-transfer" not in c["flags"]),
                key=lambda c: c["kl_forward_exact"])
-    pareto_config = best["name"]
-    teacher_dir = next(Path(os.environ.get("LOGITCACHE_HOME", Path.home() / ".cache" / "logitcache"))
-                       .glob("teachers/smollm2-135m*"))
-    models = [{**measure_model(str(teacher_dir), name="teacher (30 layers)"), "kl_forward_exact": 0.0,
-               "top1_agreement": 1.0}]
-    students = [(args.keep_layers, best["runs"][0])]
+    students = [(args.keep_layers.replace(":", "-"), best["runs"][0])]
     for size in [s for s in args.pareto_sizes.split(",") if s]:
         r = train(work, best["cache"], [*best["flags"], "--keep-layers", size], f"size-{size.replace(':', '')}",
                   args.seeds[0], args, log)
-        students.append((size, r))
+        students.append((size.replace(":", "-"), r))
     for c in configs:                                 # the students cut by importance (same size as every:3)
         if c["key"] in PRUNE and c["runs"]:
-            students.append((f"{c['key']} ({' '.join(PRUNE[c['key']])})", c["runs"][0]))
-    for size, run in students:
-        m = measure_model(run["student_dir"], name=f"student {size}")
-        m.update({k: run["end"][k] for k in ("kl_forward_exact", "kl_reverse_exact", "perplexity", "top1_agreement")})
-        models.append(m)
-        print(f"  {m['name']}: {m['latency_ms_per_token']:.1f} ms/token, KL {m['kl_forward_exact']:.3f}", flush=True)
-
-    return models, pareto_config
+            students.append((c["key"], c["runs"][0]))
+    runs = [str(Path(r["student_dir"]).parent) for _, r in students]
+    cmd = [str(BIN / "student-eval"), "smollm2-135m", *runs, "--names", ",".join(["teacher", *[n for n, _ in students]]),
+           "--eval-cache", str(work / "cache-eval-full"), "--task", "arithmetic", "--out", str(out / EVAL_REPORT),
+           "--json"]
+    report, _ = sh(cmd, log)
+    shown = "`student-eval smollm2-135m RUN... --eval-cache EVAL_FULL_CACHE --task arithmetic --out OUT`"
+    return report["models"], best["name"], shown
 
 
 def render(res: dict, out: Path, docs: bool) -> None:
-    from model_report import pareto_plot
-
-    if res["models"]:          # --skip-models: the last measured quality_pareto.png stays
-        pareto_plot(res["models"], str(out / "quality_pareto.png"), quality_key="kl_forward_exact",
-                    quality_label="held-out exact KL(teacher || student), nats/token")
     plot(res, out / "quality_by_encoding.png")
     plot_onpolicy(res, out / "quality_onpolicy.png")
     md = write_markdown(res, out / "distillation_quality.md")
