@@ -45,11 +45,17 @@ QUALITY = {
     "teacher_logprob_own_text": ("teacher log-lik (own text)", "Teacher log-likelihood of its own answers, "
                                  "nats/token", False),
 }
-LEGEND = ("**KL fwd** = exact KL(teacher ‖ model) over the whole vocabulary, nats per scored token; **KL rev** = exact "
-          "KL(model ‖ teacher); **KL fwd (encoding)** = forward KL as the cache's encoding gives it (stored entries and "
-          "tail bucket); **top-1** = share of tokens where the model's most likely next token is the teacher's; "
-          "**ppl** = the model's perplexity on the cached (teacher's) tokens; **KL rev (own text)** and **teacher "
-          "log-lik (own text)** = on the model's own greedy answers, scored by the teacher.")
+# What each quality column means, for the report's text (only the columns present are explained).
+LEGEND = {
+    "kl_forward_exact": "**KL fwd** = exact KL(teacher ‖ model) over the whole vocabulary, nats per scored token",
+    "kl_reverse_exact": "**KL rev** = exact KL(model ‖ teacher)",
+    "kl_forward": "**KL fwd (encoding)** = forward KL as the cache's encoding gives it (stored entries and tail bucket)",
+    "top1_agreement": "**top-1** = share of tokens where the model's most likely next token is the teacher's",
+    "perplexity": "**ppl** = the model's perplexity on the cached (teacher's) tokens",
+    "kl_reverse_own_text": "**KL rev (own text)** = exact KL(model ‖ teacher) on the model's own greedy answers",
+    "teacher_logprob_own_text": "**teacher log-lik (own text)** = the teacher's mean log-probability per token of "
+                                "those answers",
+}
 # The measures a training run's report.json holds at its last evaluation.
 RUN_EVAL_KEYS = ("kl_forward_exact", "kl_reverse_exact", "kl_forward", "top1_agreement", "perplexity")
 MB = 1e6
@@ -245,7 +251,9 @@ def markdown(report: dict) -> str:
              + (" (vLLM: the same batch under vLLM)" if with_vllm else "") + "; memory = "
              + ("torch's peak allocated GPU memory" if memory_key == "peak_memory_mb" else
                 "the peak resident memory of the measuring process, load included") + "; "
-             f"median of {s['repeats']} repeat(s).", "", LEGEND, ""]
+             f"median of {s['repeats']} repeat(s).", ""]
+    legend = [LEGEND[k] for k, _, _, _ in cols if k in LEGEND]
+    lines += ["; ".join(legend) + ".", ""] if legend else []
     for t in report["tasks"]:
         lines.append(f"Task **{t['task']}** ({t['kind']}): {t['metric']} over {t['n']} items, greedy answers "
                      f"(at most {s['task_max_new_tokens']} new tokens).")
@@ -299,13 +307,16 @@ def build_report(cfg: EvalReportConfig, log: Callable[[str], None] = print) -> d
         check_settings(cfg.new_tokens, cfg.batch_size, cfg.repeats, cfg.device, cfg.dtype)
     except ValueError as e:
         raise LogitcacheError(str(e)) from None
-    for path in [cfg.teacher, *cfg.students]:      # every argument checked before anything runs
-        model_directory(path)
+    dirs = [model_directory(path) for path in [cfg.teacher, *cfg.students]]   # all checked before any work
     tasks = [parse_task(t) for t in cfg.tasks]
     if cfg.eval_cache:
         from logitcache.store.reader import open_cache
 
-        open_cache(cfg.eval_cache, storage_options=cfg.storage_options)
+        from .fidelity import check_tokenizer
+
+        cache = open_cache(cfg.eval_cache, storage_options=cfg.storage_options)
+        for d in dirs:
+            check_tokenizer(str(d), cache)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -24,11 +24,11 @@ def fidelity(model_dir: str, cache_url: str, *, device: str = "cpu", dtype: str 
     ``model``) on every sample of the cache at ``cache_url``; plus ``tokens`` (scored tokens counted),
     ``samples`` and ``exact`` (whether the cache holds full distributions)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from logitcache.store.reader import open_cache
 
-    from .data import CacheStream, check_student_vocab, stores_full_distribution
+    from .data import CacheStream, stores_full_distribution
     from .evaluation import evaluate
 
     cache = open_cache(cache_url, storage_options=storage_options)
@@ -36,15 +36,7 @@ def fidelity(model_dir: str, cache_url: str, *, device: str = "cpu", dtype: str 
     if not samples:
         raise LogitcacheError(f"evaluation cache {cache_url}: it holds no samples")
     exact = stores_full_distribution(cache)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise LogitcacheError(f"model {model_dir}: no tokenizer to check against the evaluation cache's "
-                              f"({str(e).splitlines()[0]})") from None
-    try:
-        check_student_vocab(cache, tokenizer)
-    except LogitcacheError as e:
-        raise LogitcacheError(f"model {model_dir} on evaluation cache {cache_url}: {e}") from None
+    check_tokenizer(model_dir, cache)
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     longest = max(s["num_tokens"] for s in samples)
@@ -54,3 +46,21 @@ def fidelity(model_dir: str, cache_url: str, *, device: str = "cpu", dtype: str 
     if not metrics.get("tokens"):
         raise LogitcacheError(f"evaluation cache {cache_url}: no scored token to measure")
     return {**metrics, "samples": len(samples), "exact": exact}
+
+
+def check_tokenizer(model_dir: str, cache) -> None:
+    """Refuse a model whose tokenizer is not the one the (opened) evaluation cache was written with,
+    naming both; a model directory without a tokenizer is refused too (nothing to check)."""
+    from transformers import AutoTokenizer
+
+    from .data import check_student_vocab
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise LogitcacheError(f"model {model_dir}: no tokenizer to check against the evaluation cache's "
+                              f"({str(e).splitlines()[0]})") from None
+    try:
+        check_student_vocab(cache, tokenizer)
+    except LogitcacheError as e:
+        raise LogitcacheError(f"model {model_dir} on evaluation cache {cache.url}: {e}") from None

@@ -119,3 +119,35 @@ def test_a_model_of_another_tokenizer_is_refused_on_the_cache(tmp_path, models, 
     code, _, out = invoke([str(tiny_teacher), str(other), "--out", str(tmp_path / "r"), "--eval-cache", full_cache,
                         "--task", "none", *FAST])
     assert code == 1 and "the student's tokenizer differs from the teacher tokenizer" in out, out
+    assert not (tmp_path / "r").exists()                  # refused before the teacher was measured
+
+
+def test_every_documented_student_eval_command_parses():
+    """The examples in README, docs and the Makefile name real options with valid values (parsed, not run:
+    the GPU and hub ones cannot run here; make demo runs its own)."""
+    from tests.student.test_rounds import documented_commands
+
+    commands = documented_commands("student-eval")
+    assert len(commands) >= 4
+    for args in commands:
+        cli.make_context("student-eval", [a.replace("$(DEMO)", "demo_out") for a in args])
+
+
+@pytest.mark.skipif(not __import__("student_train.tasks.lm_eval_task", fromlist=["x"]).lm_eval_available(),
+                    reason="lm-eval is not installed (pip install 'logitcache[eval]'; make test installs it)")
+def test_the_documented_lm_eval_task_file_runs_as_written(tmp_path, monkeypatch, tiny_teacher):
+    """docs/training.md's YAML, with the data file its text describes, runs through --task FILE.yaml."""
+    import re
+    from pathlib import Path
+
+    from student_train.tasks import TaskSettings, parse_task
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", docs[docs.index("### Tasks"):], re.S).group(1)
+    row = re.search(r"rows such as `(\{.*?\})`", docs.replace("\n", " ")).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_task.yaml").write_text(block)
+    (tmp_path / "my_arith_mc.jsonl").write_text(json.dumps(json.loads(row)) + "\n")
+    task = parse_task("my_task.yaml")
+    result = task.run(str(tiny_teacher), TaskSettings(limit=1))
+    assert (task.name, task.metric, result.n) == ("my_arith_mc", "acc", 1) and result.value in (0.0, 1.0)
