@@ -38,8 +38,13 @@ demo: venv
 	# 3. train: a 10-layer student cut from the teacher, distilled on the selection only
 	$(VENV)/bin/student-train $(DEMO)/cache --out $(DEMO)/student --keep-layers every:3 \
 		--selection $(DEMO)/uncertain.parquet --seq-len 256 --batch-size 4 --max-steps 30 --lr 2e-4 --eval-frac 0.15
-	# 4. report: $(DEMO)/student/report.json, curves.png; entropy.png, selection.png
-	@echo "demo outputs in $(DEMO)/: cache/, entropy.png, uncertain.parquet, selection.png, student/report.json, student/curves.png"
+	# 4. evaluate: the teacher answers 16 held-out arithmetic questions with every value of its distribution
+	#    stored (--encoding full, for exact KL); then teacher and student side by side: arithmetic accuracy
+	#    (64 questions), fidelity, size, latency, throughput (vLLM's too), memory, Pareto fronts
+	$(VENV)/bin/logitcache capture $(DEMO)/eval-full --input student_train/tasks/arithmetic.jsonl --encoding full \
+		--limit 16 --max-new-tokens 64 --samples-per-shard 16
+	$(VENV)/bin/student-eval smollm2-135m $(DEMO)/student --eval-cache $(DEMO)/eval-full --out $(DEMO)/report
+	@echo "demo outputs in $(DEMO)/: cache/, entropy.png, uncertain.parquet, selection.png, student/ (report.json, curves.png), report/ (report.md, report.json, pareto_*.png)"
 
 # on-policy distillation in two rounds: the student samples, the teacher scores its tokens, the student trains;
 # after each round its greedy answers to 8 held-out prompts are scored with every value of the teacher's distribution
