@@ -306,7 +306,11 @@ def _vllm_here(model_dir: str, prompt_ids: list[list[int]], new_tokens: int, bat
                dtype_name: str) -> dict:
     from logitcache.teacher.vllm_backend import configure_environment
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")          # the report's own progress stays readable
+    # vLLM's CPU build writes pages of warnings to the terminal; this child's stderr goes nowhere, so the
+    # report's own progress stays readable (a failure still comes back: as the exception, in vllm_error)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
 
     on_cpu = configure_environment(1)
     from vllm import LLM, SamplingParams
