@@ -37,7 +37,7 @@ CHECKPOINT = "checkpoint"
 STATE, CONFIG, META, SHARDS = "state.pt", "config.json", "meta.json", "dcp"
 # settings that may change between a run and its resumption (they do not change the numbers)
 RESUMABLE_CHANGES = {"resume", "eval_every", "eval_batches", "log_every", "save_every", "num_workers",
-                     "activation_checkpointing"}
+                     "activation_checkpointing", "storage_options"}
 
 
 def file_sha256(path: str, block: int = 1 << 24) -> str:

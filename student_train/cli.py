@@ -6,7 +6,7 @@ import os
 
 import click
 
-from logitcache.cli.common import echo_json, handle_errors
+from logitcache.cli.common import echo_json, handle_errors, parse_storage_options, storage_options_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -94,9 +94,10 @@ from logitcache.cli.common import echo_json, handle_errors
 @click.option("--resume/--no-resume", default=None, help="Continue from OUT/checkpoint if present (default) or start over.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
+@storage_options_option
 @handle_errors
 def cli(cache, out, config_file, loss_args, layer_map, attention_transfer, teachers, teacher_weights, no_progress,
-        as_json, **flags):
+        as_json, storage_options, **flags):
     """Distil a student from CACHE (a logitcache directory or fsspec URL) without loading the teacher.
 
     Streams the cache's top-k log-probs (and hidden states with --layer-map), trains with an explicit
@@ -125,6 +126,9 @@ def cli(cache, out, config_file, loss_args, layer_map, attention_transfer, teach
     for key, value in flags.items():
         if value is not None:
             base[key] = value
+    options = parse_storage_options(storage_options)
+    if options is not None:
+        base["storage_options"] = options
     if loss_args:
         base["loss_args"] = dict(parse_loss_arg(a) for a in loss_args)
     if layer_map:

@@ -68,6 +68,7 @@ class TrainConfig:
     activation_checkpointing: bool = False      # recompute each decoder block in backward
     fused_loss: str = "auto"                    # auto | on | off: LM head + loss chunk by chunk (linear_loss)
     resume: bool = True                         # continue from out/checkpoint when it exists
+    storage_options: dict = field(default_factory=dict)  # fsspec options of every cache (S3 endpoint, ...)
 
     def __post_init__(self):
         def bad(flag: str, msg: str):
@@ -163,7 +164,11 @@ class TrainConfig:
             raise LogitcacheError(f"--loss policy_gradient / --loss-arg: {e}") from None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as written to report.json and the checkpoint: storage options with their
+        secrets (keys, secrets, tokens, passwords) replaced by "***"."""
+        d = dataclasses.asdict(self)
+        d["storage_options"] = redact(d["storage_options"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -242,3 +247,14 @@ def parse_layer_map(text: str | None, flag: str = "--layer-map") -> list[list[in
         if not sep:
             raise LogitcacheError(f"{flag} {text!r}: {item!r} has no ':'")
     return out
+
+
+SECRET_HINTS = ("key", "secret", "token", "password", "credential")
+
+
+def redact(options):
+    """``options`` with the value of every key that names a secret replaced by "***" (nested dicts too)."""
+    if isinstance(options, dict):
+        return {k: "***" if any(h in str(k).lower() for h in SECRET_HINTS) and not isinstance(v, dict) else redact(v)
+                for k, v in options.items()}
+    return options

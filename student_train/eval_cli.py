@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import click
 
-from logitcache.cli.common import echo_json, handle_errors
+from logitcache.cli.common import STORAGE_OPTIONS_HELP, echo_json, handle_errors, parse_storage_options
 
 from .eval_report import EvalReportConfig
 
@@ -32,7 +31,7 @@ HELP = {
     "onpolicy_prompts": "Held-out prompts: each model answers them greedily and the teacher scores the answers "
                         "(--encoding full), adding KL(model || teacher) on its own text.",
     "onpolicy_limit": "How many --onpolicy-prompts rows.",
-    "storage_options": "JSON options for the evaluation cache's filesystem (fsspec), e.g. an S3 endpoint.",
+    "storage_options": STORAGE_OPTIONS_HELP,
 }
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalReportConfig)
             if f.default is not dataclasses.MISSING}
@@ -75,16 +74,9 @@ def cli(teacher, students, out, tasks, storage_options, as_json, **fields):
       student-eval smollm2-135m ./run --out ./report
       student-eval TEACHER_DIR ./run-a ./run-b --eval-cache ./eval-full --task arithmetic --task my_task.yaml
     """
-    from logitcache.format.errors import LogitcacheError
-
     from .eval_report import build_report
 
-    options = None
-    if storage_options:
-        try:
-            options = json.loads(storage_options)
-        except json.JSONDecodeError as e:
-            raise LogitcacheError(f"--storage-options: not JSON ({e.msg})") from None
+    options = parse_storage_options(storage_options)
     tasks = [t for t in (tasks or ("arithmetic",)) if t != "none"]
     cfg = EvalReportConfig(teacher=teacher, students=list(students), out=out, tasks=tasks, storage_options=options,
                            **fields)

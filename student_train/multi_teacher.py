@@ -23,7 +23,7 @@ from .targets import SparseTargets
 
 class TeacherJoin:
     def __init__(self, url: str, main: CacheStream):
-        self.cache = open_cache(url)
+        self.cache = open_cache(url, storage_options=main.cache.cfs.storage_options or None)
         self.url = url
         mine, theirs = main.cache.manifest.tokenizer, self.cache.manifest.tokenizer
         if (mine.vocab_size, mine.vocab_sha256) != (theirs.vocab_size, theirs.vocab_sha256):

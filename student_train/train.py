@@ -139,9 +139,9 @@ def attention_transfer(cfg: TrainConfig, model, manifest, pairs: list[list[int]]
     return AttentionTransfer(model, pairs, relations)
 
 
-def open_same_teacher(url: str, flag: str, manifest, why: str):
+def open_same_teacher(url: str, flag: str, manifest, why: str, storage_options: dict | None = None):
     """Another cache (``--eval-cache``, ``--offpolicy-cache``) of the training cache's teacher and tokenizer."""
-    other = open_cache(url)
+    other = open_cache(url, storage_options=storage_options or None)
     m = other.manifest
     if m.teacher.fingerprint != manifest.teacher.fingerprint:
         raise LogitcacheError(f"{flag} {url} holds teacher {m.teacher.name} ({m.teacher.fingerprint[:19]}), the "
@@ -153,14 +153,16 @@ def open_same_teacher(url: str, flag: str, manifest, why: str):
 
 def open_eval_stream(cfg: TrainConfig, manifest) -> CacheStream:
     """The ``--eval-cache`` stream: every sample of it, against the same teacher and tokenizer."""
-    other = open_same_teacher(cfg.eval_cache, "--eval-cache", manifest, "held-out metrics need the same teacher")
+    other = open_same_teacher(cfg.eval_cache, "--eval-cache", manifest, "held-out metrics need the same teacher",
+                              cfg.storage_options)
     return CacheStream(other, cfg.seq_len, cfg.batch_size, shuffle=False, rank=0, world_size=1,
                        with_full=stores_full_distribution(other))
 
 
 def open_offpolicy_rows(cfg: TrainConfig, manifest, rows: int, rank: int, world: int) -> OffPolicyRows:
     """The GKD mix's off-policy part: ``rows`` rows per micro-batch of ``--offpolicy-cache``, forward KL."""
-    other = open_same_teacher(cfg.offpolicy_cache, "--offpolicy-cache", manifest, "the mix needs one teacher")
+    other = open_same_teacher(cfg.offpolicy_cache, "--offpolicy-cache", manifest, "the mix needs one teacher",
+                              cfg.storage_options)
     check_loss_supported(offpolicy_config(cfg), other.encoding, cfg.offpolicy_cache, other.manifest.arrays)
     stream = CacheStream(other, cfg.seq_len, rows, seed=cfg.seed, rank=rank, world_size=world)
     return OffPolicyRows(make_dataloader(stream, num_workers=cfg.num_workers))
@@ -206,7 +208,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     np.random.seed(cfg.seed)
 
     # -- setup: data
-    cache = open_cache(cfg.cache)
+    cache = open_cache(cfg.cache, storage_options=cfg.storage_options or None)
     manifest = cache.manifest
     chosen = selected_ids(cfg, cache)
     all_ids = cache.samples.column("sample_id").to_pylist()

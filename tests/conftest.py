@@ -81,3 +81,27 @@ def assert_caches_equal(a, b) -> None:
         assert ra.keys() == rb.keys()
         for name in ra:
             np.testing.assert_array_equal(ra[name], rb[name], err_msg=f"{sa.name}/{name}")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol server (moto's) on a free loopback port, with one bucket ``bucket``; yields the
+    fsspec storage options that reach it. Skipped with a message where moto or s3fs is missing."""
+    moto_server = pytest.importorskip("moto.server", reason="moto is not installed (pip install 'logitcache[test]')")
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install 'logitcache[s3]')")
+    import logging
+    import socket
+
+    import boto3
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)      # no line per request on the terminal
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="bucket")
+    yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    server.stop()

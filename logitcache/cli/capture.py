@@ -8,7 +8,7 @@ import click
 
 from ..format.encodings import DEFAULT_ENCODING, names as encoding_names
 from ..format.errors import InputError
-from .common import echo_json, handle_errors
+from .common import echo_json, handle_errors, parse_storage_options, storage_options_option
 
 
 def _layers(ctx, param, value: str | None) -> list[int]:
@@ -148,8 +148,9 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
               help="Compression of the arrays; auto = the measured best per array (docs/format.md).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@storage_options_option
 @handle_errors
-def capture(cache, as_json, no_progress, num_workers, worker_index, rollout_info, **opts):
+def capture(cache, as_json, no_progress, num_workers, worker_index, rollout_info, storage_options, **opts):
     """Capture a teacher's per-token statistics into CACHE (a directory or fsspec URL).
 
     For every scored token: the teacher's next-token distribution in the chosen --encoding (by
@@ -172,7 +173,7 @@ def capture(cache, as_json, no_progress, num_workers, worker_index, rollout_info
 
     rollout = _rollout_info(rollout_info)
     job = CaptureJob(
-        cache=cache, progress=not no_progress, rollout=rollout,
+        cache=cache, progress=not no_progress, rollout=rollout, storage_options=parse_storage_options(storage_options),
         num_workers=num_workers if num_workers is not None else _worker_default(("WORLD_SIZE", "SLURM_NTASKS"), 1),
         worker_index=worker_index if worker_index is not None else _worker_default(("RANK", "SLURM_PROCID"), 0),
         **opts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -43,3 +44,32 @@ def handle_errors(fn):
 
 def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=1, default=str))
+
+
+STORAGE_OPTIONS_ENV = "LOGITCACHE_STORAGE_OPTIONS"
+STORAGE_OPTIONS_HELP = ("fsspec options for the cache's file system, as JSON (e.g. an S3-compatible endpoint: "
+                        "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'); default: "
+                        f"${STORAGE_OPTIONS_ENV}, else the file system's own (environment, instance role).")
+
+
+def storage_options_option(fn):
+    """``--storage-options JSON`` (parse it with ``parse_storage_options``)."""
+    return click.option("--storage-options", "storage_options", metavar="JSON", default=None,
+                        help=STORAGE_OPTIONS_HELP)(fn)
+
+
+def parse_storage_options(text: str | None) -> dict | None:
+    """The JSON object of ``--storage-options`` (or of $LOGITCACHE_STORAGE_OPTIONS when the flag is not
+    given); None when neither is set. Anything but a JSON object is refused, naming where it came from."""
+    source = "--storage-options"
+    if text is None:
+        text, source = os.environ.get(STORAGE_OPTIONS_ENV), f"${STORAGE_OPTIONS_ENV}"
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LogitcacheError(f"{source}: not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, dict):
+        raise LogitcacheError(f"{source}: must be a JSON object of fsspec options, got {type(value).__name__}")
+    return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import echo_json, handle_errors
+from .common import echo_json, handle_errors, parse_storage_options, storage_options_option
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -13,8 +13,9 @@ from .common import echo_json, handle_errors
 @click.option("--selection", required=True, metavar="FILE.parquet",
               help="A selection file made from CACHE (by `logitcache select` or `query --out`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@storage_options_option
 @handle_errors
-def export(cache, out, selection, as_json):
+def export(cache, out, selection, as_json, storage_options):
     """Write OUT, a new cache in the same format holding only the samples of the selection.
 
     Each shard of CACHE with selected samples becomes one shard of OUT (samples keep their order and
@@ -32,7 +33,8 @@ def export(cache, out, selection, as_json):
     from ..query.export import export_selection
     from ..store.reader import open_cache
 
-    s = export_selection(open_cache(cache), selection, out)
+    options = parse_storage_options(storage_options)
+    s = export_selection(open_cache(cache, storage_options=options), selection, out, options)
     if as_json:
         echo_json(s.to_dict())
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import echo_json, handle_errors
+from .common import echo_json, handle_errors, parse_storage_options, storage_options_option
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -17,8 +17,9 @@ from .common import echo_json, handle_errors
 @click.option("--verify", is_flag=True, help="Recompute every shard checksum (exit code 3 names a corrupt shard).")
 @click.option("--partial", is_flag=True, help="Read a cache whose capture is running or was never finalized.")
 @click.option("--no-token-stats", is_flag=True, help="Skip the token-level pass (entropy, top-k mass).")
+@storage_options_option
 @handle_errors
-def inspect(cache, as_json, plot, verify, partial, no_token_stats, selection):
+def inspect(cache, as_json, plot, verify, partial, no_token_stats, selection, storage_options):
     """Summarise CACHE: teacher, tokenizer, capture settings, sizes (bytes/token per array) and the
     distribution of the teacher's entropy.
 
@@ -31,7 +32,7 @@ def inspect(cache, as_json, plot, verify, partial, no_token_stats, selection):
     from ..report.summary import plot as draw, render_text, summarize
     from ..store.reader import open_cache
 
-    c = open_cache(cache, verify=verify, allow_partial=partial)
+    c = open_cache(cache, verify=verify, allow_partial=partial, storage_options=parse_storage_options(storage_options))
     s = summarize(c, token_stats=not no_token_stats or bool(plot), selection=selection)
     if verify:
         s["verified_shards"] = len(c.shards)

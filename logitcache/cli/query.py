@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..query import DEFAULT_THRESHOLD
-from .common import echo_json, handle_errors
+from .common import echo_json, handle_errors, parse_storage_options, storage_options_option
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -21,8 +21,9 @@ from .common import echo_json, handle_errors
               help="Rows shown in the terminal table (--json, --csv and --out take every row).")
 @click.option("--no-persist", is_flag=True,
               help="Compute token_stats/tokens in memory and write nothing into CACHE (read-only caches).")
+@storage_options_option
 @handle_errors
-def query(cache, sql, as_json, as_csv, out, threshold, max_rows, no_persist):
+def query(cache, sql, as_json, as_csv, out, threshold, max_rows, no_persist, storage_options):
     """Run one SQL SELECT (DuckDB dialect) over CACHE, a path or fsspec URL.
 
     \b
@@ -57,7 +58,7 @@ def query(cache, sql, as_json, as_csv, out, threshold, max_rows, no_persist):
     from ..store.reader import open_cache
     from .output import echo_rows
 
-    c = open_cache(cache)
+    c = open_cache(cache, storage_options=parse_storage_options(storage_options))
     result = run_query(c, sql, threshold=threshold, persist=not no_persist)
     if out:
         info = write_selection(result.table, out, c, result.sql, entropy_threshold=result.entropy_threshold)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..query import DEFAULT_THRESHOLD
-from .common import echo_json, handle_errors
+from .common import echo_json, handle_errors, parse_storage_options, storage_options_option
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -22,8 +22,9 @@ from .common import echo_json, handle_errors
               help="Entropy in nats above which a token is high-entropy (for high_entropy_*).")
 @click.option("--no-persist", is_flag=True, help="Compute token stats in memory; write nothing into CACHE.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON.")
+@storage_options_option
 @handle_errors
-def select(cache, by, top_frac, bottom_frac, min_, max_, out, threshold, no_persist, as_json):
+def select(cache, by, top_frac, bottom_frac, min_, max_, out, threshold, no_persist, as_json, storage_options):
     """Select samples of CACHE by one per-sample column and write a selection file (Parquet:
     sample_id and the column, sorted by it; the metadata records the cache's fingerprint and the
     equivalent SQL). N counts the samples whose value is not null; ties are broken by sample_id.
@@ -44,7 +45,7 @@ def select(cache, by, top_frac, bottom_frac, min_, max_, out, threshold, no_pers
 
     shortcut = Shortcut(by, top_frac, bottom_frac, min_, max_)
     shortcut.validate()  # before opening anything
-    c = open_cache(cache)
+    c = open_cache(cache, storage_options=parse_storage_options(storage_options))
     result = select_samples(c, shortcut, threshold=threshold, persist=not no_persist)
     info = write_selection(result.table, out, c, result.sql, shortcut=shortcut.describe(),
                            entropy_threshold=result.entropy_threshold)

@@ -33,7 +33,13 @@ class CacheFS:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url = str(url)
         self.storage_options = storage_options or {}
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        except ImportError as e:      # fsspec names the package: s3fs, gcsfs, adlfs, ...
+            raise LogitcacheError(f"{self.url}: {e} (the extras: pip install 'logitcache[s3]' or "
+                                  "'logitcache[gcs]')") from None
+        except (TypeError, ValueError) as e:
+            raise LogitcacheError(f"{self.url}: the storage options do not fit this file system ({e})") from None
         self.root = self.root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
@@ -50,8 +56,23 @@ class CacheFS:
         return posixpath.join(self.root, rel)
 
     def check_directory(self) -> None:
-        """Refuse a root that is a file (a cache is a directory, or a prefix on an object store)."""
-        if self.fs.isfile(self.root):
+        """Refuse a root that is a file (a cache is a directory, or a prefix on an object store), and
+        a store that cannot be reached: missing credentials, a wrong endpoint, no such bucket."""
+        try:
+            is_file = self.fs.isfile(self.root)
+            if not self.is_local:   # isfile may swallow errors; a listing raises them (a new prefix: not found)
+                try:
+                    self.fs.ls(self.root, detail=False)
+                except FileNotFoundError:
+                    pass
+        except Exception as e:  # the store's own error (botocore, gcsfs, aiohttp, ...), named
+            if self.is_local:
+                raise
+            raise LogitcacheError(f"{self.url}: cannot reach the storage ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[-1] if str(e).strip() else 'no message'}); check the "
+                                  "credentials and endpoint (--storage-options, or the file system's own environment "
+                                  "variables)") from None
+        if is_file:
             raise LogitcacheError(f"{self.url} is a file, not a cache directory")
 
     def exists(self, rel: str) -> bool:

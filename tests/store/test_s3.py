@@ -1,0 +1,102 @@
+"""Object storage as a first-class store, against a real S3 protocol server (moto's, on loopback):
+every command takes --storage-options, a cache written to S3 equals one written locally element by
+element, capture resumes there, and an unreachable store is one line naming the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from logitcache import open_cache
+from tests.conftest import assert_caches_equal
+
+BIN = Path(os.sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def run(cmd: str, *args, options: dict | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    flags = ["--storage-options", json.dumps(options)] if options is not None else []
+    return subprocess.run([str(BIN / cmd), *map(str, args), *flags], capture_output=True, text=True, env=env or ENV)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    src = tmp_path / "texts.jsonl"
+    words = "river stone light garden number seven quiet engine paper window".split()
+    src.write_text("".join(json.dumps({"text": " ".join(words[(i + j) % 10] for j in range(4 + i % 6))}) + "\n"
+                           for i in range(10)))
+    return src
+
+
+def test_every_command_on_s3(tmp_path, data, tiny_teacher, s3_server):
+    url = f"s3://bucket/{uuid.uuid4().hex}/cache"
+    capture = ["capture", url, "--mode", "score", "--input", data, "--teacher", tiny_teacher, "--backend", "hf",
+               "--samples-per-shard", "4", "--no-progress", "--json"]
+    r = run("logitcache", *capture, options=s3_server)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["shards_written"] == 3
+    again = run("logitcache", *capture, options=s3_server)               # resume: nothing written twice
+    assert again.returncode == 0 and json.loads(again.stdout)["shards_already_committed"] == 3, again.stderr
+
+    local = tmp_path / "local"
+    assert run("logitcache", *[local if a == url else a for a in capture]).returncode == 0
+    remote = open_cache(url, storage_options=s3_server)
+    assert_caches_equal(remote, open_cache(str(local)))
+
+    r = run("logitcache", "inspect", url, "--verify", "--json", options=s3_server)
+    assert r.returncode == 0 and json.loads(r.stdout)["verified_shards"] == 3, r.stderr
+    r = run("logitcache", "query", url, "SELECT count(*) AS n FROM samples", "--json", options=s3_server)
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["n"] == 10, r.stderr
+    sel = tmp_path / "hard.parquet"
+    r = run("logitcache", "select", url, "--by", "mean_entropy", "--top-frac", "0.5", "--out", sel, options=s3_server)
+    assert r.returncode == 0, r.stderr
+    exported = url.replace("/cache", "/hard")
+    r = run("logitcache", "export", url, exported, "--selection", sel, "--json", options=s3_server)
+    assert r.returncode == 0, r.stderr
+    import pyarrow.parquet as pq
+
+    wanted = sorted(pq.read_table(sel)["sample_id"].to_pylist())
+    assert sorted(open_cache(exported, storage_options=s3_server).samples["sample_id"].to_pylist()) == wanted
+
+    run_dir = tmp_path / "run"
+    r = run("student-train", url, "--out", run_dir, "--keep-layers", "0", "--max-steps", "2", "--seq-len", "32",
+            "--batch-size", "2", "--no-progress", options=s3_server)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((run_dir / "report.json").read_text())["config"]["storage_options"]
+    assert saved == {"key": "***", "secret": "***", "client_kwargs": s3_server["client_kwargs"]}   # no secret written
+
+
+def test_the_environment_variable_stands_in_for_the_flag(tmp_path, data, tiny_teacher, s3_server):
+    url = f"s3://bucket/{uuid.uuid4().hex}/cache"
+    env = {**ENV, "LOGITCACHE_STORAGE_OPTIONS": json.dumps(s3_server)}
+    r = run("logitcache", "capture", url, "--mode", "score", "--input", data, "--teacher", tiny_teacher, "--backend",
+            "hf", "--no-progress", env=env)
+    assert r.returncode == 0, r.stderr
+    assert open_cache(url, storage_options=s3_server).manifest.num_samples == 10
+
+
+@pytest.mark.parametrize("options, message", [
+    ("{oops", "error: --storage-options: not JSON"),
+    ("[1, 2]", "error: --storage-options: must be a JSON object of fsspec options, got list"),
+])
+def test_bad_storage_options_are_one_line(options, message):
+    for cmd in (["logitcache", "inspect"], ["logitcache", "query"], ["student-train"]):
+        r = subprocess.run([str(BIN / cmd[0]), *cmd[1:], "s3://bucket/x", *(["SELECT 1"] if cmd[-1] == "query" else []),
+                            *(["--out", "/tmp/never"] if cmd[0] == "student-train" else []),
+                            "--storage-options", options], capture_output=True, text=True, env=ENV)
+        assert r.returncode == 1 and r.stderr.startswith(message) and "Traceback" not in r.stderr, (cmd, r.stderr)
+
+
+def test_an_unreachable_store_is_one_line_naming_the_cache(s3_server):
+    env = {k: v for k, v in ENV.items() if not k.startswith("AWS_")}     # no credentials anywhere
+    env.update(AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent", AWS_EC2_METADATA_DISABLED="true")
+    no_keys = {"client_kwargs": s3_server["client_kwargs"]}
+    r = run("logitcache", "inspect", "s3://bucket/c", options=no_keys, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: s3://bucket/c: cannot reach the storage (NoCredentialsError"), r.stderr
+    assert "--storage-options" in r.stderr
