@@ -76,7 +76,8 @@ using the plan alone. ``set_epoch(e)`` starts epoch ``e`` from its beginning.
 for wide rows such as hidden states) with ``Cache.read_rows`` (``read_raw`` for bfloat16, widened as
 rows are taken), so every chunk is decoded once per epoch while the blocks fit in
 ``block_cache_bytes``. Blocks cover only what the iterator's remaining batches need (samples closer
-than ``merge_gap_rows`` merged), are dropped after the last batch that reads them (the plan says
+than ``merge_gap_rows`` merged; on an object store ``remote_merge_gap_rows``: a shard's needed runs become
+one request), are dropped after the last batch that reads them (the plan says
 which), and beyond the budget the block needed again latest is dropped first. A helper thread reads
 the blocks of the batches in the next ``read_ahead_tokens`` token slots while the current batch is
 built. A batch is then filled with no loop per sample or token: its tokens' places and rows are
@@ -294,6 +295,9 @@ class CacheStream(IterableDataset):
     and DataLoader workers; see the module doc for the plan, the row contract and resumption."""
 
     merge_gap_rows = 1024  # samples of a shard closer than this are read in one request
+    # on an object store a request costs more than the bytes it skips: a worker that builds every other
+    # batch would make tens of small range requests per array; it reads the whole runs instead
+    remote_merge_gap_rows = 1 << 22
     block_bytes = 32 << 20  # an array of a shard up to this size is read whole; wider ones a chunk at a time
     block_cache_bytes = 1 << 30  # decoded blocks kept across batches, at most (see _Blocks)
     read_ahead_tokens = 1 << 17  # token slots (rows x seq_len) of later batches whose blocks are read ahead
@@ -857,7 +861,8 @@ class _Blocks:
             start, stop, ordinal = self.needed[code]
             reach = np.maximum.accumulate(stop)
             new = np.ones(len(start), dtype=bool)
-            new[1:] = start[1:] > reach[:-1] + self.stream.merge_gap_rows
+            gap = self.stream.merge_gap_rows if self.cache.cfs.is_local else self.stream.remote_merge_gap_rows
+            new[1:] = start[1:] > reach[:-1] + gap
             run_start = start[new]
             run_stop = reach[np.append(np.flatnonzero(new)[1:] - 1, len(start) - 1)]
             k0, k1 = run_start // rows_per_block, (run_stop - 1) // rows_per_block

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
+from zarr.abc.store import RangeByteRequest
 from zarr.storage import WrapperStore
 
 from ..format import layout
@@ -61,27 +62,35 @@ class TokenChunk:
     arrays: dict[str, np.ndarray]
 
 
-class _VerifiedMetadataStore(WrapperStore):
-    """A zarr store that answers metadata requests (``zarr.json``) from a copy already checked against
-    the shard record, and passes chunk requests through: what was verified is what zarr uses."""
+class _ShardStore(WrapperStore):
+    """The zarr store of one shard, over the file system's own. Metadata requests (``zarr.json``) are
+    answered from a copy already checked against the shard record: what was verified is what zarr uses.
+    A whole-file read of a file whose size the shard's listing gave becomes the byte range [0, size):
+    s3fs asks the object's size (a HEAD request) before every whole read, and the listing already said."""
 
-    def __init__(self, store, documents: dict[str, bytes]):
+    def __init__(self, store, documents: dict[str, bytes] | None, sizes: dict[str, int]):
         super().__init__(store)
         self._documents = documents
+        self._sizes = sizes
 
     def _with_store(self, store):
-        return type(self)(store, self._documents)
+        return type(self)(store, self._documents, self._sizes)
+
+    def _is_document(self, key: str) -> bool:
+        return self._documents is not None and (key == "zarr.json" or key.endswith("/zarr.json"))
 
     async def get(self, key, prototype, byte_range=None):
-        if key == "zarr.json" or key.endswith("/zarr.json"):
+        if self._is_document(key):
             doc = self._documents.get(key)
             if doc is None or byte_range is not None:   # zarr reads metadata whole
                 return None if doc is None else await self._store.get(key, prototype, byte_range)
             return prototype.buffer.from_bytes(doc)
+        if byte_range is None and self._sizes.get(key):
+            byte_range = RangeByteRequest(0, self._sizes[key])
         return await self._store.get(key, prototype, byte_range)
 
     async def exists(self, key):
-        if key == "zarr.json" or key.endswith("/zarr.json"):
+        if self._is_document(key):
             return key in self._documents
         return await self._store.exists(key)
 
@@ -189,8 +198,8 @@ class Cache:
             else:
                 self._verify_whole(shard)
         store = self.cfs.zarr_store(layout.shard_arrays(shard), read_only=True)
-        if documents is not None:
-            store = _VerifiedMetadataStore(store, documents)
+        prefix = layout.ARRAYS + "/"
+        store = _ShardStore(store, documents, {rel[len(prefix):]: n for rel, n in files.items() if rel.startswith(prefix)})
         try:
             group = zarr.open_group(store, mode="r", zarr_format=3)
         except Exception as e:   # unparsable metadata of an unverified shard
