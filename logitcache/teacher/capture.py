@@ -371,7 +371,7 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
     cfs = CacheFS(job.cache, job.storage_options)
     table = load_input(job.source, job.split, {"prompt": job.prompt_column, "messages": job.messages_column,
                                                "text": job.text_column, "response": job.response_column},
-                       job.mode, job.limit, job.source_name)
+                       job.mode, job.limit, job.source_name, job.storage_options)
     resolved = resolve_teacher(job.teacher)
     backend, reason = choose_backend(job.backend)
     teacher = describe_teacher(resolved, backend, _resolve_dtype(job.dtype, job.device), job.max_length)

@@ -97,25 +97,83 @@ def builtin_prompts_path() -> Path:
     return Path(str(resources.files("logitcache") / "data" / "prompts.jsonl"))
 
 
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+GLOB_CHARS = set("*?[")
+
+
+def file_kind(name: str) -> tuple[str | None, str | None]:
+    """(file type, compression) of a file name: ``a.jsonl.gz`` -> ("jsonl", "gzip")."""
+    p = Path(name)
+    compression = COMPRESSIONS.get(p.suffix.lower())
+    if compression:
+        p = p.with_suffix("")
+    return FILE_SUFFIXES.get(p.suffix.lower()), compression
+
+
 def _read_file(path: Path) -> pa.Table:
-    kind = FILE_SUFFIXES.get(path.suffix.lower())
+    kind, compression = file_kind(path.name)
     if kind is None:
-        raise InputError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
+        raise InputError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv "
+                         f"(optionally compressed: {', '.join(COMPRESSIONS)})")
+    if compression:
+        import fsspec
+
+        with fsspec.open(str(path), "rb", compression=compression) as f:
+            return _table_from_bytes(path, f.read(), kind)
+    return _table_from_bytes(path, None, kind)
+
+
+def _read_files(source: str, storage_options: dict | None) -> pa.Table:
+    """Every file an fsspec URL or glob names (``s3://bucket/data/*.jsonl.gz``, ``data/part-*.parquet``),
+    decompressed by suffix, as one table in name order; the files must share their columns."""
+    import fsspec
+
+    try:
+        files = fsspec.open_files(source, "rb", compression="infer", **(storage_options or {}))
+    except Exception as e:   # a missing file system package, no credentials, a bad pattern
+        raise InputError(f"{source}: cannot list it ({type(e).__name__}: {e})") from None
+    if not files:
+        raise InputError(f"{source}: no file matches")
+    tables = []
+    for of in sorted(files, key=lambda f: f.path):
+        kind, _ = file_kind(of.path)
+        if kind is None:
+            raise InputError(f"{source}: {of.path} has an unknown file type; use .jsonl, .json, .parquet or .csv "
+                             f"(optionally compressed: {', '.join(COMPRESSIONS)})")
+        try:
+            with of as f:
+                data = f.read()
+        except Exception as e:
+            raise InputError(f"{of.path}: cannot read it ({type(e).__name__}: {e})") from None
+        tables.append(_table_from_bytes(of.path, data, kind))
+    names = tables[0].column_names
+    for of, t in zip(sorted(files, key=lambda f: f.path), tables):
+        if sorted(t.column_names) != sorted(names):
+            raise InputError(f"{source}: {of.path} has columns {t.column_names}, the first file {names}")
+    try:
+        return pa.concat_tables([t.select(names) for t in tables], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"{source}: its files' columns do not share types ({e})") from None
+
+
+def _table_from_bytes(path, data: bytes | None, kind: str) -> pa.Table:
+    """A table from a file's bytes (``data``), or from the local file ``path`` itself when ``data`` is None."""
+    source = path if data is None else pa.BufferReader(data)
     try:
         if kind == "parquet":
             import pyarrow.parquet as pq
-            return pq.read_table(path)
+            return pq.read_table(source)
         if kind == "csv":
             import pyarrow.csv as pcsv
-            return pcsv.read_csv(path)
-        lines = path.read_text(encoding="utf-8")
+            return pcsv.read_csv(source)
+        lines = Path(path).read_text(encoding="utf-8") if data is None else data.decode("utf-8")
         if kind == "json":
-            data = json.loads(lines)
-            if isinstance(data, dict):  # {"data": [...]} or column-oriented
-                data = next((v for v in data.values() if isinstance(v, list)), None)
-            if not isinstance(data, list):
+            parsed = json.loads(lines)
+            if isinstance(parsed, dict):  # {"data": [...]} or column-oriented
+                parsed = next((v for v in parsed.values() if isinstance(v, list)), None)
+            if not isinstance(parsed, list):
                 raise InputError(f"{path}: a .json input must be a list of objects")
-            return _table_from_records(path, data)
+            return _table_from_records(path, parsed)
         records = []
         # lines end at "\n" only: str.splitlines would also split inside strings at U+2028, U+0085, ...
         for n, line in enumerate(lines.split("\n"), start=1):
@@ -170,7 +228,7 @@ def _read_dataset(name: str, split: str) -> pa.Table:
 
 
 def load_input(source: str, split: str, roles: dict[str, str | None], mode: str, limit: int | None = None,
-               source_name: str | None = None) -> InputTable:
+               source_name: str | None = None, storage_options: dict | None = None) -> InputTable:
     """Read ``source`` and resolve which columns play which role (explicit names win; otherwise the
     usual names are looked for). Errors name the file and the columns it has."""
     if source in ("builtin", BUILTIN_PROMPTS):
@@ -182,7 +240,9 @@ def load_input(source: str, split: str, roles: dict[str, str | None], mode: str,
     elif Path(source).expanduser().is_dir():  # a dataset saved with save_to_disk, or data files
         path = Path(source).expanduser()
         table, name = _read_dataset(str(path), split), path.name
-    elif any(source.endswith(s) for s in FILE_SUFFIXES):
+    elif "://" in source or GLOB_CHARS & set(source):
+        table, name, split = _read_files(source, storage_options), source, ""      # fsspec URLs and globs
+    elif file_kind(source)[0]:
         raise InputError(f"{source}: no such file")
     else:
         table, name = _read_dataset(source, split), source

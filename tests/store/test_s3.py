@@ -100,3 +100,46 @@ def test_an_unreachable_store_is_one_line_naming_the_cache(s3_server):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("error: s3://bucket/c: cannot reach the storage (NoCredentialsError"), r.stderr
     assert "--storage-options" in r.stderr
+
+
+def test_inputs_from_s3_globs_and_compressed_files(tmp_path, tiny_teacher, s3_server):
+    """capture --input takes an fsspec URL, a glob and .jsonl.gz / .parquet.bz2 files: the rows read are
+    the rows written (the same cache as from the one plain file), in file-name order."""
+    import bz2
+    import gzip
+
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"river stone {i} light garden number {i * 7}" for i in range(9)]
+    plain = tmp_path / "all.jsonl"
+    plain.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "part-0.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts[:4]).encode()))
+    (parts / "part-1.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[4:7]))
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": texts[7:]}), buf)
+    (parts / "part-2.parquet.bz2").write_bytes(bz2.compress(buf.getvalue().to_pybytes()))
+    base = ["--mode", "score", "--teacher", tiny_teacher, "--backend", "hf", "--samples-per-shard", "4", "--no-progress"]
+
+    want = tmp_path / "want"
+    assert run("logitcache", "capture", want, "--input", plain, *base).returncode == 0
+    from_glob = tmp_path / "glob"
+    r = run("logitcache", "capture", from_glob, "--input", str(parts / "part-*"), *base)
+    assert r.returncode == 0, r.stderr
+    columns = ["response", "num_tokens", "mean_entropy", "teacher_logprob_sum"]
+    expected = open_cache(str(want)).samples.select(columns)
+    assert expected["response"].to_pylist() == texts
+    assert open_cache(str(from_glob)).samples.select(columns).equals(expected)
+
+    prefix = f"bucket/{uuid.uuid4().hex}"
+    fsspec.filesystem("s3", **s3_server).put(str(parts) + "/", f"{prefix}/parts/", recursive=True)
+    from_s3 = tmp_path / "from-s3"
+    r = run("logitcache", "capture", from_s3, "--input", f"s3://{prefix}/parts/part-*", *base, options=s3_server)
+    assert r.returncode == 0, r.stderr
+    assert open_cache(str(from_s3)).samples.select(columns).equals(expected)
+
+    r = run("logitcache", "capture", tmp_path / "none", "--input", str(parts / "nothing-*.jsonl"), *base)
+    assert r.returncode == 1 and "nothing-*.jsonl: no file matches" in r.stderr and "Traceback" not in r.stderr
