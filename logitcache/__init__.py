@@ -12,4 +12,12 @@ def open_cache(url, verify=False, allow_partial=False, storage_options=None, ver
                  verify_reads=verify_reads)
 
 
-__all__ = ["open_cache", "__version__"]
+def to_hf_dataset(cache, storage_options=None):
+    """A cache as a Hugging Face ``datasets.IterableDataset`` of decoded samples, one ``datasets`` shard
+    per cache shard; see ``logitcache.hf_dataset``."""
+    from .hf_dataset import to_hf_dataset as _to
+
+    return _to(cache, storage_options=storage_options)
+
+
+__all__ = ["open_cache", "to_hf_dataset", "__version__"]

@@ -410,14 +410,20 @@ class Cache:
         ``estimated`` (bool). Rows outside [scored_start, scored_end) have no entries."""
         rec = self._sample_record(key)
         start, n = rec["token_offset"], rec["num_tokens"]
+        scored = np.zeros(n, dtype=bool)
+        scored[rec["scored_start"]:rec["scored_end"]] = True
+        return self.view_rows(rec["shard"], start, start + n, scored)
+
+    def view_rows(self, shard: str, start: int, stop: int, scored: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of a shard decoded as ``sample_view`` gives a sample's (W: the most entries
+        a row of the range has); ``scored`` (bool, one per row) says which rows keep their entries."""
+        n = stop - start
         m = self.manifest
         distribution = {sp.name for sp in self.encoding.specs(m.teacher.vocab_size, m.capture.logprob_dtype,
                                                                 m.capture.top_k)}
         base = [name for name in m.arrays if name not in distribution]
-        out = self.read_rows(rec["shard"], start, start + n, base)
-        rows = as_targets(self.teacher_rows(rec["shard"], start, start + n))
-        scored = np.zeros(n, dtype=bool)
-        scored[rec["scored_start"]:rec["scored_end"]] = True
+        out = self.read_rows(shard, start, stop, base)
+        rows = as_targets(self.teacher_rows(shard, start, stop))
         if isinstance(rows, SparseRows):
             ids, lp = rows.padded()
             probs = np.exp(lp.astype(np.float64))
