@@ -71,6 +71,18 @@ def test_corrupt_cache_exits_3_naming_the_shard(tmp_path, tiny_teacher, text_fil
     assert r.exit_code == 3 and f"shard '{parquet.parent.name}' is corrupt" in r.output
 
 
+def test_a_kubernetes_indexed_job_gives_the_index_and_needs_the_count(tmp_path, tiny_teacher, text_file, monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    args = ["capture", tmp_path / "c", "--encoding", "topk", "--teacher", tiny_teacher, "--backend", "hf", "--mode", "score",
+            "--input", text_file, "--top-k", 4, "--samples-per-shard", 3, "--no-progress", "--json"]
+    r = run(*args)
+    assert r.exit_code == 2 and "JOB_COMPLETION_INDEX is set" in r.output and "--num-workers" in r.output
+    s = json.loads(run(*args, "--num-workers", 2).stdout)
+    assert (s["worker_index"], s["num_workers"], s["shards_planned"], s["complete"]) == (1, 2, 1, False)
+
+
 def test_worker_flags_default_from_the_environment(tmp_path, tiny_teacher, text_file, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

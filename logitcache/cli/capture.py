@@ -129,7 +129,7 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--num-workers", type=int, default=None,
               help="Workers sharing this input [default: $WORLD_SIZE, $SLURM_NTASKS or 1].")
 @click.option("--worker-index", type=int, default=None,
-              help="This worker's index [default: $RANK, $SLURM_PROCID or 0].")
+              help="This worker's index [default: $RANK, $SLURM_PROCID, $JOB_COMPLETION_INDEX (Kubernetes) or 0].")
 @click.option("--dtype", default="auto", show_default=True, help="Teacher compute dtype: auto, float32, bfloat16, float16.")
 @click.option("--device", default="auto", show_default=True, help="hf backend device: auto, cpu, cuda, cuda:1, ...")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True,
@@ -172,10 +172,15 @@ def capture(cache, as_json, no_progress, num_workers, worker_index, rollout_info
     from ..teacher.capture import CaptureJob, run_capture
 
     rollout = _rollout_info(rollout_info)
+    if (num_workers is None and os.environ.get("JOB_COMPLETION_INDEX", "").strip()
+            and not any(os.environ.get(v, "").strip() for v in ("WORLD_SIZE", "SLURM_NTASKS"))):
+        raise click.UsageError("JOB_COMPLETION_INDEX is set (a Kubernetes indexed Job) but the number of workers is "
+                               "not: pass --num-workers with the Job's completions")
     job = CaptureJob(
         cache=cache, progress=not no_progress, rollout=rollout, storage_options=parse_storage_options(storage_options),
         num_workers=num_workers if num_workers is not None else _worker_default(("WORLD_SIZE", "SLURM_NTASKS"), 1),
-        worker_index=worker_index if worker_index is not None else _worker_default(("RANK", "SLURM_PROCID"), 0),
+        worker_index=worker_index if worker_index is not None else _worker_default(
+            ("RANK", "SLURM_PROCID", "JOB_COMPLETION_INDEX"), 0),
         **opts)
     summary = run_capture(job)
     if as_json:
