@@ -65,6 +65,8 @@ class CacheFS:
                     self.fs.ls(self.root, detail=False)
                 except FileNotFoundError:
                     pass
+                finally:        # the listing must not answer later questions: other workers write here
+                    self.fs.invalidate_cache(self.root)
         except Exception as e:  # the store's own error (botocore, gcsfs, aiohttp, ...), named
             if self.is_local:
                 raise
