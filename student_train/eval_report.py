@@ -136,6 +136,7 @@ def measure_one(cfg: EvalReportConfig, name: str, path: str, role: str, tasks: l
     """Every measure of one model, as one report row."""
     from .cost import measure_model, vllm_throughput
     from .fidelity import fidelity
+    from .tasks import TaskSettings
 
     model_dir = model_directory(path)
     row: dict = {"name": name, "role": role, "path": str(path), "model_dir": str(model_dir)}
@@ -152,12 +153,10 @@ def measure_one(cfg: EvalReportConfig, name: str, path: str, role: str, tasks: l
                                    repeats=cfg.repeats, dtype=cfg.dtype))
 
     row["tasks"] = {}
+    settings = TaskSettings(cfg.device, cfg.dtype, cfg.task_limit, cfg.batch_size, cfg.task_max_new_tokens)
     for task in tasks:
-        from .tasks import TaskSettings
-
         log(f"[{name}] task {task.name}")
-        result = task.run(str(model_dir), TaskSettings(cfg.device, cfg.dtype, cfg.task_limit, max(cfg.batch_size, 1),
-                                                       cfg.task_max_new_tokens))
+        result = task.run(str(model_dir), settings)
         row[task.column] = result.value
         row["tasks"][task.column] = result.summary()
         if result.items:

@@ -24,12 +24,12 @@ def fidelity(model_dir: str, cache_url: str, *, device: str = "cpu", dtype: str 
     ``model``) on every sample of the cache at ``cache_url``; plus ``tokens`` (scored tokens counted),
     ``samples`` and ``exact`` (whether the cache holds full distributions)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from logitcache.store.reader import open_cache
 
     from .data import CacheStream, stores_full_distribution
     from .evaluation import evaluate
+    from .rollout import load_student
 
     cache = open_cache(cache_url, storage_options=storage_options)
     samples = cache.samples.to_pylist()
@@ -38,7 +38,7 @@ def fidelity(model_dir: str, cache_url: str, *, device: str = "cpu", dtype: str 
     exact = stores_full_distribution(cache)
     check_tokenizer(model_dir, cache)
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+        model, _ = load_student(model_dir, device, dtype)
     longest = max(s["num_tokens"] for s in samples)
     stream = CacheStream(cache, max(seq_len, longest), batch_size, packing=False, shuffle=False, rank=0, world_size=1,
                          with_full=exact)

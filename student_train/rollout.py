@@ -74,12 +74,13 @@ def read_prompts(source: str, limit: int | None, offset: int = 0, system_prompt:
     return out
 
 
-def load_student(student_dir: str, device: str = "cpu"):
+def load_student(student_dir: str, device: str = "cpu", dtype: str = "float32"):
+    """(model in eval mode on ``device`` in ``dtype``, tokenizer) of a Hugging Face directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(student_dir)
-        model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=getattr(torch, dtype)).to(device).eval()
     except OSError as e:
         raise LogitcacheError(f"student {student_dir}: cannot load it as a Hugging Face model ({e})") from None
     return model, tokenizer

@@ -134,8 +134,9 @@ def _read_files(source: str, storage_options: dict | None) -> pa.Table:
         raise InputError(f"{source}: cannot list it ({type(e).__name__}: {e})") from None
     if not files:
         raise InputError(f"{source}: no file matches")
+    files = sorted(files, key=lambda f: f.path)
     tables = []
-    for of in sorted(files, key=lambda f: f.path):
+    for of in files:
         kind, _ = file_kind(of.path)
         if kind is None:
             raise InputError(f"{source}: {of.path} has an unknown file type; use .jsonl, .json, .parquet or .csv "
@@ -147,7 +148,7 @@ def _read_files(source: str, storage_options: dict | None) -> pa.Table:
             raise InputError(f"{of.path}: cannot read it ({type(e).__name__}: {e})") from None
         tables.append(_table_from_bytes(of.path, data, kind))
     names = tables[0].column_names
-    for of, t in zip(sorted(files, key=lambda f: f.path), tables):
+    for of, t in zip(files, tables):
         if sorted(t.column_names) != sorted(names):
             raise InputError(f"{source}: {of.path} has columns {t.column_names}, the first file {names}")
     try:

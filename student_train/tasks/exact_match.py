@@ -59,19 +59,6 @@ def read_items(path: str | Path) -> list[dict]:
     return items
 
 
-def load_model(model_dir: str, device: str, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
-    except OSError as e:
-        raise LogitcacheError(f"model {model_dir}: cannot load it with its tokenizer as a Hugging Face model "
-                              f"({str(e).splitlines()[0]})") from None
-    return model, tokenizer
-
-
 class ExactMatchTask(Task):
     kind = "exact-match"
     metric = "accuracy"
@@ -83,10 +70,10 @@ class ExactMatchTask(Task):
         self.items = read_items(self.path)
 
     def run(self, model_dir: str, settings: TaskSettings) -> TaskResult:
-        from ..rollout import SamplingSettings, generate
+        from ..rollout import SamplingSettings, generate, load_student
 
         items = self.items[:settings.limit]
-        model, tokenizer = load_model(model_dir, settings.device, settings.dtype)
+        model, tokenizer = load_student(model_dir, settings.device, settings.dtype)
         rows = generate(model, tokenizer, items, SamplingSettings(settings.max_new_tokens, 0.0, 1.0, 0,
                                                                   settings.batch_size), device=settings.device)
         responses = {r["prompt_row"]: tokenizer.decode(r["response_ids"], skip_special_tokens=True) for r in rows}
