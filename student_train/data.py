@@ -168,10 +168,7 @@ def select_samples(table: pa.Table, url: str, sample_ids: Iterable[str] | None =
 
 # ---- tokenizer check ---------------------------------------------------------------------------
 
-def check_student_vocab(cache: Cache | str, student) -> None:
-    """Refuse a student whose tokenizer is not the cache's: ``student`` is a tokenizer (with
-    ``get_vocab``) or a ``(vocab_size, vocab_sha256)`` pair."""
-    cache = open_cache(cache) if isinstance(cache, str) else cache
+def _vocab_problems(cache: Cache, student) -> list[str]:
     want = cache.manifest.tokenizer
     if hasattr(student, "get_vocab"):
         size, digest = len(student.get_vocab()), vocab_sha256(student)
@@ -182,10 +179,25 @@ def check_student_vocab(cache: Cache | str, student) -> None:
         problems.append(f"vocab_size {size} != {want.vocab_size}")
     if digest != want.vocab_sha256:
         problems.append(f"vocab_sha256 {str(digest)[:12]}... != {want.vocab_sha256[:12]}...")
+    return problems
+
+
+def tokenizer_matches(cache: Cache | str, student) -> bool:
+    """Whether ``student`` (a tokenizer, or a ``(vocab_size, vocab_sha256)`` pair) is the cache's
+    teacher tokenizer: same vocabulary size and digest."""
+    return not _vocab_problems(open_cache(cache) if isinstance(cache, str) else cache, student)
+
+
+def check_student_vocab(cache: Cache | str, student) -> None:
+    """Refuse a student whose tokenizer is not the cache's: ``student`` is a tokenizer (with
+    ``get_vocab``) or a ``(vocab_size, vocab_sha256)`` pair. (Training takes such a student through
+    ``cross_tokenizer``; exact metrics such as ``fidelity`` need the same tokenizer.)"""
+    cache = open_cache(cache) if isinstance(cache, str) else cache
+    problems = _vocab_problems(cache, student)
     if problems:
         raise LogitcacheError(
             f"the student's tokenizer differs from the teacher tokenizer of {cache.url} ({'; '.join(problems)}): "
-            "vocabulary mapping between tokenizers is not supported yet; use a student with the teacher's tokenizer")
+            "this measure compares distributions over one vocabulary; use a student with the teacher's tokenizer")
 
 
 # ---- the epoch plan ----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def evaluate(model, stream: CacheStream, device, amp_dtype, max_batches: int | N
     over the whole vocabulary (``kl_forward_exact``, ``kl_reverse_exact``)."""
     was_training = model.training
     model.eval()
-    kl_sum = nll_sum = agree = n = 0.0
+    kl_sum = nll_sum = agree = n = n_labels = 0.0
     exact_fwd = exact_rev = 0.0
     for i, batch in enumerate(stream):
         if max_batches is not None and i >= max_batches:
@@ -59,7 +59,9 @@ def evaluate(model, stream: CacheStream, device, amp_dtype, max_batches: int | N
         if count == 0:
             continue
         kl_sum += float(teacher_loss(logits, batch["teacher"], mask)) * count
-        nll_sum += float(losses.hard_label_cross_entropy(logits, batch["labels"])) * count
+        labelled = float((batch["labels"] != losses.IGNORE_INDEX).sum())   # = count, except across tokenizers
+        nll_sum += float(losses.hard_label_cross_entropy(logits, batch["labels"])) * labelled
+        n_labels += labelled
         agree += float(((logits.argmax(-1) == teacher_top1(batch)) & mask).sum())
         if "teacher_full_logprobs" in batch:
             f, r = exact_kl_sums(logits, batch["teacher_full_logprobs"], mask)
@@ -68,7 +70,7 @@ def evaluate(model, stream: CacheStream, device, amp_dtype, max_batches: int | N
     model.train(was_training)
     if n == 0:
         return {"tokens": 0}
-    out = {"tokens": int(n), "kl_forward": kl_sum / n, "perplexity": math.exp(nll_sum / n), "top1_agreement": agree / n}
+    out = {"tokens": int(n), "kl_forward": kl_sum / n, "perplexity": math.exp(nll_sum / max(n_labels, 1.0)), "top1_agreement": agree / n}
     if stream.with_full:
         out.update(kl_forward_exact=exact_fwd / n, kl_reverse_exact=exact_rev / n)
     return out

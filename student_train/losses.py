@@ -61,6 +61,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -632,6 +633,70 @@ def dense_distillation_loss(student_logits: torch.Tensor, teacher_logprobs: torc
 # ---------------------------------------------------------------------------------------------
 # Hard labels and the mix
 # ---------------------------------------------------------------------------------------------
+
+def uld_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask_or_weights: torch.Tensor | None,
+             *, teacher_tail: torch.Tensor | None = None,
+             chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030): the Wasserstein-1 distance
+    between the teacher's and the student's next-token probabilities, each sorted in decreasing order,
+    so the two need no common vocabulary. Per row n with k_n stored teacher entries:
+
+        ULD_n = sum_{i <= k_n} |p_(i) - q_(i)| + |P_tail - Q_tail|
+        loss  = sum_n w_n ULD_n / sum_n w_n                            (0 when sum_n w_n = 0)
+
+    p_(i): the i-th largest stored teacher probability; q_(i): the i-th largest of softmax(z_n) over the
+    student's vocabulary; P_tail: ``teacher_tail`` where given, else 1 - sum_i p_(i); Q_tail = 1 -
+    sum_{i <= k_n} q_(i). With every teacher entry stored (k = V) this is the paper's distance; with
+    top-k it is a lower bound of it (past rank k only the masses are compared).
+
+    student_logits: (N, V) or (B, T, V), any float dtype (maths in fp32). teacher_logprobs: (..., k) in
+    any order, -inf for absent entries; k <= V. mask_or_weights: (...) bool or float >= 0, or None.
+    teacher_tail: (...) or None. chunk_rows: rows of the fp32 softmax alive at once (recomputed in the
+    backward pass); None = all. Returns a 0-dim tensor differentiable w.r.t. student_logits only.
+    """
+    if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point() \
+            or student_logits.dim() not in (2, 3):
+        raise ValueError(f"student_logits must be a floating-point (N, V) or (B, T, V) tensor, got "
+                         f"{_describe(student_logits)}")
+    lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    if not isinstance(teacher_logprobs, torch.Tensor) or not teacher_logprobs.is_floating_point() \
+            or tuple(teacher_logprobs.shape[:-1]) != lead or teacher_logprobs.dim() != len(lead) + 1:
+        raise ValueError(f"teacher_logprobs must be a float tensor of shape {lead + ('k',)}, got "
+                         f"{_describe(teacher_logprobs)}")
+    k = teacher_logprobs.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher_logprobs has k={k} entries per row; need 1 <= k <= V={vocab}")
+    _check_chunk_rows(chunk_rows)
+    cdt = _compute_dtype(student_logits)
+    n = math.prod(lead)
+    w = _weights(mask_or_weights, lead, "mask_or_weights", cdt, student_logits.device).reshape(n)
+    p = teacher_logprobs.detach().reshape(n, k).to(cdt).exp().nan_to_num(0.0).sort(-1, descending=True).values
+    count = (p > 0).sum(-1)                                                   # (N,) stored entries per row
+    w = torch.where(count > 0, w, torch.zeros_like(w))
+    rows = torch.nonzero(w > 0).squeeze(-1)
+    if rows.numel() == 0:
+        return student_logits.sum() * 0.0
+    if teacher_tail is not None:
+        if tuple(teacher_tail.shape) != lead:
+            raise ValueError(f"teacher_tail must have the token shape {lead}, got {_describe(teacher_tail)}")
+        p_tail = teacher_tail.detach().reshape(n).to(cdt)
+    else:
+        p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+    z = student_logits.reshape(n, vocab)
+
+    def chunk(z_c, p_c, present_c, tail_c):
+        q = torch.softmax(z_c.to(cdt), -1).topk(k, -1).values * present_c    # (n_c, k) sorted, masked
+        return (p_c - q).abs().sum(-1) + (tail_c - (1.0 - q.sum(-1))).abs()
+
+    present = torch.arange(k, device=p.device)[None, :] < count[:, None]
+    step = rows.numel() if chunk_rows is None else chunk_rows
+    total = torch.zeros((), dtype=cdt, device=student_logits.device)
+    for s in range(0, rows.numel(), step):
+        r = rows[s:s + step]
+        per_row = torch.utils.checkpoint.checkpoint(chunk, z[r], p[r], present[r], p_tail[r], use_reentrant=False)
+        total = total + (per_row * w[r]).sum()
+    return total / w.sum()
+
 
 def hard_label_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, *,
                              ignore_index: int = IGNORE_INDEX,

@@ -17,8 +17,8 @@ from torch import nn
 from logitcache.format.errors import LogitcacheError
 
 
-def teacher_directory(manifest) -> str:
-    """A local directory with the cache's teacher weights, to derive a student from."""
+def teacher_directory(manifest, flag: str = "--keep-layers", instead: str = "pass --student instead") -> str:
+    """A local directory with the cache's teacher weights (and tokenizer), to derive a student from."""
     source = manifest.teacher.source
     if source and os.path.isdir(source):
         return source
@@ -27,8 +27,8 @@ def teacher_directory(manifest) -> str:
     try:
         return str(resolve_teacher(manifest.teacher.name).path)
     except Exception as e:
-        raise LogitcacheError(f"--keep-layers: the cache's teacher {manifest.teacher.name!r} is not at "
-                              f"{source!r} and could not be resolved ({e}); pass --student instead") from None
+        raise LogitcacheError(f"{flag}: the cache's teacher {manifest.teacher.name!r} is not at "
+                              f"{source!r} and could not be resolved ({e}); {instead}") from None
 
 
 def parse_keep_layers(text: str, num_layers: int) -> list[int]:
@@ -105,6 +105,14 @@ def student_num_layers(spec: str | None, keep_layers: str | None, manifest) -> i
         raise LogitcacheError(f"--student {spec}: no such config file") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LogitcacheError(f"--student {spec}: cannot read its config ({type(e).__name__}: {e})") from None
+
+
+def student_tokenizer_dir(spec: str | None, keep_layers: str | None, manifest) -> str:
+    """Where the student's tokenizer is: its own directory for a model directory, else the teacher's
+    (a student derived from the teacher or built from a config.json uses the teacher's tokenizer)."""
+    if keep_layers is not None or spec is None or spec.endswith(".json"):
+        return teacher_directory(manifest)
+    return spec
 
 
 def build_student(spec: str | None, keep_layers: str | None, manifest, seed: int):

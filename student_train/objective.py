@@ -24,7 +24,7 @@ from . import losses, sampled_kd
 from .attention import DENSE, Attention
 from .config import POLICY_GRADIENT, TrainConfig
 from .policy import policy_gradient_loss
-from .targets import DenseTargets, EstimatedTargets, SparseTargets
+from .targets import CrossTokenizerTargets, DenseTargets, EstimatedTargets, SparseTargets
 
 
 def forward(model, batch: dict, need_hidden: bool, attention: Attention = DENSE):
@@ -53,7 +53,31 @@ def teacher_loss(logits: torch.Tensor, targets: SparseTargets | EstimatedTargets
     if isinstance(targets, SparseTargets):
         return losses.distillation_loss(logits, targets.ids, targets.logprobs, weights, teacher_tail=targets.tail,
                                         **kw)
+    if isinstance(targets, CrossTokenizerTargets):
+        return cross_tokenizer_loss(logits, targets, weights, kd)
     raise TypeError(f"teacher targets must be SparseTargets, EstimatedTargets or DenseTargets, got {type(targets).__name__}")
+
+
+def cross_tokenizer_loss(logits: torch.Tensor, targets: CrossTokenizerTargets, weights: torch.Tensor,
+                         kd: losses.DistillationConfig | None = None) -> torch.Tensor:
+    """The loss of a student with another tokenizer: the chosen divergence over the mapped entries at
+    the positions not marked ``uld``, ULD (``losses.uld_loss``) at those marked; one token-weighted mean
+    over both (a position none of whose entries maps counts only where it is trained by ULD)."""
+    kw = kd.kd_kwargs() if kd is not None else {}
+    on_map = weights * (~targets.uld & (targets.ids >= 0).any(-1))
+    on_uld = weights * targets.uld
+    n_map, n_uld = on_map.sum(), on_uld.sum()
+    total = n_map + n_uld
+    if float(total) == 0:
+        return logits.sum() * 0.0
+    out = logits.new_zeros((), dtype=torch.float32)
+    if float(n_map) > 0:
+        out = out + losses.distillation_loss(logits, targets.ids, targets.logprobs, on_map, teacher_tail=targets.tail,
+                                             **kw) * (n_map / total)
+    if float(n_uld) > 0:
+        out = out + losses.uld_loss(logits, targets.ranked_logprobs, on_uld, teacher_tail=targets.ranked_tail,
+                                    chunk_rows=kw.get("chunk_rows", losses.DEFAULT_CHUNK_ROWS)) * (n_uld / total)
+    return out
 
 
 def check_loss_supported(cfg: TrainConfig, encoding: Encoding, where: str, arrays=()) -> None:

@@ -72,4 +72,24 @@ class DenseTargets(_Tensors):
     logprobs: torch.Tensor
 
 
-TeacherTargets = SparseTargets | EstimatedTargets | DenseTargets
+
+
+@dataclass
+class CrossTokenizerTargets(_Tensors):
+    """The teacher at the student positions aligned to it when the tokenizers differ
+    (``cross_tokenizer.CrossTokenizer``). Over the student's vocabulary: ``ids`` (B, T, W) int64, the
+    teacher's entries that have a student token, in rank order, then -1; ``logprobs`` (B, T, W) float32,
+    theirs, then -inf; ``tail`` (B, T) float32 or None: the teacher mass outside them (None: 1 - sum, as
+    for topk). Tokenizer-free: ``ranked_logprobs`` (B, T, W) float32, every stored teacher entry in rank
+    order (-inf padding), ``ranked_tail`` (B, T) or None, for ULD. ``uld`` (B, T) bool: the positions
+    trained by ULD; the others by the divergence over the mapped entries."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor | None
+    ranked_logprobs: torch.Tensor
+    ranked_tail: torch.Tensor | None
+    uld: torch.Tensor
+
+
+TeacherTargets = SparseTargets | EstimatedTargets | DenseTargets | CrossTokenizerTargets

@@ -45,9 +45,10 @@ from . import losses, parallel
 from .attention import choose_attention
 from .checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import POLICY_GRADIENT, TrainConfig
-from .data import CacheStream, check_student_vocab, make_dataloader, stores_full_distribution
+from .cross_tokenizer import check_cross_tokenizer_supported, cross_tokenizer_rows
+from .data import CacheStream, make_dataloader, stores_full_distribution, tokenizer_matches
 from .evaluation import evaluate
-from .model import build_student, count_parameters, student_num_layers
+from .model import build_student, count_parameters, student_num_layers, student_tokenizer_dir
 from .mix import OffPolicyRows, split_batch
 from .multi_teacher import TeacherJoin
 from .objective import check_loss_supported, choose_loss_head, compute_loss
@@ -151,12 +152,12 @@ def open_same_teacher(url: str, flag: str, manifest, why: str, storage_options: 
     return other
 
 
-def open_eval_stream(cfg: TrainConfig, manifest) -> CacheStream:
+def open_eval_stream(cfg: TrainConfig, manifest, packing: bool = True) -> CacheStream:
     """The ``--eval-cache`` stream: every sample of it, against the same teacher and tokenizer."""
     other = open_same_teacher(cfg.eval_cache, "--eval-cache", manifest, "held-out metrics need the same teacher",
                               cfg.storage_options)
     return CacheStream(other, cfg.seq_len, cfg.batch_size, shuffle=False, rank=0, world_size=1,
-                       with_full=stores_full_distribution(other))
+                       with_full=stores_full_distribution(other) and packing, packing=packing)
 
 
 def open_offpolicy_rows(cfg: TrainConfig, manifest, rows: int, rank: int, world: int) -> OffPolicyRows:
@@ -232,7 +233,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         raise LogitcacheError(f"--full-targets: {cfg.cache} was captured with --encoding {cache.encoding.name}; "
                               "it needs a cache captured with --encoding full")
     transfer_pairs = attention_pairs(cfg, manifest, n_student_layers)
-    stream = CacheStream(cache, cfg.seq_len, on_rows, seed=cfg.seed, sample_ids=train_ids,
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = student_tokenizer_dir(cfg.student, cfg.keep_layers, manifest)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cross = not tokenizer_matches(cache, tokenizer)     # a student with another tokenizer (cross_tokenizer.py)
+    if cross:
+        check_cross_tokenizer_supported(cfg)
+    stream = CacheStream(cache, cfg.seq_len, on_rows, seed=cfg.seed, sample_ids=train_ids, packing=not cross,
                          where=cfg.where, hidden_layers=teacher_layers, rank=rank, world_size=world,
                          dense_targets=cfg.full_targets, token_logprobs=cfg.loss == POLICY_GRADIENT,
                          attention_layers=[t for _, t in transfer_pairs])
@@ -240,10 +248,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     joins = [TeacherJoin(url, stream) for url in cfg.teachers]
     offpolicy = open_offpolicy_rows(cfg, manifest, off_rows, rank, world) if cfg.offpolicy_cache else None
     eval_stream = CacheStream(cache, cfg.seq_len, cfg.batch_size, shuffle=False, sample_ids=eval_ids,
-                              rank=0, world_size=1) if eval_ids else None
+                              rank=0, world_size=1, packing=not cross) if eval_ids else None
     if cfg.eval_cache:                      # a separate held-out cache, e.g. captured with --encoding full
-        eval_stream = open_eval_stream(cfg, manifest)
+        eval_stream = open_eval_stream(cfg, manifest, packing=not cross)
         eval_ids = eval_stream.sample_ids
+    if cross:         # rows in the student's tokens, teacher targets carried over (vocabulary map, ULD)
+        loader, eval_stream, converter = cross_tokenizer_rows(cfg, manifest, tokenizer, loader, stream, eval_stream,
+                                                              main_process)
     data_fingerprints = {"cache": cache_fingerprint(manifest),   # what a checkpoint of this run was trained on
                          "eval_cache": cache_fingerprint(eval_stream.cache.manifest) if cfg.eval_cache else None,
                          "teachers": [cache_fingerprint(j.cache.manifest) for j in joins]}
@@ -252,12 +263,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     # -- setup: model
     model, tokenizer_dir = build_student(cfg.student, cfg.keep_layers, manifest, cfg.seed)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    check_student_vocab(cache, tokenizer)
     width = model.get_output_embeddings().weight.shape[0]
-    if width != manifest.teacher.vocab_size:
+    if cross and width < len(tokenizer):
+        raise LogitcacheError(f"--student {cfg.student}: its logits have {width} entries but its tokenizer has "
+                              f"{len(tokenizer)} tokens")
+    if not cross and width != manifest.teacher.vocab_size:
         raise LogitcacheError(f"the student's logits have {width} entries but the teacher's have "
                               f"{manifest.teacher.vocab_size}; distillation needs the same vocabulary")
     projector = losses.HiddenStateProjector([model.config.hidden_size] * len(cfg.layer_map),
@@ -272,7 +282,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if main_process:
         log.info("attention: %s (%s)%s", attention.mode, attention.implementation,
                  f"; skipped {attention.reason}" if attention.reason else "")
-    unfusable = "--full-targets" if cfg.full_targets else "--loss policy_gradient" if cfg.loss == POLICY_GRADIENT else ""
+    unfusable = ("--full-targets" if cfg.full_targets else "--loss policy_gradient" if cfg.loss == POLICY_GRADIENT
+                 else "a student with another tokenizer" if cross else "")
     if unfusable and cfg.fused_loss == "on":
         raise LogitcacheError(f"--fused-loss on: {unfusable} computes its loss on the (B, T, V) logits; use auto or off")
     head, unfused_because = choose_loss_head(model, "off" if unfusable else cfg.fused_loss,
@@ -410,6 +421,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             steps=step, total_steps=total_steps, world_size=world, parallel=cfg.parallel,
             attention=attention.to_dict(), fused_loss={"on": head is not None, "reason": unfused_because},
             train_samples=stream.num_samples,
+            **({"cross_tokenizer": converter.stats()} if cross else {}),
             eval_samples=len(eval_ids), tokens_this_run=tokens_seen * world, seconds_this_run=train_seconds,
             tokens_per_second=tokens_seen * world / max(train_seconds, 1e-9),
             parameters=count_parameters(model),         # DTensors count their global size

@@ -384,7 +384,7 @@ def test_bad_inputs_are_refused_with_a_clear_message(caches, tiny_teacher):
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     check_student_vocab(cache, tok)  # the teacher's own tokenizer passes
     assert vocab_sha256(tok) == cache.manifest.tokenizer.vocab_sha256
-    with pytest.raises(LogitcacheError, match="vocab_size 100 != 49152.*mapping between tokenizers is not supported"):
+    with pytest.raises(LogitcacheError, match="vocab_size 100 != 49152.*compares distributions over one vocabulary"):
         check_student_vocab(url, (100, "0" * 64))
     with pytest.raises(LogitcacheError, match="vocab_sha256 000000000000... != "):
         check_student_vocab(cache, (cache.manifest.tokenizer.vocab_size, "0" * 64))

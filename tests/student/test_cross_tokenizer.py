@@ -1,0 +1,237 @@
+"""A student with another tokenizer: rows in its tokens, targets over its vocabulary, ULD."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache.align import TokenBytes, messages_of
+from logitcache.format.errors import LogitcacheError
+from logitcache.teacher.capture import CaptureJob, run_capture
+from student_train import losses
+from student_train.cross_tokenizer import CrossTokenizer
+from student_train.data import CacheStream
+from student_train.objective import teacher_loss
+from tests.align.conftest import byte_level_tokenizer
+
+from .conftest import WORDS
+
+TEXTS = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(5 + i % 11)) + ("!" if i % 2 else "")
+         for i in range(12)]
+CHAT_TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                 "<|endoftext|>{% endif %}\n{% endfor %}{% if add_generation_prompt %}<<assistant>> {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def text_cache(tmp_path_factory, tiny_teacher):
+    d = tmp_path_factory.mktemp("xtok")
+    (d / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    run_capture(CaptureJob(encoding="topk", cache=str(d / "c"), teacher=str(tiny_teacher), backend="hf", mode="score",
+                           source=str(d / "t.jsonl"), top_k=8, samples_per_shard=5, progress=False))
+    return str(d / "c")
+
+
+@pytest.fixture(scope="module")
+def chat_cache(tmp_path_factory, tiny_teacher):
+    d = tmp_path_factory.mktemp("xtok-chat")
+    rows = [{"messages": [{"role": "user", "content": TEXTS[i]}, {"role": "assistant", "content": TEXTS[i + 1]}]}
+            for i in range(4)]
+    (d / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_capture(CaptureJob(encoding="compact", cache=str(d / "c"), teacher=str(tiny_teacher), backend="hf",
+                           mode="score", source=str(d / "m.jsonl"), top_k=8, samples_per_shard=4, progress=False))
+    return str(d / "c")
+
+
+@pytest.fixture(scope="module")
+def teacher_tok(tiny_teacher):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_teacher)
+
+
+@pytest.fixture(scope="module")
+def other_tok():
+    tok = byte_level_tokenizer(TEXTS * 3, vocab_size=280)   # finer than the teacher: some boundaries meet none
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def batch_of(cache, seq_len=64):
+    stream = CacheStream(cache, seq_len, 4, packing=False, shuffle=False, rank=0, world_size=1)
+    return stream, next(iter(stream))
+
+
+def test_same_tokenizer_gives_the_direct_rows_and_loss(text_cache, teacher_tok):
+    stream, batch = batch_of(text_cache)
+    conv = CrossTokenizer(stream, teacher_tok, teacher_tok, "hybrid")
+    out = conv.convert(batch)
+    for name in ("input_ids", "labels", "loss_mask", "position_ids", "document_ids", "sample_index"):
+        assert torch.equal(out[name], batch[name]), name
+    m = batch["loss_mask"]
+    t, d = out["teacher"], batch["teacher"]
+    assert torch.equal(t.ids[m], d.ids[m]) and torch.equal(t.logprobs[m], d.logprobs[m])
+    assert not t.uld.any() and conv.stats()["aligned_share"] == 1.0
+    torch.manual_seed(0)
+    z = torch.randn(*batch["input_ids"].shape, len(teacher_tok), dtype=torch.float64, requires_grad=True)
+    for kd in (None, losses.DistillationConfig(kind="reverse_kl")):
+        direct = teacher_loss(z, d, m.double(), kd)
+        (g_direct,) = torch.autograd.grad(direct, z)
+        cross = teacher_loss(z, t, out["loss_mask"].double(), kd)
+        (g_cross,) = torch.autograd.grad(cross, z)
+        assert torch.allclose(cross, direct, rtol=1e-12) and torch.allclose(g_cross, g_direct, rtol=1e-10, atol=1e-15)
+
+
+def test_other_tokenizer_rows_carry_the_teacher_over(text_cache, teacher_tok, other_tok):
+    stream, batch = batch_of(text_cache)
+    conv = CrossTokenizer(stream, teacher_tok, other_tok, "hybrid")
+    out = conv.convert(batch)
+    only_mapped = CrossTokenizer(stream, teacher_tok, other_tok, "map").convert(batch)
+    assert torch.equal(only_mapped["loss_mask"], out["loss_mask"] & (out["teacher"].ids >= 0).any(-1))
+    assert not only_mapped["teacher"].uld.any() and CrossTokenizer(stream, teacher_tok, other_tok, "uld").convert(
+        batch)["teacher"].uld[out["loss_mask"]].all()
+    tb, sb = TokenBytes.from_tokenizer(teacher_tok), TokenBytes.from_tokenizer(other_tok)
+    checked = 0
+    for b in range(batch["input_ids"].shape[0]):
+        n_t = int((batch["document_ids"][b] != 0).sum())
+        n_s = int((out["document_ids"][b] != 0).sum())
+        t_text, t_ends = tb.join(batch["input_ids"][b, :n_t].numpy())
+        s_ids = out["input_ids"][b, :n_s].numpy()
+        s_text, s_ends = sb.join(s_ids)
+        assert s_text == t_text                               # the same text in the student's tokens
+        assert s_ids.tolist() == other_tok(t_text.decode())["input_ids"]
+        labels = out["labels"][b, :n_s - 1].numpy()
+        assert np.array_equal(labels[labels >= 0], s_ids[1:][labels >= 0])
+        for j in np.flatnonzero(out["loss_mask"][b].numpy()):
+            t = int(np.flatnonzero(t_ends == s_ends[j])[-1])  # the teacher position ending at the same byte
+            assert batch["loss_mask"][b, t]
+            ids, lp = out["teacher"].ids[b, j].numpy(), out["teacher"].logprobs[b, j].numpy()
+            t_ids, t_lp = batch["teacher"].ids[b, t].numpy(), batch["teacher"].logprobs[b, t].numpy()
+            want = [(sb_id, v) for tid, v in zip(t_ids, t_lp)
+                    if (sb_id := next((x for x in range(len(sb)) if sb.piece(x) == tb.piece(int(tid))), -1)) >= 0]
+            assert [(int(i), float(v)) for i, v in zip(ids, lp) if i >= 0] == [(i, float(v)) for i, v in want]
+            assert np.all(ids[len(want):] == -1)
+            assert bool(out["teacher"].uld[b, j]) == (not want)          # hybrid: ULD where nothing maps
+            assert torch.equal(out["teacher"].ranked_logprobs[b, j], batch["teacher"].logprobs[b, t])
+            checked += 1
+    assert checked > 10
+    s = conv.stats()
+    assert 0.1 < s["aligned_share"] < 1.0 and 0 <= s["mapped_mass"] <= 1
+
+
+def test_chat_samples_use_the_students_template(chat_cache, teacher_tok, other_tok):
+    stream, batch = batch_of(chat_cache, seq_len=96)
+    conv = CrossTokenizer(stream, teacher_tok, other_tok, "hybrid")
+    out = conv.convert(batch)
+    sb = TokenBytes.from_tokenizer(other_tok)
+    sample = int(batch["sample_index"][0, 0])
+    messages = messages_of(stream.cache.samples.column("prompt")[sample].as_py())
+    response = stream.cache.samples.column("response")[sample].as_py().replace("<|im_end|>", "").strip()
+    want = other_tok.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    n = int((out["document_ids"][0] != 0).sum())
+    s_text, s_ends = sb.join(out["input_ids"][0, :n].numpy())
+    assert s_text.decode() == want and s_text.startswith(b"<<user>> ")
+    # the distilled positions lie in the response, which both texts share; the templates align nowhere
+    start = s_text.index(b"<<assistant>> ") + len(b"<<assistant>> ")
+    kd = np.flatnonzero(out["loss_mask"][0].numpy())
+    assert len(kd) > 3 and s_ends[kd].min() >= start
+    ce = np.flatnonzero(out["labels"][0].numpy() >= 0)
+    assert s_ends[ce].min() >= start - 1
+    assert out["teacher"].tail is not None                  # compact: stored tail + unmapped mass
+
+
+def test_uld_equals_a_direct_computation_over_the_whole_vocabulary():
+    torch.manual_seed(0)
+    N, V = 6, 11
+    z = torch.randn(N, V, dtype=torch.float64, requires_grad=True)
+    p = torch.softmax(torch.randn(N, V, dtype=torch.float64) * 2, -1)
+    w = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5, 1.0], dtype=torch.float64)
+    got = losses.uld_loss(z, p.log()[:, torch.randperm(V)], w, chunk_rows=4)
+    (g_got,) = torch.autograd.grad(got, z)
+    q = torch.softmax(z, -1)
+    direct = ((p.sort(-1, descending=True).values - q.sort(-1, descending=True).values).abs().sum(-1) * w).sum() / w.sum()
+    (g_direct,) = torch.autograd.grad(direct, z)
+    assert torch.allclose(got, direct, rtol=1e-12) and torch.allclose(g_got, g_direct, rtol=1e-10, atol=1e-14)
+    assert torch.all(g_got[1] == 0)                                          # a weight-0 row: no gradient
+
+
+def test_uld_with_top_k_compares_ranks_then_tails():
+    z = torch.tensor([[2.0, 1.0, 0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    lp = torch.tensor([[0.5, 0.3, float("-inf")]], dtype=torch.float64).log()   # two entries, one padding
+    q = torch.softmax(z.detach(), -1)[0]
+    want = abs(0.5 - q[0]) + abs(0.3 - q[1]) + abs(0.2 - (1 - q[0] - q[1]))
+    assert torch.isclose(losses.uld_loss(z, lp, None), want)
+    tail = torch.tensor([0.1], dtype=torch.float64)                          # a stored tail replaces 1 - sum
+    want = abs(0.5 - q[0]) + abs(0.3 - q[1]) + abs(0.1 - (1 - q[0] - q[1]))
+    assert torch.isclose(losses.uld_loss(z, lp, None, teacher_tail=tail), want)
+    assert losses.uld_loss(z, lp, torch.zeros(1)).item() == 0.0
+
+
+def test_cross_tokenizer_refuses_estimated_encodings(tmp_path, tiny_teacher, teacher_tok, other_tok):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    run_capture(CaptureJob(encoding="sampled", cache=str(tmp_path / "c"), teacher=str(tiny_teacher), backend="hf",
+                           mode="score", source=str(tmp_path / "t.jsonl"), top_k=8, progress=False))
+    stream = CacheStream(str(tmp_path / "c"), 32, 1, packing=False, rank=0, world_size=1)
+    with pytest.raises(LogitcacheError, match="exact sparse rows .* not sampled"):
+        CrossTokenizer(stream, teacher_tok, other_tok)
+    with pytest.raises(LogitcacheError, match="packing=False"):
+        CrossTokenizer(CacheStream(str(tmp_path / "c"), 32, 1, rank=0, world_size=1), teacher_tok, other_tok)
+
+
+@pytest.fixture(scope="module")
+def other_student(tmp_path_factory, other_tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("other-student")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(other_tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 tie_word_embeddings=True)).save_pretrained(d)
+    other_tok.save_pretrained(d)
+    return str(d)
+
+
+def run_train(*args):
+    from click.testing import CliRunner
+
+    from student_train.cli import cli
+
+    return CliRunner().invoke(cli, [*map(str, args), "--no-progress"], catch_exceptions=False)
+
+
+def test_student_train_with_another_tokenizer(text_cache, other_student, tmp_path):
+    out = tmp_path / "run"
+    r = run_train(text_cache, "--out", out, "--student", other_student, "--max-steps", 3, "--seq-len", 64,
+                  "--batch-size", 4, "--eval-frac", 0.2, "--ce-alpha", 0.5, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    stats = report["cross_tokenizer"]
+    assert stats["student_positions"] > stats["aligned"] > 0 and 0 < stats["aligned_share"] < 1
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"step"' in line]
+    assert [s["step"] for s in log if "loss" in s] == [1, 2, 3]
+    assert all(np.isfinite(s["loss"]) and s["kd"] > 0 and s["ce"] > 0 for s in log if "loss" in s)
+    assert report["eval_end"]["tokens"] > 0 and np.isfinite(report["eval_end"]["perplexity"])
+    assert (out / "vocab_map.npz").exists()
+    # run again: the map beside the run is read back; one built for other tokenizers is refused
+    r = run_train(text_cache, "--out", out, "--student", other_student, "--max-steps", 3, "--seq-len", 64,
+                  "--batch-size", 4, "--eval-frac", 0.2, "--ce-alpha", 0.5)
+    assert r.exit_code == 0, r.output
+    from logitcache.align import VocabMap
+
+    VocabMap(np.zeros(3, np.int64), 3, "x", "y").save(out / "vocab_map.npz")
+    r = run_train(text_cache, "--out", out, "--student", other_student, "--max-steps", 3, "--seq-len", 64,
+                  "--batch-size", 4, "--eval-frac", 0.2, "--ce-alpha", 0.5)
+    assert r.exit_code == 1 and "vocab_map.npz was built for other tokenizers" in r.output
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layer-map", "0:-1"], "--layer-map: not supported with a student whose tokenizer differs"),
+    (["--fused-loss", "on"], "--fused-loss on: not supported with a student whose tokenizer differs"),
+    (["--teacher-tokenizer", "{student}"], "not the tokenizer the cache was written with"),
+])
+def test_student_train_refusals_with_another_tokenizer(text_cache, other_student, tmp_path, flags, message):
+    r = run_train(text_cache, "--out", tmp_path / "run", "--student", other_student, "--max-steps", 1,
+                  *[f.format(student=other_student) for f in flags])
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
