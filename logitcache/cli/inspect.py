@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .common import echo_json, handle_errors, parse_storage_options, storage_options_option
@@ -17,9 +19,17 @@ from .common import echo_json, handle_errors, parse_storage_options, storage_opt
 @click.option("--verify", is_flag=True, help="Recompute every shard checksum (exit code 3 names a corrupt shard).")
 @click.option("--partial", is_flag=True, help="Read a cache whose capture is running or was never finalized.")
 @click.option("--no-token-stats", is_flag=True, help="Skip the token-level pass (entropy, top-k mass).")
+@click.option("--student-tokenizer", type=click.Path(file_okay=False), default=None,
+              help="How the samples align with this other tokenizer (a directory with its files): the shares a "
+                   "student-train run with it would report (docs/training.md).")
+@click.option("--teacher-tokenizer", type=click.Path(file_okay=False), default=None,
+              help="With --student-tokenizer: the teacher's tokenizer directory.  [default: the teacher's directory]")
+@click.option("--align-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="With --student-tokenizer: how many samples (the first) to align.")
 @storage_options_option
 @handle_errors
-def inspect(cache, as_json, plot, verify, partial, no_token_stats, selection, storage_options):
+def inspect(cache, as_json, plot, verify, partial, no_token_stats, selection, storage_options, student_tokenizer,
+            teacher_tokenizer, align_samples):
     """Summarise CACHE: teacher, tokenizer, capture settings, sizes (bytes/token per array) and the
     distribution of the teacher's entropy.
 
@@ -28,6 +38,7 @@ def inspect(cache, as_json, plot, verify, partial, no_token_stats, selection, st
       logitcache inspect ./cache --verify
       logitcache inspect ./cache --plot entropy.png
       logitcache inspect ./cache --selection hard.parquet --plot hard.png   # selection vs cache
+      logitcache inspect ./cache --student-tokenizer ./qwen-student          # aligned share, mapped mass
     """
     from ..report.summary import plot as draw, render_text, summarize
     from ..store.reader import open_cache
@@ -36,6 +47,8 @@ def inspect(cache, as_json, plot, verify, partial, no_token_stats, selection, st
     s = summarize(c, token_stats=not no_token_stats or bool(plot), selection=selection)
     if verify:
         s["verified_shards"] = len(c.shards)
+    if student_tokenizer:
+        s["alignment"] = _alignment(c, student_tokenizer, teacher_tokenizer, align_samples)
     if plot:
         if "token_stats" not in s:
             raise click.UsageError("--plot needs scored tokens; this cache has none")
@@ -45,7 +58,41 @@ def inspect(cache, as_json, plot, verify, partial, no_token_stats, selection, st
         echo_json(s)
     else:
         click.echo(render_text(s))
+        if student_tokenizer:
+            a = s["alignment"]
+            click.echo(f"alignment    {student_tokenizer}: {a['aligned']} of {a['student_positions']} student positions "
+                       f"aligned ({100 * a['aligned_share']:.1f}%) over {a['samples']} samples; {a['mapped']} with a "
+                       f"mapped entry, mean mapped mass {a['mapped_mass']:.3f}; {100 * a['vocab_mapped_share']:.1f}% "
+                       "of teacher ids map")
         if verify:
             click.echo(f"verified     {len(c.shards)} shard checksum(s) OK")
         if plot:
             click.echo(f"plot         {plot}")
+
+
+def _alignment(cache, student_dir: str, teacher_dir: str | None, samples: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from ..align.stats import alignment_stats
+    from ..format.errors import LogitcacheError
+    from ..format.fingerprint import vocab_sha256
+
+    def load(flag: str, where: str):
+        try:
+            return AutoTokenizer.from_pretrained(where)
+        except Exception as e:
+            raise LogitcacheError(f"{flag} {where}: could not load a tokenizer ({type(e).__name__}: {e})") from None
+
+    if teacher_dir is None:
+        from ..teacher.identity import resolve_teacher
+
+        source = cache.manifest.teacher.source
+        try:
+            teacher_dir = source if source and os.path.isdir(source) else str(resolve_teacher(cache.manifest.teacher.name).path)
+        except Exception as e:
+            raise LogitcacheError(f"--student-tokenizer: the cache's teacher {cache.manifest.teacher.name!r} is not at "
+                                  f"{source!r} ({e}); pass --teacher-tokenizer DIR") from None
+    teacher = load("--teacher-tokenizer", teacher_dir)
+    if vocab_sha256(teacher) != cache.manifest.tokenizer.vocab_sha256:
+        raise LogitcacheError(f"--teacher-tokenizer {teacher_dir}: not the tokenizer the cache was written with")
+    return alignment_stats(cache, teacher, load("--student-tokenizer", student_dir), samples)

@@ -235,3 +235,26 @@ def test_student_train_refusals_with_another_tokenizer(text_cache, other_student
     r = run_train(text_cache, "--out", tmp_path / "run", "--student", other_student, "--max-steps", 1,
                   *[f.format(student=other_student) for f in flags])
     assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+
+
+def test_inspect_reports_the_shares_a_training_run_sees(text_cache, teacher_tok, other_tok, other_student,
+                                                        tiny_teacher):
+    from click.testing import CliRunner
+
+    from logitcache.cli.main import cli
+
+    stream = CacheStream(text_cache, 128, len(TEXTS), packing=False, shuffle=False, rank=0, world_size=1)
+    conv = CrossTokenizer(stream, teacher_tok, other_tok, "hybrid")
+    conv.convert(next(iter(stream)))
+    want = conv.stats()
+    r = CliRunner().invoke(cli, ["inspect", text_cache, "--json", "--no-token-stats", "--student-tokenizer",
+                                 other_student], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)["alignment"]
+    assert got["samples"] == len(TEXTS) and want["truncated_samples"] == 0
+    for key in ("student_positions", "aligned", "mapped"):
+        assert got[key] == want[key], key
+    assert got["mapped_mass"] == pytest.approx(want["mapped_mass"], rel=1e-5)
+    r = CliRunner().invoke(cli, ["inspect", text_cache, "--no-token-stats", "--student-tokenizer", other_student,
+                                 "--teacher-tokenizer", other_student])
+    assert r.exit_code == 1 and "not the tokenizer the cache was written with" in r.output
