@@ -166,7 +166,7 @@ class CrossTokenizer:
             p = np.where(present, np.exp(t_lp.astype(np.float64)), 0.0)
             lost = np.where(ok, 0.0, p).sum(-1)                                   # mass with no student token
             if t_tail_all is not None:
-                tail[b, pos] = t_tail_all[b, rows] + lost
+                tail[b, pos] = np.minimum(t_tail_all[b, rows] + lost, 1.0)      # stored values are rounded
                 ranked_tail[b, pos] = t_tail_all[b, rows]
             has_map = ok.any(-1)
             use_uld[b, pos] = True if self.loss == "uld" else (~has_map if self.loss == "hybrid" else False)

@@ -140,6 +140,10 @@ def test_chat_samples_use_the_students_template(chat_cache, teacher_tok, other_t
     ce = np.flatnonzero(out["labels"][0].numpy() >= 0)
     assert s_ends[ce].min() >= start - 1
     assert out["teacher"].tail is not None                  # compact: stored tail + unmapped mass
+    # stored values are rounded: a tail plus the unmapped mass may pass 1, and is kept a probability
+    batch["teacher"].tail[batch["loss_mask"]] = 1.0
+    tail = conv.convert(batch)["teacher"].tail
+    assert tail.max() == 1.0 and tail.min() >= 0
 
 
 def test_uld_equals_a_direct_computation_over_the_whole_vocabulary():
