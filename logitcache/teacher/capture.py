@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -454,24 +455,23 @@ def run_capture(job: CaptureJob) -> CaptureSummary:
 
 def _run_capture(job: CaptureJob, lock: CacheLock, t0: float) -> CaptureSummary:
     plan = plan_capture(job)
-    cfs, part, cfg, key = plan.cfs, plan.part, plan.header.capture, plan.input.key
-    # the engine loads before anything is written, so a teacher that fails to load pins no settings
+    cfs, part, key = plan.cfs, plan.part, plan.input.key
+    # the engines load before anything is written, so a teacher that fails to load pins no settings
     if plan.todo and job.progress:
         print(f"backend: {plan.backend} ({plan.backend_reason})", file=sys.stderr)
-    backend = _make_backend(plan.backend, job, plan.teacher, plan.header.teacher.dtype,
-                            plan.header.teacher.max_length, cfg.hidden_layers) if plan.todo else None
+    shards = None
+    if plan.todo:
+        shards = LocalShards(job, plan)
     save_part(cfs, part)              # the planned shards are known to finalize from now on
     remove_orphans(cfs, part, only={layout.shard_name(key, j) for j in plan.todo})
     log.info("worker %d/%d: %d shard(s) planned, %d already committed", job.worker_index, job.num_workers,
              len(plan.mine), len(plan.mine) - len(plan.todo))
 
     totals = dict(samples=0, tokens=0, scored=0, skipped=0)
-    if backend is not None:
-        tk = Tokenize(plan.tokenizer, cfg.system_prompt)
+    if shards is not None:
         bar = _progress(job.progress, f"worker {job.worker_index}")
         try:
-            for n, j in enumerate(plan.todo, start=1):
-                record, skipped = capture_shard(plan, backend, tk, j, bar)
+            for n, (record, skipped) in enumerate(shards.run(bar), start=1):
                 part.shards.append(record)
                 part.skipped.extend(skipped)
                 save_part(cfs, part)                      # the commit point of this shard
@@ -484,7 +484,7 @@ def _run_capture(job: CaptureJob, lock: CacheLock, t0: float) -> CaptureSummary:
         finally:
             if bar is not None:
                 bar.close()
-            backend.close()
+            shards.close()
 
     part.part.finished = True
     save_part(cfs, part)
@@ -502,6 +502,28 @@ def _run_capture(job: CaptureJob, lock: CacheLock, t0: float) -> CaptureSummary:
         stored = Cache(cfs, state).stored_bytes()
         summary.bytes_per_token = {k: v / max(state.num_tokens, 1) for k, v in stored.items()}
     return summary
+
+
+class LocalShards:
+    """One engine in this process that captures a plan's shards one after another. Built before
+    anything is written: loading the teacher is what fails most."""
+
+    def __init__(self, job: CaptureJob, plan: CapturePlan):
+        self.plan = plan
+        self.backend = _make_backend(plan.backend, job, plan.teacher, plan.header.teacher.dtype,
+                                     plan.header.teacher.max_length, plan.header.capture.hidden_layers)
+        self.tk = Tokenize(plan.tokenizer, plan.header.capture.system_prompt)
+
+    def capture(self, j: int, bar=None) -> tuple[ShardRecord, list]:
+        return capture_shard(self.plan, self.backend, self.tk, j, bar)
+
+    def run(self, bar) -> Iterator[tuple[ShardRecord, list]]:
+        """Each pending shard of the plan, in order, written and published (not yet recorded)."""
+        for j in self.plan.todo:
+            yield self.capture(j, bar)
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar) -> tuple[ShardRecord, list]:
