@@ -23,9 +23,10 @@ TEXTS = [f"Sentence {i}: " + " ".join(["the quick brown fox jumps over the lazy 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    """One local Ray for the module; the executor uses the process's Ray when there is one. Its workers
-    inherit this process's environment (PYTHONPATH, HF_HUB_OFFLINE)."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    """One new local Ray for the module ("local": never a cluster `ray start` left running); the executor
+    uses the process's Ray when there is one. Its workers inherit this process's environment
+    (PYTHONPATH, HF_HUB_OFFLINE)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
 
