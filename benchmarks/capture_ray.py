@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "capture_ray.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "capture_ray.md").write_text("\n".join(lines) + "\n")
+    shutil.rmtree(work)
     print("\n".join(lines))
 
 
