@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import click
 
@@ -130,6 +132,25 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
               help="Workers sharing this input [default: $WORLD_SIZE, $SLURM_NTASKS or 1].")
 @click.option("--worker-index", type=int, default=None,
               help="This worker's index [default: $RANK, $SLURM_PROCID, $JOB_COMPLETION_INDEX (Kubernetes) or 0].")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Who runs the engines. local: this process, one engine (many machines: --num-workers). ray: one "
+                   "engine per Ray actor; a free actor takes the next shard, a shard whose actor dies is retried on "
+                   "another; the driver records every shard (docs/distributed.md). Needs logitcache[ray]; "
+                   "--num-workers and the worker variables ($RANK, ...) do not apply.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="--executor ray: the cluster to join, e.g. ray://head:10001, or auto (the one `ray start` runs "
+                   "on this machine) [default: $RAY_ADDRESS, else a new local Ray with this machine's CPUs and GPUs].")
+@click.option("--ray-actors", type=int, default=None,
+              help="--executor ray: engines to start [default: as many as the cluster's GPUs hold at "
+                   "--ray-gpus-per-actor each; on a cluster without GPUs, its CPUs at --ray-cpus-per-actor].")
+@click.option("--ray-gpus-per-actor", type=float, default=None,
+              help="--executor ray: GPUs of each engine [default: --tensor-parallel-size on a cluster with GPUs, "
+                   "else 0].")
+@click.option("--ray-cpus-per-actor", type=float, default=1.0, show_default=True,
+              help="--executor ray: CPUs of each engine (its torch threads when it runs on CPUs).")
+@click.option("--ray-max-retries", type=int, default=3, show_default=True,
+              help="--executor ray: further attempts of a shard whose actor died or failed, before the run stops "
+                   "(the same command resumes).")
 @click.option("--dtype", default="auto", show_default=True, help="Teacher compute dtype: auto, float32, bfloat16, float16.")
 @click.option("--device", default="auto", show_default=True, help="hf backend device: auto, cpu, cuda, cuda:1, ...")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True,
@@ -160,7 +181,8 @@ def capture(cache, as_json, no_progress, num_workers, worker_index, rollout_info
 
     Re-running the same command resumes: committed shards are skipped. Many workers (nodes, GPUs)
     can write one cache: each takes the shards j with j % num_workers == worker_index, and the last
-    one to finish writes manifest.json.
+    one to finish writes manifest.json. With --executor ray, one command drives engines on a Ray
+    cluster instead: free actors take the next shard, and a failed shard is retried elsewhere.
 
     \b
     Examples:
@@ -168,10 +190,14 @@ def capture(cache, as_json, no_progress, num_workers, worker_index, rollout_info
       logitcache capture ./cache --mode score --input corpus.parquet --text-column text --hidden-layers -1
       logitcache capture ./round0 --mode score --input rollouts.jsonl --rollout-info round0.json
       srun logitcache capture s3://bucket/cache --input prompts.jsonl   # workers from $SLURM_*
+      logitcache capture s3://bucket/cache --input prompts.jsonl --executor ray --ray-address ray://head:10001
     """
     from ..teacher.capture import CaptureJob, run_capture
 
     rollout = _rollout_info(rollout_info)
+    if opts["executor"] == "ray":         # Ray hands out the shards: the worker variables do not apply
+        num_workers = 1 if num_workers is None else num_workers
+        worker_index = 0 if worker_index is None else worker_index
     if (num_workers is None and os.environ.get("JOB_COMPLETION_INDEX", "").strip()
             and not any(os.environ.get(v, "").strip() for v in ("WORLD_SIZE", "SLURM_NTASKS"))):
         raise click.UsageError("JOB_COMPLETION_INDEX is set (a Kubernetes indexed Job) but the number of workers is "
@@ -182,12 +208,16 @@ def capture(cache, as_json, no_progress, num_workers, worker_index, rollout_info
         worker_index=worker_index if worker_index is not None else _worker_default(
             ("RANK", "SLURM_PROCID", "JOB_COMPLETION_INDEX"), 0),
         **opts)
-    summary = run_capture(job)
+    # stdout carries the summary alone: what engines or Ray print meanwhile (Ray prints a dead worker's
+    # message to stdout) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = run_capture(job)
     if as_json:
         echo_json(summary.to_dict())
         return
     s = summary
-    click.echo(f"worker {s.worker_index}/{s.num_workers}: wrote {s.shards_written} shard(s), "
+    who = "ray" if job.executor == "ray" else f"worker {s.worker_index}/{s.num_workers}"
+    click.echo(f"{who}: wrote {s.shards_written} shard(s), "
                f"{s.shards_already_committed} already committed; {s.samples} samples, {s.tokens} tokens "
                f"({s.scored_tokens} scored), {s.skipped} skipped; {s.wall_seconds:.1f} s: "
                f"{s.tokens_per_second:.0f} tokens/s, {s.scored_tokens / max(s.wall_seconds, 1e-9):.0f} scored tokens/s")

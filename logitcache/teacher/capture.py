@@ -2,7 +2,9 @@
 
 The input's rows are cut into shards of ``samples_per_shard`` rows; shard j belongs to worker
 ``j % num_workers``. The plan depends only on the input and the settings, so a re-run skips what is
-committed and produces the same cache, and N workers produce the same cache as one.
+committed and produces the same cache, and N workers produce the same cache as one. A worker's
+engine runs in its own process (``LocalShards``) or, with ``executor="ray"``, on Ray actors that pull
+shards as they become free (ray_executor.py); either way the worker's process records every shard.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -100,6 +103,14 @@ class CaptureJob:
     storage_options: dict | None = None
     progress: bool = True
     rollout: dict | None = None            # 1.4: the on-policy round's record (manifest ``rollout``; --rollout-info)
+    # who runs the engines (docs/distributed.md): "local" = this process; "ray" = actors of a Ray cluster,
+    # shards handed out as actors become free (logitcache/teacher/ray_executor.py)
+    executor: str = "local"
+    ray_address: str | None = None         # None: $RAY_ADDRESS, else a new local Ray with this machine's CPUs
+    ray_actors: int | None = None          # None: as many as the cluster's GPUs (or CPUs) hold
+    ray_gpus_per_actor: float | None = None  # None: --tensor-parallel-size on a cluster with GPUs, else 0
+    ray_cpus_per_actor: float = 1.0
+    ray_max_retries: int = 3               # further attempts of a shard whose actor died or raised
 
 
 @dataclass
@@ -168,9 +179,42 @@ def validate(job: CaptureJob) -> None:
             bad(f"--engine-arg {key}", f"logitcache sets this itself ({owner}); leave it out")
     if job.rollout is not None:
         check_rollout(job.rollout, "--rollout-info")
+    validate_executor(job)
     if job.attention_layers and choose_backend(job.backend)[0] == "vllm":
         bad("--attention-layers", "the vllm backend does not capture attention queries and keys (its attention "
                                   "runs in fused kernels); use --backend hf")
+
+
+EXECUTORS = ("local", "ray")
+RAY_DEFAULTS = {"ray_address": None, "ray_actors": None, "ray_gpus_per_actor": None, "ray_cpus_per_actor": 1.0,
+                "ray_max_retries": 3}
+
+
+def validate_executor(job: CaptureJob) -> None:
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    if job.executor not in EXECUTORS:
+        raise LogitcacheError(f"--executor: {job.executor!r} is not one of {', '.join(EXECUTORS)}")
+    if job.executor != "ray":
+        for name, default in RAY_DEFAULTS.items():
+            if getattr(job, name) != default:
+                raise LogitcacheError(f"{flag(name)}: only with --executor ray")
+        return
+    if (job.num_workers, job.worker_index) != (1, 0):
+        raise LogitcacheError("--num-workers/--worker-index: --executor ray hands the shards to its actors itself; "
+                              "leave both out")
+    if job.ray_actors is not None and job.ray_actors < 1:
+        raise LogitcacheError(f"--ray-actors: must be >= 1, got {job.ray_actors}")
+    if job.ray_gpus_per_actor is not None and job.ray_gpus_per_actor < 0:
+        raise LogitcacheError(f"--ray-gpus-per-actor: must be >= 0, got {job.ray_gpus_per_actor}")
+    if job.ray_gpus_per_actor is not None and 0 < job.ray_gpus_per_actor < job.tensor_parallel_size:
+        raise LogitcacheError(f"--ray-gpus-per-actor {job.ray_gpus_per_actor:g}: an engine with "
+                              f"--tensor-parallel-size {job.tensor_parallel_size} needs that many GPUs")
+    if job.ray_cpus_per_actor <= 0:
+        raise LogitcacheError(f"--ray-cpus-per-actor: must be > 0, got {job.ray_cpus_per_actor:g}")
+    if job.ray_max_retries < 0:
+        raise LogitcacheError(f"--ray-max-retries: must be >= 0, got {job.ray_max_retries}")
 
 
 def check_rollout(rollout, where: str) -> None:
@@ -453,25 +497,39 @@ def run_capture(job: CaptureJob) -> CaptureSummary:
 
 
 def _run_capture(job: CaptureJob, lock: CacheLock, t0: float) -> CaptureSummary:
+    cluster = None
+    if job.executor == "ray":
+        from .ray_executor import RayCluster
+
+        cluster = RayCluster.connect(job)
+        job = cluster.job                 # --device auto resolved to what the actors have
+    try:
+        return _capture_planned(job, lock, t0, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _capture_planned(job: CaptureJob, lock: CacheLock, t0: float, cluster) -> CaptureSummary:
     plan = plan_capture(job)
-    cfs, part, cfg, key = plan.cfs, plan.part, plan.header.capture, plan.input.key
-    # the engine loads before anything is written, so a teacher that fails to load pins no settings
+    cfs, part, key = plan.cfs, plan.part, plan.input.key
+    # the engines load before anything is written, so a teacher that fails to load pins no settings
     if plan.todo and job.progress:
         print(f"backend: {plan.backend} ({plan.backend_reason})", file=sys.stderr)
-    backend = _make_backend(plan.backend, job, plan.teacher, plan.header.teacher.dtype,
-                            plan.header.teacher.max_length, cfg.hidden_layers) if plan.todo else None
+    shards = None
+    if plan.todo:
+        shards = cluster.start(plan, engine_for_plan) if cluster is not None else LocalShards(job, plan)
     save_part(cfs, part)              # the planned shards are known to finalize from now on
     remove_orphans(cfs, part, only={layout.shard_name(key, j) for j in plan.todo})
     log.info("worker %d/%d: %d shard(s) planned, %d already committed", job.worker_index, job.num_workers,
              len(plan.mine), len(plan.mine) - len(plan.todo))
 
     totals = dict(samples=0, tokens=0, scored=0, skipped=0)
-    if backend is not None:
-        tk = Tokenize(plan.tokenizer, cfg.system_prompt)
-        bar = _progress(job.progress, f"worker {job.worker_index}")
+    if shards is not None:
+        bar = _progress(job.progress, "ray" if cluster is not None else f"worker {job.worker_index}")
         try:
-            for n, j in enumerate(plan.todo, start=1):
-                record, skipped = capture_shard(plan, backend, tk, j, bar)
+            # the driver alone records shards, whichever executor captured them (docs/distributed.md)
+            for n, (record, skipped) in enumerate(shards.run(bar), start=1):
                 part.shards.append(record)
                 part.skipped.extend(skipped)
                 save_part(cfs, part)                      # the commit point of this shard
@@ -484,7 +542,7 @@ def _run_capture(job: CaptureJob, lock: CacheLock, t0: float) -> CaptureSummary:
         finally:
             if bar is not None:
                 bar.close()
-            backend.close()
+            shards.close()
 
     part.part.finished = True
     save_part(cfs, part)
@@ -502,6 +560,51 @@ def _run_capture(job: CaptureJob, lock: CacheLock, t0: float) -> CaptureSummary:
         stored = Cache(cfs, state).stored_bytes()
         summary.bytes_per_token = {k: v / max(state.num_tokens, 1) for k, v in stored.items()}
     return summary
+
+
+class LocalShards:
+    """The local executor: one engine in this process captures shards one after another (each Ray
+    actor holds one too, ray_executor.py). Built before anything is written: loading the teacher is
+    what fails most."""
+
+    def __init__(self, job: CaptureJob, plan: CapturePlan):
+        self.plan = plan
+        self.backend = _make_backend(plan.backend, job, plan.teacher, plan.header.teacher.dtype,
+                                     plan.header.teacher.max_length, plan.header.capture.hidden_layers)
+        self.tk = Tokenize(plan.tokenizer, plan.header.capture.system_prompt)
+
+    def capture(self, j: int, bar=None) -> tuple[ShardRecord, list]:
+        return capture_shard(self.plan, self.backend, self.tk, j, bar)
+
+    def run(self, bar) -> Iterator[tuple[ShardRecord, list]]:
+        """Each pending shard of the plan, in order, written and published (not yet recorded)."""
+        for j in self.plan.todo:
+            yield self.capture(j, bar)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def plan_for_this_machine(job: CaptureJob, plan: CapturePlan, where: str) -> CapturePlan:
+    """A driver's plan (shipped without its tokenizer) for an engine on another machine: the teacher
+    and tokenizer resolved there, refused unless they are those the plan's header records."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_teacher(job.teacher)
+    header = plan.header
+    fingerprint = describe_teacher(resolved, plan.backend, header.teacher.dtype, job.max_length).fingerprint
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    for what, theirs, here in (("weights", header.teacher.fingerprint, fingerprint),
+                               ("tokenizer", header.tokenizer, tokenizer_info(tokenizer, _generation_eos(resolved.path)))):
+        if theirs != here:
+            raise ConfigMismatchError(f"--teacher {job.teacher}: the teacher's {what} on {where} differ from those "
+                                      f"the driver planned with; every machine needs the same teacher files")
+    return replace(plan, teacher=resolved, tokenizer=tokenizer)
+
+
+def engine_for_plan(job: CaptureJob, plan: CapturePlan, where: str) -> LocalShards:
+    """The engine of a Ray actor (``where``) for the driver's plan."""
+    return LocalShards(job, plan_for_this_machine(job, plan, where))
 
 
 def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar) -> tuple[ShardRecord, list]:
