@@ -51,6 +51,13 @@ from logitcache.cli.common import echo_json, handle_errors, parse_storage_option
 @click.option("--entropy-below", type=float, help="... or below this.")
 @click.option("--entropy-top-frac", type=float, help="... or only the top fraction of each batch's tokens by entropy.")
 @click.option("--entropy-bottom-frac", type=float, help="... or the bottom fraction.")
+@click.option("--token-select", type=click.Choice(["all", "teacher-entropy", "student-entropy", "random"]),
+              help="Distil only the --top-frac of loss positions with the highest score: the student's entropy "
+                   "(from the same forward pass; SE-KD), the teacher's stored entropy, or a random draw; CE "
+                   "(--ce-alpha) stays on every position.  [default: all]")
+@click.option("--top-frac", type=float, help="With --token-select: the share of positions distilled, e.g. 0.2.")
+@click.option("--select-per", type=click.Choice(["batch", "sequence"]),
+              help="With --token-select: the share counted over each micro-batch or each row.  [default: batch]")
 @click.option("--offpolicy-cache", help="GKD mix: CACHE is a round cache of the student's samples and the rest of each "
                                          "batch comes from this teacher-response cache, trained with forward KL.")
 @click.option("--onpolicy-frac", type=float, help="The share lambda of each batch's rows from CACHE when "
