@@ -7,7 +7,7 @@ the training samples), with the chat template's special tokens. The student is t
 head) is the mean of the teacher embeddings of the teacher tokens of its text.
 
 At equal steps, one seed, the same rows: CE only, and cross-tokenizer KD with each
-``--cross-tokenizer-loss`` (map, uld, hybrid), each with CE at ``--ce-alpha``. Held-out: the same
+``--cross-tokenizer-loss`` (map, uld, map+uld), each with CE at ``--ce-alpha``. Held-out: the same
 held-out split of the cache for every run: the student's perplexity on its own tokens and the forward
 KL over the mapped entries (one measure for every run, docs/training.md). Writes
 benchmarks/results/cross_tokenizer.json and .md.
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--ce-alpha", type=float, default=0.5)
     ap.add_argument("--eval-frac", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--losses", default="ce,map,uld,hybrid")
+    ap.add_argument("--losses", default="ce,map,uld,map+uld")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer

@@ -98,11 +98,11 @@ from logitcache.cli.common import echo_json, handle_errors, parse_storage_option
               help="LM head and loss computed chunk by chunk of rows, never the (B, T, V) logits; auto = when a "
                    "micro-batch's logits would fill over a quarter of the device's memory and the student's head "
                    "allows it (docs/training.md).  [default: auto]")
-@click.option("--cross-tokenizer-loss", type=click.Choice(["hybrid", "map", "uld"]),
+@click.option("--cross-tokenizer-loss", type=click.Choice(["map+uld", "map", "uld"]),
               help="A --student whose tokenizer is not the teacher's: map = the --loss divergence over the teacher "
                    "entries that have a student token (same bytes), the rest of the mass as the tail bucket; uld = "
-                   "Universal Logit Distillation (sorted probabilities, no mapping); hybrid = map where an entry "
-                   "maps, ULD where none does (docs/training.md).  [default: hybrid]")
+                   "Universal Logit Distillation (sorted probabilities, no mapping); map+uld = map where an entry "
+                   "maps, ULD where none does (docs/training.md).  [default: map+uld]")
 @click.option("--teacher-tokenizer", type=click.Path(file_okay=False),
               help="The teacher's tokenizer directory, for a student with another tokenizer when the cache's teacher "
                    "is not on this machine.  [default: the teacher's directory]")

@@ -73,7 +73,7 @@ class TrainConfig:
     fused_loss: str = "auto"                    # auto | on | off: LM head + loss chunk by chunk (linear_loss)
     resume: bool = True                         # continue from out/checkpoint when it exists
     storage_options: dict = field(default_factory=dict)  # fsspec options of every cache (S3 endpoint, ...)
-    cross_tokenizer_loss: str = "hybrid"        # a student with another tokenizer: hybrid | map | uld (cross_tokenizer.py)
+    cross_tokenizer_loss: str = "map+uld"       # a student with another tokenizer: map+uld | map | uld (cross_tokenizer.py)
     teacher_tokenizer: str | None = None        # ... and where the teacher's tokenizer is (default: the teacher's directory)
 
     def __post_init__(self):
@@ -125,7 +125,7 @@ class TrainConfig:
             bad("precision", f"{self.precision!r}: choose auto, fp32 or bf16")
         for name, choices in (("attention", ("auto", "flash", "flex", "sdpa", "dense")), ("parallel", ("ddp", "fsdp")),
                               ("fused_loss", ("auto", "on", "off")),
-                              ("cross_tokenizer_loss", ("hybrid", "map", "uld"))):
+                              ("cross_tokenizer_loss", ("map+uld", "map", "uld"))):
             if getattr(self, name) not in choices:
                 bad(name, f"{getattr(self, name)!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
         if self.hidden_loss not in ("cosine", "mse"):
