@@ -7,7 +7,7 @@ the training samples), with the chat template's special tokens. The student is t
 head) is the mean of the teacher embeddings of the teacher tokens of its text.
 
 At equal steps, one seed, the same rows: CE only, and cross-tokenizer KD with each
-``--cross-tokenizer-loss`` (map, uld, hybrid), each with CE at ``--ce-alpha``. Held-out: the same
+``--cross-tokenizer-loss`` (map, uld, map+uld), each with CE at ``--ce-alpha``. Held-out: the same
 held-out split of the cache for every run: the student's perplexity on its own tokens and the forward
 KL over the mapped entries (one measure for every run, docs/training.md). Writes
 benchmarks/results/cross_tokenizer.json and .md.
@@ -134,8 +134,13 @@ def main() -> None:
     ap.add_argument("--ce-alpha", type=float, default=0.5)
     ap.add_argument("--eval-frac", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--losses", default="ce,map,uld,hybrid")
+    ap.add_argument("--losses", default="ce,map,uld,map+uld")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md and docs/results.md from the JSON")
+    ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args()
+    if args.render_only:
+        render(json.loads((RESULTS / "cross_tokenizer.json").read_text()), not args.no_docs)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
@@ -166,8 +171,19 @@ def main() -> None:
               "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cross_tokenizer.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / "cross_tokenizer.md").write_text(markdown(result))
-    print(markdown(result))
+    render(result, not args.no_docs)
+
+
+def render(result: dict, docs: bool) -> None:
+    md = markdown(result)
+    (RESULTS / "cross_tokenizer.md").write_text(md)
+    if docs:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from generated import write_block
+
+        write_block(ROOT / "docs" / "results.md", "cross-tokenizer", md,
+                    heading="## A student with another tokenizer (benchmarks/cross_tokenizer.py)")
+    print(md)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,13 @@ from logitcache.cli.common import echo_json, handle_errors, parse_storage_option
 @click.option("--entropy-below", type=float, help="... or below this.")
 @click.option("--entropy-top-frac", type=float, help="... or only the top fraction of each batch's tokens by entropy.")
 @click.option("--entropy-bottom-frac", type=float, help="... or the bottom fraction.")
+@click.option("--token-select", type=click.Choice(["all", "teacher-entropy", "student-entropy", "random"]),
+              help="Distil only the --top-frac of loss positions with the highest score: the student's entropy "
+                   "(from the same forward pass; SE-KD), the teacher's stored entropy, or a random draw; CE "
+                   "(--ce-alpha) stays on every position.  [default: all]")
+@click.option("--top-frac", type=float, help="With --token-select: the share of positions distilled, e.g. 0.2.")
+@click.option("--select-per", type=click.Choice(["batch", "sequence"]),
+              help="With --token-select: the share counted over each micro-batch or each row.  [default: batch]")
 @click.option("--offpolicy-cache", help="GKD mix: CACHE is a round cache of the student's samples and the rest of each "
                                          "batch comes from this teacher-response cache, trained with forward KL.")
 @click.option("--onpolicy-frac", type=float, help="The share lambda of each batch's rows from CACHE when "
@@ -91,11 +98,11 @@ from logitcache.cli.common import echo_json, handle_errors, parse_storage_option
               help="LM head and loss computed chunk by chunk of rows, never the (B, T, V) logits; auto = when a "
                    "micro-batch's logits would fill over a quarter of the device's memory and the student's head "
                    "allows it (docs/training.md).  [default: auto]")
-@click.option("--cross-tokenizer-loss", type=click.Choice(["hybrid", "map", "uld"]),
+@click.option("--cross-tokenizer-loss", type=click.Choice(["map+uld", "map", "uld"]),
               help="A --student whose tokenizer is not the teacher's: map = the --loss divergence over the teacher "
                    "entries that have a student token (same bytes), the rest of the mass as the tail bucket; uld = "
-                   "Universal Logit Distillation (sorted probabilities, no mapping); hybrid = map where an entry "
-                   "maps, ULD where none does (docs/training.md).  [default: hybrid]")
+                   "Universal Logit Distillation (sorted probabilities, no mapping); map+uld = map where an entry "
+                   "maps, ULD where none does (docs/training.md).  [default: map+uld]")
 @click.option("--teacher-tokenizer", type=click.Path(file_okay=False),
               help="The teacher's tokenizer directory, for a student with another tokenizer when the cache's teacher "
                    "is not on this machine.  [default: the teacher's directory]")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from logitcache.format.errors import LogitcacheError
 
 
+TOKEN_SELECT = ("all", "teacher-entropy", "student-entropy", "random")   # --token-select
 POLICY_GRADIENT = "policy_gradient"      # --loss: the reverse-KL policy gradient on a round cache (policy.py)
 
 
@@ -44,6 +45,9 @@ class TrainConfig:
     entropy_below: float | None = None
     entropy_top_frac: float | None = None       # ... or the top / bottom fraction of a batch's tokens
     entropy_bottom_frac: float | None = None
+    token_select: str = "all"                   # distil only chosen positions: all | teacher-entropy | student-entropy | random
+    top_frac: float | None = None               # ... the top fraction of them by that score (required unless all)
+    select_per: str = "batch"                   # ... counted per micro-batch or per sequence (row)
     offpolicy_cache: str | None = None          # GKD mix: the rest of each batch from this teacher-response cache
     onpolicy_frac: float = 1.0                  # ... and this fraction (lambda) from CACHE (the round's samples)
     teachers: list = field(default_factory=list)    # more caches over the same samples (multi-teacher)
@@ -69,7 +73,7 @@ class TrainConfig:
     fused_loss: str = "auto"                    # auto | on | off: LM head + loss chunk by chunk (linear_loss)
     resume: bool = True                         # continue from out/checkpoint when it exists
     storage_options: dict = field(default_factory=dict)  # fsspec options of every cache (S3 endpoint, ...)
-    cross_tokenizer_loss: str = "hybrid"        # a student with another tokenizer: hybrid | map | uld (cross_tokenizer.py)
+    cross_tokenizer_loss: str = "map+uld"       # a student with another tokenizer: map+uld | map | uld (cross_tokenizer.py)
     teacher_tokenizer: str | None = None        # ... and where the teacher's tokenizer is (default: the teacher's directory)
 
     def __post_init__(self):
@@ -100,11 +104,28 @@ class TrainConfig:
         for name in ("entropy_top_frac", "entropy_bottom_frac"):
             if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
                 bad(name, f"must be in (0, 1], got {getattr(self, name)}")
+        if self.token_select not in TOKEN_SELECT:
+            bad("token_select", f"{self.token_select!r}: choose {', '.join(TOKEN_SELECT)}")
+        if self.select_per not in ("batch", "sequence"):
+            bad("select_per", f"{self.select_per!r}: choose batch or sequence")
+        if self.top_frac is not None and not 0 < self.top_frac <= 1:
+            bad("top_frac", f"must be in (0, 1], got {self.top_frac}")
+        legacy = [n for n in ("entropy_above", "entropy_below", "entropy_top_frac", "entropy_bottom_frac")
+                  if getattr(self, n) is not None]
+        if self.token_select == "all" and self.top_frac is not None:
+            bad("top_frac", "selects among the positions scored by --token-select: give --token-select "
+                            "student-entropy, teacher-entropy or random")
+        if self.token_select != "all":
+            if self.top_frac is None:
+                bad("token_select", f"{self.token_select} needs --top-frac (the share of positions to distil)")
+            if legacy:
+                bad(legacy[0], f"is a teacher-entropy rule of its own; it cannot be combined with --token-select "
+                               f"{self.token_select}")
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", f"{self.precision!r}: choose auto, fp32 or bf16")
         for name, choices in (("attention", ("auto", "flash", "flex", "sdpa", "dense")), ("parallel", ("ddp", "fsdp")),
                               ("fused_loss", ("auto", "on", "off")),
-                              ("cross_tokenizer_loss", ("hybrid", "map", "uld"))):
+                              ("cross_tokenizer_loss", ("map+uld", "map", "uld"))):
             if getattr(self, name) not in choices:
                 bad(name, f"{getattr(self, name)!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
         if self.hidden_loss not in ("cosine", "mse"):

@@ -20,7 +20,7 @@ the student's own tokens:
 
 ``--cross-tokenizer-loss`` says which loss each aligned position gets: ``map`` (the chosen divergence
 over the mapped entries; a position none of whose entries maps is left out), ``uld`` (ULD everywhere),
-``hybrid`` (the default: ``map`` where at least one entry maps, ULD where none does).
+``map+uld`` (the default: ``map`` where at least one entry maps, ULD where none does).
 
 With the student's tokenizer equal to the teacher's, every position aligns 1:1 and every id maps to
 itself: the targets are the cache's, and the loss equals the direct one (tests/student/test_cross_tokenizer.py).
@@ -44,7 +44,7 @@ from .targets import CrossTokenizerTargets, SparseTargets
 
 log = logging.getLogger(__name__)
 
-CROSS_TOKENIZER_LOSSES = ("hybrid", "map", "uld")
+CROSS_TOKENIZER_LOSSES = ("map+uld", "map", "uld")
 VOCAB_MAP_FILE = "vocab_map.npz"
 
 
@@ -74,7 +74,7 @@ class CrossTokenizer:
     teacher_tokenizer / student_tokenizer: Hugging Face tokenizers. loss: one of ``CROSS_TOKENIZER_LOSSES``.
     """
 
-    def __init__(self, stream, teacher_tokenizer, student_tokenizer, loss: str = "hybrid",
+    def __init__(self, stream, teacher_tokenizer, student_tokenizer, loss: str = "map+uld",
                  vocab_map: VocabMap | None = None, system_prompt: str | None = None):
         if loss not in CROSS_TOKENIZER_LOSSES:
             raise LogitcacheError(f"--cross-tokenizer-loss must be one of {', '.join(CROSS_TOKENIZER_LOSSES)}, "
@@ -169,7 +169,7 @@ class CrossTokenizer:
                 tail[b, pos] = np.minimum(t_tail_all[b, rows] + lost, 1.0)      # stored values are rounded
                 ranked_tail[b, pos] = t_tail_all[b, rows]
             has_map = ok.any(-1)
-            use_uld[b, pos] = True if self.loss == "uld" else (~has_map if self.loss == "hybrid" else False)
+            use_uld[b, pos] = True if self.loss == "uld" else (~has_map if self.loss == "map+uld" else False)
             self.counts["student_positions"] += int(ce.sum())
             self.counts["aligned"] += int(kd.sum())
             self.counts["mapped"] += int(has_map.sum())

@@ -107,7 +107,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitcache.format import LogitcacheError
-from logitcache.format.arrays import (BEHAVIOUR_LOGPROB, FULL_LOGPROBS, TARGET_LOGPROB, absolute_layer,
+from logitcache.format.arrays import (BEHAVIOUR_LOGPROB, FULL_LOGPROBS, SELECTED, TARGET_LOGPROB, absolute_layer,
                                      attention_name, bf16_bits_to_float32)
 from logitcache.format.arrays import attention_layers as attention_layers_of
 from logitcache.format.encodings import SparseRows, TargetRows, as_targets
@@ -355,6 +355,8 @@ class CacheStream(IterableDataset):
                                   "tokens under the student that sampled them come from an on-policy round cache "
                                   "(student-onpolicy)")
         self.token_logprobs = bool(token_logprobs)
+        # 1.6: rows a capture left without a distribution (--positions-from): CE there, no distillation
+        self.has_selected = SELECTED in manifest.arrays
         self.loss_on = loss_on or ("completion" if manifest.capture.mode == "generate" else "scored")
         if self.loss_on not in LOSS_ON:
             raise LogitcacheError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
@@ -663,6 +665,11 @@ class CacheStream(IterableDataset):
             for block in self.attention_layers:
                 for part in ("q", "k"):
                     blocks.take_into(attention_name(block, part), every, flat[f"attn_{part}.{block}"], sorted_dest)
+            if on.any() and self.has_selected:   # labels on every loss row; the rest only where a distribution is
+                loss = _Rows(shards[on], rows[on])
+                flat["labels"][dest[on][loss.order]] = blocks.take("tokens", _Rows(loss.shards, loss.rows + 1,
+                                                                                  loss.order))
+                on[on] = blocks.take(SELECTED, loss)[np.argsort(loss.order)] != 0
             if on.any():
                 loss = _Rows(shards[on], rows[on])
                 dest = dest[on][loss.order]
@@ -790,7 +797,8 @@ class _Blocks:
         names = [*READ_ARRAYS, *(f"hidden/{layer}" for layer in stream.hidden_layers),
                  *(attention_name(b, part) for b in stream.attention_layers for part in ("q", "k")),
                  *([FULL_LOGPROBS] if stream.with_full else []), *stream.encoding.stored_names(),
-                 *([TARGET_LOGPROB, BEHAVIOUR_LOGPROB] if stream.token_logprobs else [])]
+                 *([TARGET_LOGPROB, BEHAVIOUR_LOGPROB] if stream.token_logprobs else []),
+                 *([SELECTED] if stream.has_selected else [])]
         shard = stream._shard_names[next(iter(self.needed))]
         for name in dict.fromkeys(names):
             self.names_on.setdefault(self.block_rows(name, shard), []).append(name)

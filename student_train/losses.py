@@ -780,14 +780,49 @@ def entropy_token_weights(entropy: torch.Tensor, mask: torch.Tensor, *, above: f
         keep &= h < below
     if fracs:
         name, frac = fracs[0]
-        n_valid = int(valid.sum())
-        count = min(n_valid, math.ceil(frac * n_valid - 1e-9))
-        score = h if name == "top_frac" else -h
-        score = score.masked_fill(~valid, _NEG_INF).reshape(-1)
-        keep = torch.zeros_like(valid).reshape(-1)
-        keep[score.topk(count).indices] = True
-        keep = keep.reshape(valid.shape)
+        keep = top_fraction(h if name == "top_frac" else -h, valid, frac) > 0
     return keep.to(entropy.dtype if entropy.dtype in (torch.float32, torch.float64) else torch.float32)
+
+
+SELECT_PER = ("batch", "sequence")
+
+
+def top_fraction(score: torch.Tensor, mask: torch.Tensor, frac: float, per: str = "batch") -> torch.Tensor:
+    """0/1 float32 weights keeping, among the valid positions (``mask`` nonzero), the ceil(frac * n)
+    with the highest ``score``: n counted over the whole batch (``per="batch"``) or over each row
+    (``per="sequence"``, score and mask (B, T)). Ties are broken by position (the earlier first), so the
+    choice is deterministic. score: (N,) or (B, T) float, garbage allowed where invalid."""
+    if per not in SELECT_PER:
+        raise ValueError(f"per must be one of {', '.join(SELECT_PER)}, got {per!r}")
+    if not (isinstance(frac, (int, float)) and 0.0 < frac <= 1.0):
+        raise ValueError(f"frac must be a number in (0, 1], got {frac!r}")
+    if mask.shape != score.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match score shape {tuple(score.shape)}")
+    valid = mask != 0
+    rows = score.reshape(1, -1) if per == "batch" or score.dim() == 1 else score.reshape(score.shape[0], -1)
+    ok = valid.reshape(rows.shape)
+    s = torch.where(ok, rows.detach().float(), torch.full_like(rows, _NEG_INF, dtype=torch.float32))
+    count = torch.ceil(ok.sum(-1, keepdim=True) * frac - 1e-6)                     # (R, 1)
+    # rank of each position within its row: a stable sort by descending score (earlier position first on ties)
+    order = torch.sort(-s, dim=-1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
+    keep = ok & (rank < count)
+    return keep.reshape(score.shape).float()
+
+
+def student_entropy(logits: torch.Tensor, mask: torch.Tensor, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """The student's entropy H(q) = logsumexp(z) - sum softmax(z) z, in nats, at the valid positions of
+    ``mask``: (B, T) float32 (0 elsewhere), no gradient. logits (B, T, V) any float dtype, computed in
+    fp32 ``chunk_rows`` rows at a time (None: all), so no (B, T, V) fp32 copy exists."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    idx = torch.nonzero(mask.reshape(-1) != 0).squeeze(-1)
+    out = torch.zeros(flat.shape[0], dtype=torch.float32, device=logits.device)
+    step = max(idx.numel(), 1) if chunk_rows is None else chunk_rows
+    for s in range(0, idx.numel(), step):
+        z = flat[idx[s:s + step]].float()
+        lse = torch.logsumexp(z, -1)
+        out[idx[s:s + step]] = lse - (torch.softmax(z, -1) * z).sum(-1)
+    return out.reshape(mask.shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,14 +99,31 @@ def check_loss_supported(cfg: TrainConfig, encoding: Encoding, where: str, array
             raise LogitcacheError(f"{where} is a {encoding.name} cache: multi-teacher training needs topk caches")
 
 
-def token_weights(cfg: TrainConfig, batch: dict) -> torch.Tensor:
-    """(B, T) weights of the loss positions: the mask, or the entropy-selected tokens."""
+def token_weights(cfg: TrainConfig, batch: dict, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) 0/1 weights of the distilled positions: the loss mask, or the ``--token-select`` choice among
+    its positions (``--top-frac`` of them per batch or per row by the student's entropy, from ``logits``
+    (B, T, V) of the same forward pass; by the teacher's stored entropy; or at random), or the legacy
+    teacher-entropy thresholds and fractions (``--entropy-*``)."""
     mask = batch["loss_mask"]
+    if cfg.token_select == "student-entropy":
+        if logits is None:
+            raise ValueError("--token-select student-entropy needs the student's logits")
+        return losses.top_fraction(losses.student_entropy(logits, mask), mask, cfg.top_frac, cfg.select_per)
+    if cfg.token_select == "teacher-entropy":
+        return losses.top_fraction(batch["teacher_entropy"], mask, cfg.top_frac, cfg.select_per)
+    if cfg.token_select == "random":
+        return losses.top_fraction(torch.rand(mask.shape, device=mask.device), mask, cfg.top_frac, cfg.select_per)
     if all(v is None for v in (cfg.entropy_above, cfg.entropy_below, cfg.entropy_top_frac, cfg.entropy_bottom_frac)):
         return mask.float()
     return losses.entropy_token_weights(batch["teacher_entropy"], mask, above=cfg.entropy_above,
                                         below=cfg.entropy_below, top_frac=cfg.entropy_top_frac,
                                         bottom_frac=cfg.entropy_bottom_frac)
+
+
+def selected_share(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The share of the loss positions that are distilled (0-dim, for the training log)."""
+    n = mask.sum()
+    return (weights != 0).sum() / n.clamp_min(1)
 
 
 def logits_loss(cfg: TrainConfig, kd: losses.DistillationConfig, logits: torch.Tensor, batch: dict,
@@ -211,9 +228,16 @@ def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: 
     """The micro-batch loss and its parts (detached, for the log). With ``head`` (``install_loss_head``)
     the LM head and the teacher and CE losses run fused, chunk by chunk (same value and gradients);
     with ``transfer`` (``attention_loss.AttentionTransfer``) + attention_transfer_weight x its loss."""
-    weights = token_weights(cfg, batch)
-    extra = [(batch[f"teacher{j}"], weights * batch[f"teacher{j}_mask"]) for j in range(1, len(cfg.teachers) + 1)]
+    after_forward = cfg.token_select == "student-entropy"        # needs this pass's logits
+    weights = None if after_forward else token_weights(cfg, batch)
+
+    def extra_of(w):
+        return [(batch[f"teacher{j}"], w * batch[f"teacher{j}_mask"]) for j in range(1, len(cfg.teachers) + 1)]
+
+    extra = None if after_forward else extra_of(weights)
     if head is not None:
+        if after_forward:
+            raise LogitcacheError("--token-select student-entropy needs the student's logits: use --fused-loss off")
         from .linear_loss import linear_teacher_loss
 
         def objective(hidden, weight, bias):
@@ -228,7 +252,12 @@ def compute_loss(cfg: TrainConfig, kd: losses.DistillationConfig, model, batch: 
         parts = dict(parts)
     else:
         out = forward(model, batch, bool(hidden_names), attention)
+        if after_forward:
+            weights = token_weights(cfg, batch, out.logits)
+            extra = extra_of(weights)
         loss, parts = logits_loss(cfg, kd, out.logits, batch, weights, extra)
+    if cfg.token_select != "all":
+        parts["selected_share"] = selected_share(weights, batch["loss_mask"])
     if hidden_names:
         real = batch["document_ids"] != 0
         feat = sum(losses.hidden_state_loss(out.hidden_states[s], batch[name], real, kind=cfg.hidden_loss,

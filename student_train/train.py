@@ -172,7 +172,8 @@ def open_offpolicy_rows(cfg: TrainConfig, manifest, rows: int, rank: int, world:
 def offpolicy_config(cfg: TrainConfig) -> TrainConfig:
     """The settings of the mix's off-policy part: forward KL at T = 1, no token selection."""
     return dataclasses.replace(cfg, loss="forward_kl", loss_args={}, temperature=1.0, entropy_above=None,
-                               entropy_below=None, entropy_top_frac=None, entropy_bottom_frac=None)
+                               entropy_below=None, entropy_top_frac=None, entropy_bottom_frac=None,
+                               token_select="all", top_frac=None)
 
 
 # ---- test hooks -------------------------------------------------------------------------------------
@@ -283,7 +284,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         log.info("attention: %s (%s)%s", attention.mode, attention.implementation,
                  f"; skipped {attention.reason}" if attention.reason else "")
     unfusable = ("--full-targets" if cfg.full_targets else "--loss policy_gradient" if cfg.loss == POLICY_GRADIENT
-                 else "a student with another tokenizer" if cross else "")
+                 else "a student with another tokenizer" if cross
+                 else "--token-select student-entropy" if cfg.token_select == "student-entropy" else "")
     if unfusable and cfg.fused_loss == "on":
         raise LogitcacheError(f"--fused-loss on: {unfusable} computes its loss on the (B, T, V) logits; use auto or off")
     head, unfused_because = choose_loss_head(model, "off" if unfusable else cfg.fused_loss,

@@ -161,6 +161,13 @@ def _worker_default(names: tuple[str, ...], fallback: int) -> int:
 @click.option("--engine-arg", "engine_args", multiple=True, callback=_engine_args, metavar="KEY=VALUE",
               help="vllm backend: any vllm.LLM argument, repeatable (VALUE parsed as JSON when it can be), "
                    "e.g. --engine-arg enforce_eager=true --engine-arg max_num_seqs=64.")
+@click.option("--positions-from", "positions_from", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Store the teacher's distribution only where this student (a model directory with the teacher's "
+                   "tokenizer) is most unsure: per sample the --keep-frac scored rows of highest student entropy; "
+                   "other rows keep token, entropy and target log-prob (format 1.6, docs/format.md).")
+@click.option("--keep-frac", "keep_frac", type=float, default=None,
+              help="With --positions-from: the share of each sample's scored rows that keep a distribution.  "
+                   "[default: 0.2]")
 @click.option("--rollout-info", "rollout_info", default=None, metavar="FILE.json",
               help="Score mode, on-policy rounds: a JSON object recorded as the manifest's `rollout` (round, "
                    "student fingerprint, sampling settings, ...); a cache holds one round.")

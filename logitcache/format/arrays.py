@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from .dtypes import bf16_bits_to_float32, count_dtype, float32_to_bf16_bits, id_dtype
 from .encodings import encoding_from
-from .specs import (ATTENTION_GROUP, BEHAVIOUR_LOGPROB, DIST_GROUP, ENTROPY, FULL_LOGPROBS, HIDDEN_DTYPES, HIDDEN_GROUP,
+from .specs import (SELECTED, ATTENTION_GROUP, BEHAVIOUR_LOGPROB, DIST_GROUP, ENTROPY, FULL_LOGPROBS, HIDDEN_DTYPES, HIDDEN_GROUP,
                     LOGPROB_DTYPES, TARGET_LOGPROB, TOKENS, TOPK_IDS, TOPK_LOGPROBS, ArraySpec, chunk_rows,
                     token_spec)
 
 __all__ = [
     "ArraySpec", "array_specs", "chunk_rows", "absolute_layer", "hidden_name", "id_dtype", "count_dtype",
     "bf16_bits_to_float32", "float32_to_bf16_bits", "TOKENS", "TOPK_IDS", "TOPK_LOGPROBS", "ENTROPY",
-    "TARGET_LOGPROB", "BEHAVIOUR_LOGPROB", "FULL_LOGPROBS", "HIDDEN_GROUP", "DIST_GROUP", "LOGPROB_DTYPES",
+    "TARGET_LOGPROB", "BEHAVIOUR_LOGPROB", "SELECTED", "FULL_LOGPROBS", "HIDDEN_GROUP", "DIST_GROUP", "LOGPROB_DTYPES",
     "HIDDEN_DTYPES", "ATTENTION_GROUP", "attention_name", "attention_layers",
 ]
 
@@ -40,13 +40,14 @@ def attention_layers(specs) -> list[int]:
 
 def array_specs(vocab_size: int, top_k: int, logprob_dtype: str, hidden_layers: list[int],
                 hidden_size: int, hidden_dtype: str, encoding: dict | None = None,
-                behaviour: bool = False, attention: dict[int, tuple[int, int, int]] | None = None
-                ) -> dict[str, ArraySpec]:
+                behaviour: bool = False, attention: dict[int, tuple[int, int, int]] | None = None,
+                selected: bool = False) -> dict[str, ArraySpec]:
     """The arrays a capture with these settings writes, in storage order: ``tokens``, the encoding's
     distribution arrays (``encoding``: the recorded ``capture.encoding``; None = topk), ``entropy``,
     ``target_logprob``, ``behaviour_logprob`` when ``behaviour`` (1.4: score inputs that carry the
     sampling policy's log-probabilities), the hidden layers, then (1.5) per decoder block of
-    ``attention`` ({block: (query heads, KV heads, head_dim)}) its queries and keys in ``hidden_dtype``."""
+    ``attention`` ({block: (query heads, KV heads, head_dim)}) its queries and keys in ``hidden_dtype``;
+    (1.6) ``selected`` when the capture stored the distribution on chosen rows only (--positions-from)."""
     nan = float("nan")
     ids = id_dtype(vocab_size)
     specs = [token_spec(TOKENS, ids, True, "token id at this position")]
@@ -60,6 +61,9 @@ def array_specs(vocab_size: int, top_k: int, logprob_dtype: str, hidden_layers: 
         specs.append(token_spec(BEHAVIOUR_LOGPROB, "float32", True,
                                 "log-probability of tokens[j+1] under the policy that sampled the response (as given)",
                                 nan))
+    if selected:
+        specs.append(token_spec(SELECTED, "uint8", True, "1 where the teacher's distribution is stored on this row, 0 "
+                                "where the capture left it out (--positions-from): such a row has no entries"))
     for layer in hidden_layers:
         storage = "uint16" if hidden_dtype == "bfloat16" else hidden_dtype
         specs.append(ArraySpec(hidden_name(layer), hidden_dtype, storage, (hidden_size,), 0, hidden_dtype == "float32",

@@ -49,6 +49,8 @@ def identity(manifest: Manifest, recipe: int = RECIPE) -> dict:
                          for name, spec in manifest.arrays.items()}
     if manifest.rollout is not None:     # 1.4, only when present: caches without one keep their fingerprint
         out["rollout"] = manifest.rollout
+    if manifest.positions is not None:   # 1.6, likewise
+        out["positions"] = manifest.positions
     return out
 
 

@@ -219,6 +219,9 @@ class Manifest:
     # 1.4, optional: where an on-policy round's responses came from (free-form JSON object, e.g. round,
     # student fingerprint, sampling settings); part of the header, so one cache holds one round
     rollout: dict[str, Any] | None = None
+    # 1.6, optional: the rule that chose the rows holding the teacher's distribution (capture --positions-from:
+    # rule, keep_frac, per, student {source, fingerprint}); part of the header and of the fingerprint
+    positions: dict[str, Any] | None = None
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -240,6 +243,8 @@ class Manifest:
         }
         if self.rollout is not None:
             h["rollout"] = self.rollout
+        if self.positions is not None:
+            h["positions"] = self.positions
         return h
 
     # ---- (de)serialisation -----------------------------------------------------------------
@@ -299,6 +304,7 @@ class Manifest:
             derived=[DerivedTable.from_dict(x, f"{where}: derived") for x in d.get("derived") or []],
             provenance=_from_dict(Provenance, d["provenance"], f"{where}: provenance") if d.get("provenance") else None,
             rollout=_rollout(d.get("rollout"), where),
+            positions=_object(d.get("positions"), "positions", where),
         )
 
     def check_consistency(self, where: str, totals: dict | None = None) -> None:
@@ -375,8 +381,12 @@ class Manifest:
 
 
 def _rollout(value: Any, where: str) -> dict | None:
+    return _object(value, "rollout", where)
+
+
+def _object(value: Any, name: str, where: str) -> dict | None:
     if value is not None and not isinstance(value, dict):
-        raise FormatError(f"{where}: rollout must be a JSON object, got {type(value).__name__}")
+        raise FormatError(f"{where}: {name} must be a JSON object, got {type(value).__name__}")
     return value
 
 

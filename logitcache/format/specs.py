@@ -24,6 +24,7 @@ TOPK_LOGPROBS = "topk_logprobs"
 ENTROPY = "entropy"
 TARGET_LOGPROB = "target_logprob"
 BEHAVIOUR_LOGPROB = "behaviour_logprob"   # 1.4: log q_b(tokens[j+1]) of the policy that sampled the response
+SELECTED = "selected"   # 1.6: 1 where the teacher's distribution is stored (capture --positions-from), else 0
 FULL_LOGPROBS = "dist/full_logprobs"
 HIDDEN_GROUP = "hidden"
 DIST_GROUP = "dist"

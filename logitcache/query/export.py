@@ -120,7 +120,7 @@ def export_selection(cache: Cache, selection_path: str, out: str, storage_option
             provenance=Provenance(source_cache=cache.url, source_fingerprint=cache_fingerprint(m),
                                   selection_query=info.query, selection_count=info.count,
                                   selection_file=str(selection_path), source_shards=mapping),
-            rollout=m.rollout)
+            rollout=m.rollout, positions=m.positions)
         dst.write_atomic(layout.MANIFEST, manifest.to_json().encode())
     except BaseException:
         lock.release()

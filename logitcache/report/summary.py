@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from ..format.arrays import ENTROPY
+from ..format.arrays import ENTROPY, SELECTED
 from ..format.encodings import encoding_from
 from ..store.reader import Cache
 
@@ -141,7 +141,9 @@ def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
     wanted = pa.array(selected if selected is not None else [], pa.string())
     shard, is_selected = None, None
     with_mass = not cache.encoding.estimated          # sampled / hybrid store estimates, not the top-k mass
-    for chunk in iter_sample_rows(cache, [ENTROPY]):
+    has_selected = SELECTED in cache.manifest.arrays           # 1.6: rows with a distribution
+    n_mass = 0
+    for chunk in iter_sample_rows(cache, [ENTROPY, *([SELECTED] if has_selected else [])]):
         ent = chunk.arrays[ENTROPY]
         ok = chunk.scored & ~np.isnan(ent)
         if not ok.any():
@@ -149,12 +151,14 @@ def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
         e = ent[ok].astype(np.float64)
         binned = np.histogram(np.clip(e, 0, hi), bins=HIST_BINS, range=(0, hi))[0]
         counts += binned
+        has = ok & (chunk.arrays[SELECTED] != 0) if has_selected else ok
+        n_mass += int(has.sum())
         if with_mass:                                 # rows padded to k (-inf), and the exact tail if stored
             rows = cache.teacher_rows(chunk.shard, chunk.start, chunk.stop)
-            lp = rows.padded(k)[1][ok]
+            lp = rows.padded(k)[1][has]
             cum = np.cumsum(np.exp(lp.astype(np.float64)), axis=1)                          # (rows, k)
             mass_sum += cum.sum(0)
-            rest = 1 - cum[:, -1] if rows.tail is None else rows.tail[ok].astype(np.float64)
+            rest = 1 - cum[:, -1] if rows.tail is None else rows.tail[has].astype(np.float64)
             tail += np.histogram(np.clip(rest, 0, 1), bins=HIST_BINS, range=(0, 1))[0]
         ent_sum += e.sum()
         n += e.size
@@ -173,9 +177,12 @@ def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
     tail_edges = np.linspace(0, 1, HIST_BINS + 1)
     out = _entropy_summary(counts, edges, ent_sum, n)
     del out["scored_tokens"]
+    if has_selected:      # 1.6 --positions-from: scored rows that hold the teacher's distribution
+        out["rows_with_distribution"] = n_mass
+        out["rows_with_distribution_share"] = n_mass / n if n else None
     out.update({
         "entropy_by_position": _by_position(pos_sum, pos_n),
-        "topk_mass_mean": [float(x) for x in mass_sum / n] if with_mass else None,
+        "topk_mass_mean": [float(x) for x in mass_sum / max(n_mass, 1)] if with_mass else None,
         "tail_mass_quantiles": {f"p{int(q * 100)}": _quantile(tail, tail_edges, q) for q in (0.5, 0.9, 0.99)}
         if with_mass else None,
     })
@@ -214,6 +221,9 @@ def render_text(s: dict) -> str:
             lines.append("stored mass  " + ", ".join(f"top-{r}: {ts['topk_mass_mean'][r - 1]:.4f}" for r in marks)
                          + f"; tail p50 {ts['tail_mass_quantiles']['p50']:.4f}, "
                            f"p90 {ts['tail_mass_quantiles']['p90']:.4f}")
+        if "rows_with_distribution" in ts:
+            lines.append(f"positions    distribution stored on {ts['rows_with_distribution']} of the scored rows "
+                         f"({100 * (ts['rows_with_distribution_share'] or 0):.1f}%; capture --positions-from)")
     if "selection" in s:
         lines += render_selection(s["selection"])
     return "\n".join(lines)

@@ -85,6 +85,7 @@ def merge(manifests: list[Manifest], where: str) -> Manifest:
         # kept as they are: a derived table records the fingerprint it was computed for, so one made
         # stale by new shards is recognised and recomputed by whoever needs it
         derived=first.derived, provenance=first.provenance, rollout=first.rollout,
+        positions=first.positions,
     )
     merged.complete = set(planned_shards(merged)) <= set(shards)
     return merged

@@ -37,7 +37,7 @@ from zarr.abc.store import RangeByteRequest
 from zarr.storage import WrapperStore
 
 from ..format import layout
-from ..format.arrays import bf16_bits_to_float32
+from ..format.arrays import SELECTED, bf16_bits_to_float32
 from ..format.encodings import Encoding, SampledRows, SparseRows, TargetRows, as_targets, encoding_from
 from ..format.errors import CorruptShardError, FormatError
 from ..format.manifest import Manifest, ShardRecord
@@ -423,6 +423,8 @@ class Cache:
                                                                 m.capture.top_k)}
         base = [name for name in m.arrays if name not in distribution]
         out = self.read_rows(shard, start, stop, base)
+        if SELECTED in out:                      # 1.6: rows the capture left without a distribution
+            scored = scored & (out[SELECTED] != 0)
         rows = as_targets(self.teacher_rows(shard, start, stop))
         if isinstance(rows, SparseRows):
             ids, lp = rows.padded()

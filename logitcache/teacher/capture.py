@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -24,7 +25,7 @@ import pyarrow as pa
 
 from .. import __version__
 from ..format import layout
-from ..format.arrays import (ATTENTION_GROUP, BEHAVIOUR_LOGPROB, ENTROPY, TARGET_LOGPROB, TOKENS, absolute_layer,
+from ..format.arrays import (ATTENTION_GROUP, BEHAVIOUR_LOGPROB, ENTROPY, SELECTED, TARGET_LOGPROB, TOKENS, absolute_layer,
                              array_specs, attention_layers)
 from ..format.encodings import DEFAULT_ENCODING, Encoding, encoding_class, encoding_from
 from ..format.errors import ConfigMismatchError, EncodingError, LogitcacheError
@@ -111,6 +112,8 @@ class CaptureJob:
     ray_gpus_per_actor: float | None = None  # None: --tensor-parallel-size on a cluster with GPUs, else 0
     ray_cpus_per_actor: float = 1.0
     ray_max_retries: int = 3               # further attempts of a shard whose actor died or raised
+    positions_from: str | None = None      # 1.6: a student directory: store the distribution only where it is unsure
+    keep_frac: float | None = None         # ... on this share of each sample's scored rows (None: 0.2)
 
 
 @dataclass
@@ -180,6 +183,12 @@ def validate(job: CaptureJob) -> None:
     if job.rollout is not None:
         check_rollout(job.rollout, "--rollout-info")
     validate_executor(job)
+    if job.keep_frac is not None and job.positions_from is None:
+        bad("--keep-frac", "chooses the rows --positions-from keeps: give --positions-from STUDENT_DIR")
+    if job.keep_frac is not None and not 0 < job.keep_frac <= 1:
+        bad("--keep-frac", f"{job.keep_frac}: must be in (0, 1]")
+    if job.positions_from is not None and not os.path.isdir(job.positions_from):
+        bad("--positions-from", f"{job.positions_from}: not a model directory")
     if job.attention_layers and choose_backend(job.backend)[0] == "vllm":
         bad("--attention-layers", "the vllm backend does not capture attention queries and keys (its attention "
                                   "runs in fused kernels); use --backend hf")
@@ -233,6 +242,10 @@ def job_encoding(job: CaptureJob) -> Encoding:
     """The resolved encoding of a job (its ``to_dict()`` is what ``capture.encoding`` records)."""
     return encoding_class(job.encoding).resolve(top_p=job.keep_mass, bits=job.bits, draws=job.draws,
                                                 temperature=job.proposal_temperature)
+
+
+def job_keep_frac(job: CaptureJob) -> float:
+    return 0.2 if job.keep_frac is None else float(job.keep_frac)
 
 
 def job_top_k(job: CaptureJob) -> int:
@@ -303,9 +316,11 @@ def _percentile90(x: np.ndarray) -> float:
 
 
 def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence], specs, shard: str,
-                table: InputTable, decode, header: Manifest | None = None) -> tuple[dict[str, np.ndarray], pa.Table, int]:
+                table: InputTable, decode, header: Manifest | None = None,
+                kept: list[np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], pa.Table, int]:
     """Concatenate per-sequence results into the shard's arrays (the distribution in the capture's
-    encoding) and its samples rows."""
+    encoding) and its samples rows. ``kept`` (per sequence, (n,) bool; 1.6): the scored rows whose
+    distribution is stored; the others get the encoding's fill (no entries) and ``selected`` 0."""
     enc = encoding_from(header.capture.encoding if header is not None else None)
     k = header.capture.top_k if header is not None else captured[0].topk_ids.shape[1] if captured else 1
     vocab = header.teacher.vocab_size if header is not None else 1 << 32
@@ -317,8 +332,18 @@ def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence],
     extras = {name: cat([c.extras[name] for c in captured], (), np.float32)
               for name in (captured[0].extras if captured else {})}
     scored = np.isfinite(cat([c.entropy for c in captured], (), np.float32))
-    arrays = enc.encode_rows(k, vocab, cat([c.topk_ids for c in captured], (k,), np.int64),
-                             cat([c.topk_logprobs for c in captured], (k,), np.float32), extras, scored, value_dtype)
+    cand_ids = cat([c.topk_ids for c in captured], (k,), np.int64)
+    cand_lp = cat([c.topk_logprobs for c in captured], (k,), np.float32)
+    stored = scored
+    if kept is not None:               # rows left out: the fill values a backend writes on unscored rows
+        stored = scored & cat(kept, (), bool)
+        drop = scored & ~stored
+        cand_ids, cand_lp = np.where(drop[:, None], 0, cand_ids), np.where(drop[:, None], np.nan, cand_lp)
+        extras = {name: np.where(drop.reshape(-1, *[1] * (v.ndim - 1)), np.nan, v) if v.dtype.kind == "f" else v
+                  for name, v in extras.items()}
+    arrays = enc.encode_rows(k, vocab, cand_ids, cand_lp, extras, stored, value_dtype)
+    if kept is not None:
+        arrays[SELECTED] = stored.astype(np.uint8)
     per_row = {TOKENS: [c.tokens for c in captured], ENTROPY: [c.entropy for c in captured],
                TARGET_LOGPROB: [c.target_logprob for c in captured]}
     if BEHAVIOUR_LOGPROB in specs:
@@ -430,10 +455,18 @@ def plan_capture(job: CaptureJob) -> CapturePlan:
                          samples_per_shard=per_shard, encoding=enc)
     specs = array_specs(teacher.vocab_size, top_k, job.logprob_dtype, layers, teacher.hidden_size, job.hidden_dtype,
                         enc, behaviour="behaviour_logprobs" in table.columns,
-                        attention=attention_specs(resolved.path, job.attention_layers, teacher.num_layers))
+                        attention=attention_specs(resolved.path, job.attention_layers, teacher.num_layers),
+                        selected=job.positions_from is not None)
+    positions = None
+    if job.positions_from is not None:
+        from .identity import weights_fingerprint
+        from .positions import positions_record
+
+        positions = positions_record(job.positions_from, job_keep_frac(job),
+                                     weights_fingerprint(Path(job.positions_from)))
     header = Manifest(teacher=teacher, tokenizer=tokenizer_info(tokenizer, _generation_eos(resolved.path)),
                       capture=cfg, arrays=specs, codecs=codec_lib.describe(specs, job.codec),
-                      created_by=f"logitcache {__version__}", rollout=job.rollout)
+                      created_by=f"logitcache {__version__}", rollout=job.rollout, positions=positions)
 
     key = input_key(table, job.limit)
     spec = InputSpec(key=key, source=table.source, source_name=table.source_name, split=table.split,
@@ -572,9 +605,16 @@ class LocalShards:
         self.backend = _make_backend(plan.backend, job, plan.teacher, plan.header.teacher.dtype,
                                      plan.header.teacher.max_length, plan.header.capture.hidden_layers)
         self.tk = Tokenize(plan.tokenizer, plan.header.capture.system_prompt)
+        self.selector = None         # 1.6 --positions-from: the student that picks the rows to store
+        if job.positions_from is not None:
+            from .positions import StudentPositions
+
+            self.selector = StudentPositions(job.positions_from, job_keep_frac(job),
+                                             plan.header.tokenizer.vocab_sha256,
+                                             "cuda" if job.device == "cuda" else "cpu")
 
     def capture(self, j: int, bar=None) -> tuple[ShardRecord, list]:
-        return capture_shard(self.plan, self.backend, self.tk, j, bar)
+        return capture_shard(self.plan, self.backend, self.tk, j, bar, self.selector)
 
     def run(self, bar) -> Iterator[tuple[ShardRecord, list]]:
         """Each pending shard of the plan, in order, written and published (not yet recorded)."""
@@ -607,8 +647,9 @@ def engine_for_plan(job: CaptureJob, plan: CapturePlan, where: str) -> LocalShar
     return LocalShards(job, plan_for_this_machine(job, plan, where))
 
 
-def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar) -> tuple[ShardRecord, list]:
-    """Prepare, run and write shard ``j``; returns its record (not yet committed) and skipped rows."""
+def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar, selector=None) -> tuple[ShardRecord, list]:
+    """Prepare, run and write shard ``j``; returns its record (not yet committed) and skipped rows.
+    ``selector`` (``positions.StudentPositions``): store the distribution only on the rows it keeps."""
     cfg, table, key = plan.header.capture, plan.table, plan.input.key
     name = layout.shard_name(key, j)
     start = j * cfg.samples_per_shard
@@ -625,7 +666,7 @@ def capture_shard(plan: CapturePlan, backend, tk: Tokenize, j: int, bar) -> tupl
                            **attention_kwargs(plan.header.arrays)) if prepared else []
     arrays, samples, scored = build_shard(prepared, captured, plan.header.arrays, name, table,
                                           lambda ids: plan.tokenizer.decode(ids, skip_special_tokens=False),
-                                          plan.header)
+                                          plan.header, selector.keep(captured) if selector is not None else None)
     written = write_shard(plan.cfs, name, arrays, plan.header.arrays, samples,
                           codec={k: v["codec"] for k, v in plan.header.codecs.items()})
     assert (written.samples, written.scored_tokens) == (len(prepared), scored)
@@ -641,6 +682,7 @@ def _load_or_new_part(cfs: CacheFS, header: Manifest, job: CaptureJob) -> Manife
         return part
     return Manifest(teacher=header.teacher, tokenizer=header.tokenizer, capture=header.capture, arrays=header.arrays,
                     codecs=header.codecs, created_by=header.created_by, rollout=header.rollout,
+                    positions=header.positions,
                     part=PartInfo(job.worker_index, job.num_workers, False))
 
 

@@ -214,7 +214,8 @@ FIXTURE_FINGERPRINTS = {
 def test_rollout_round_trips_and_is_written_only_when_present():
     from logitcache.format.version import MINOR_ADDITIONS
 
-    assert FORMAT_VERSION == "1.5" and "behaviour_logprob" in MINOR_ADDITIONS["1.4"] and "attn/" in MINOR_ADDITIONS["1.5"]
+    assert FORMAT_VERSION == "1.6" and "behaviour_logprob" in MINOR_ADDITIONS["1.4"] and "attn/" in MINOR_ADDITIONS["1.5"]
+    assert "selected" in MINOR_ADDITIONS["1.6"]
     plain = make_manifest()
     assert plain.rollout is None and "rollout" not in plain.to_dict() and "rollout" not in plain.header()
     m = make_manifest()

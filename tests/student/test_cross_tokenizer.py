@@ -66,7 +66,7 @@ def batch_of(cache, seq_len=64):
 
 def test_same_tokenizer_gives_the_direct_rows_and_loss(text_cache, teacher_tok):
     stream, batch = batch_of(text_cache)
-    conv = CrossTokenizer(stream, teacher_tok, teacher_tok, "hybrid")
+    conv = CrossTokenizer(stream, teacher_tok, teacher_tok, "map+uld")
     out = conv.convert(batch)
     for name in ("input_ids", "labels", "loss_mask", "position_ids", "document_ids", "sample_index"):
         assert torch.equal(out[name], batch[name]), name
@@ -86,7 +86,7 @@ def test_same_tokenizer_gives_the_direct_rows_and_loss(text_cache, teacher_tok):
 
 def test_other_tokenizer_rows_carry_the_teacher_over(text_cache, teacher_tok, other_tok):
     stream, batch = batch_of(text_cache)
-    conv = CrossTokenizer(stream, teacher_tok, other_tok, "hybrid")
+    conv = CrossTokenizer(stream, teacher_tok, other_tok, "map+uld")
     out = conv.convert(batch)
     only_mapped = CrossTokenizer(stream, teacher_tok, other_tok, "map").convert(batch)
     assert torch.equal(only_mapped["loss_mask"], out["loss_mask"] & (out["teacher"].ids >= 0).any(-1))
@@ -113,7 +113,7 @@ def test_other_tokenizer_rows_carry_the_teacher_over(text_cache, teacher_tok, ot
                     if (sb_id := next((x for x in range(len(sb)) if sb.piece(x) == tb.piece(int(tid))), -1)) >= 0]
             assert [(int(i), float(v)) for i, v in zip(ids, lp) if i >= 0] == [(i, float(v)) for i, v in want]
             assert np.all(ids[len(want):] == -1)
-            assert bool(out["teacher"].uld[b, j]) == (not want)          # hybrid: ULD where nothing maps
+            assert bool(out["teacher"].uld[b, j]) == (not want)          # map+uld: ULD where nothing maps
             assert torch.equal(out["teacher"].ranked_logprobs[b, j], batch["teacher"].logprobs[b, t])
             checked += 1
     assert checked > 10
@@ -123,7 +123,7 @@ def test_other_tokenizer_rows_carry_the_teacher_over(text_cache, teacher_tok, ot
 
 def test_chat_samples_use_the_students_template(chat_cache, teacher_tok, other_tok):
     stream, batch = batch_of(chat_cache, seq_len=96)
-    conv = CrossTokenizer(stream, teacher_tok, other_tok, "hybrid")
+    conv = CrossTokenizer(stream, teacher_tok, other_tok, "map+uld")
     out = conv.convert(batch)
     sb = TokenBytes.from_tokenizer(other_tok)
     sample = int(batch["sample_index"][0, 0])
@@ -248,7 +248,7 @@ def test_inspect_reports_the_shares_a_training_run_sees(text_cache, teacher_tok,
     from logitcache.cli.main import cli
 
     stream = CacheStream(text_cache, 128, len(TEXTS), packing=False, shuffle=False, rank=0, world_size=1)
-    conv = CrossTokenizer(stream, teacher_tok, other_tok, "hybrid")
+    conv = CrossTokenizer(stream, teacher_tok, other_tok, "map+uld")
     conv.convert(next(iter(stream)))
     want = conv.stats()
     r = CliRunner().invoke(cli, ["inspect", text_cache, "--json", "--no-token-stats", "--student-tokenizer",
