@@ -8,7 +8,7 @@ something that exists. Readers accept every minor version of their own major.
 from .errors import FormatError
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "1.5"
+FORMAT_VERSION = "1.6"
 
 # What each minor version added (docs/format.md, "Versioning"). 1.0 readers read 1.1 caches: they
 # ignore the manifest sections below and never look under derived/.
@@ -26,6 +26,9 @@ MINOR_ADDITIONS = {
            "1.3 readers read 1.4 caches: they ignore both",
     "1.5": "`attn/<block>_q` and `attn/<block>_k` arrays (attention queries and keys per head, after the rotary "
            "embedding: attention transfer); 1.4 readers read 1.5 caches and ignore them",
+    "1.6": "caches imported from another tool (`logitcache import`): `provenance.imported_from`, and arrays whose "
+           "spec says `exact: false` (entropy NaN on every row where a top-k cannot give it); 1.5 readers read "
+           "1.6 caches and ignore the new field",
 }
 
 
