@@ -80,6 +80,9 @@ LAYERS = [
     ("logitcache.store", ("logitcache.format", "logitcache.store", "logitcache"), None),
     ("student_train", ("logitcache.format", "logitcache.store", "logitcache.query", "logitcache", "student_train"),
      None),
+    # other tools' caches in and out: beside query, on the format and the store; never the teacher or a trainer
+    ("logitcache.interop", ("logitcache.format", "logitcache.store", "logitcache.query", "logitcache.interop",
+                            "logitcache"), None),
 ]
 STDLIB_ROOTS = {"__future__", "hashlib", "json", "dataclasses", "typing", "math", "re", "posixpath", "os", "io",
                 "enum", "functools", "collections", "itertools", "uuid", "time", "socket", "contextlib", "types"}

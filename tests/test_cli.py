@@ -16,7 +16,7 @@ def run(*args):
 def test_help_is_instant_and_imports_neither_torch_nor_vllm():
     code = ("import sys\nfrom click.testing import CliRunner\nfrom logitcache.cli.main import cli\n"
             "for args in (['--help'], ['capture', '--help'], ['inspect', '--help'], ['finalize', '--help'],\n"
-            "             ['query', '--help'], ['select', '--help'], ['export', '--help']):\n"
+            "             ['query', '--help'], ['select', '--help'], ['export', '--help'], ['import', '--help']):\n"
             "    r = CliRunner().invoke(cli, args)\n    assert r.exit_code == 0, r.output\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'transformers', 'duckdb', "
             "'zarr')))\n")

@@ -17,7 +17,8 @@ COMMANDS = {
     "finalize": ("logitcache.cli.finalize", "finalize", "Merge the workers' part manifests into manifest.json."),
     "query": ("logitcache.cli.query", "query", "SQL over samples and token views; --out: a selection."),
     "select": ("logitcache.cli.select", "select", "Select samples by entropy, perplexity, length."),
-    "export": ("logitcache.cli.export", "export", "Copy a selection into a new, smaller cache."),
+    "export": ("logitcache.cli.export", "export", "Copy a selection into a new cache; --to distillkit/axolotl."),
+    "import": ("logitcache.cli.import_", "import_", "Another tool's cache files (DistillKit) into a new cache."),
 }
 
 
@@ -51,6 +52,8 @@ def cli(verbose):
       logitcache select ./cache --by mean_entropy --top-frac 0.3 --out hard.parquet
       logitcache query ./cache "SELECT sample_id FROM samples WHERE mean_entropy > 1.5" --out hard.parquet
       logitcache export ./cache --selection hard.parquet ./hard-cache
+      logitcache export ./cache ./distillkit-data --to distillkit
+      logitcache import ./distillkit-data ./imported --from distillkit --tokenizer ./teacher
     """
     import logging
     import os

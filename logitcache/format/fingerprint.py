@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
-from .manifest import NOT_IDENTITY, Manifest
+from .manifest import NOT_IDENTITY, Manifest, TokenizerInfo
 
 PREFIX = "sha256:"
 RECIPE = 2          # what this release writes; 1 = releases up to format 1.2
@@ -66,3 +67,29 @@ def vocab_sha256(tokenizer) -> str:
     (docs/format.md). A student trained from a cache must have the same."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def generation_eos_ids(model_dir) -> list[int]:
+    """The end-of-sequence ids of a model directory's ``generation_config.json`` (none without one)."""
+    cfg = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(cfg):
+        return []
+    with open(cfg) as f:
+        eos = json.load(f).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def tokenizer_info(tokenizer, extra_eos: list[int] | None = None) -> TokenizerInfo:
+    """The manifest's ``tokenizer`` section of a Hugging Face tokenizer; ``extra_eos``: end-of-sequence ids
+    beside the tokenizer's own (a model's ``generation_eos_ids``)."""
+    vocab_hash = vocab_sha256(tokenizer)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for t in extra_eos or []:
+        if t not in eos:
+            eos.append(int(t))
+    return TokenizerInfo(
+        vocab_size=len(tokenizer.get_vocab()), vocab_sha256=vocab_hash, bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
+        chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if template else "",
+    )

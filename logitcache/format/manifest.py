@@ -189,14 +189,17 @@ class DerivedTable:
 
 @dataclass
 class Provenance:
-    """Where an exported cache came from (format 1.1, optional)."""
+    """Where an exported or imported cache came from (format 1.1, optional)."""
 
-    source_cache: str         # URL of the cache the samples were copied from
-    source_fingerprint: str   # its cache fingerprint at the time
+    source_cache: str         # URL of the cache the samples were copied from (imported: the foreign files)
+    source_fingerprint: str   # its cache fingerprint at the time ("" when imported)
     selection_query: str      # the query (or select shortcut) that made the selection
     selection_count: int      # samples selected (= samples of this cache)
     selection_file: str = ""
     source_shards: dict[str, str] = field(default_factory=dict)  # this cache's shard -> the source's shard
+    # 1.6: a cache imported from another tool's files: {"format": its name, "follows": the release the layout
+    # was read from, "files", the tool's settings, ...}; written only when present
+    imported_from: dict[str, Any] | None = None
 
 
 @dataclass
@@ -263,7 +266,8 @@ class Manifest:
         if self.derived:  # written only when present: a manifest without them is a valid 1.0 one
             d["derived"] = [asdict(t) for t in self.derived]
         if self.provenance is not None:
-            d["provenance"] = asdict(self.provenance)
+            d["provenance"] = {k: v for k, v in asdict(self.provenance).items()
+                               if not (k == "imported_from" and v is None)}
         d["checksum"] = manifest_checksum(d)
         return d
 

@@ -26,10 +26,12 @@ MINOR_ADDITIONS = {
            "1.3 readers read 1.4 caches: they ignore both",
     "1.5": "`attn/<block>_q` and `attn/<block>_k` arrays (attention queries and keys per head, after the rotary "
            "embedding: attention transfer); 1.4 readers read 1.5 caches and ignore them",
-    "1.6": "the `selected` array and the manifest section `positions` (capture --positions-from: the teacher's "
-           "distribution stored on chosen rows only); a 1.5 reader reads 1.6 caches: left-out rows of ragged "
-           "encodings have no entries (no distribution, as it already reads them), those of topk and full hold "
-           "NaN log-probabilities, which its loss refuses by name: never silently wrong",
+    "1.6": "caches imported from another tool (`logitcache import`): `provenance.imported_from`, and arrays whose "
+           "spec says `exact: false` (entropy NaN on every row where a top-k cannot give it); and positions chosen "
+           "before storing (capture --positions-from): the `selected` array and the manifest section `positions`, "
+           "the teacher's distribution stored on chosen rows only. 1.5 readers read 1.6 caches: they ignore the new "
+           "fields; left-out rows of ragged encodings have no entries (no distribution, as they already read them), "
+           "those of topk and full hold NaN log-probabilities, which their loss refuses by name: never silently wrong",
 }
 
 

@@ -25,10 +25,9 @@ from ..format import layout
 from ..format.errors import LogitcacheError
 from ..format.fingerprint import cache_fingerprint
 from ..format.manifest import InputSpec, Manifest, Provenance, ShardRecord
-from ..store.fs import CacheFS
-from ..store.lock import MANIFEST_LOCK, CacheLock
 from ..store.reader import Cache
 from ..store.shard_writer import write_shard
+from ..store.target import new_output
 from .selection import check_selection, load_selection
 
 log = logging.getLogger(__name__)
@@ -60,16 +59,6 @@ def _runs(offsets: np.ndarray, lengths: np.ndarray) -> list[tuple[int, int]]:
     return [(a, b) for a, b in runs]
 
 
-def _check_target(out: CacheFS) -> bool:
-    """Refuse to write into anything but a new or empty directory; True when it does not exist yet."""
-    if not out.exists(""):
-        return True
-    out.check_directory()
-    if [n for n in out.listdir("") if n != MANIFEST_LOCK]:
-        raise LogitcacheError(f"{out.url} already exists and is not empty; export into a new directory")
-    return False
-
-
 def export_selection(cache: Cache, selection_path: str, out: str, storage_options: dict | None = None) -> ExportSummary:
     """Copy the samples of ``selection_path`` (checked against ``cache``) into a new cache at ``out``."""
     table, info = load_selection(selection_path)
@@ -77,15 +66,12 @@ def export_selection(cache: Cache, selection_path: str, out: str, storage_option
     wanted = table.column("sample_id").combine_chunks()
     if len(wanted) == 0:
         raise LogitcacheError(f"{selection_path}: the selection is empty; there is nothing to export")
-    dst = CacheFS(out, storage_options)
-    created = _check_target(dst)
-    lock = CacheLock(dst, MANIFEST_LOCK, "this export's destination", stale_after=600).acquire(0)
     m = cache.manifest
     codecs = {k: v["codec"] for k, v in m.codecs.items()}
     shards: list[ShardRecord] = []
     mapping: dict[str, str] = {}
     per_input: dict[str, int] = {}
-    try:
+    with new_output(out, storage_options, "this export's destination") as (dst, lock):
         for src in m.shards:
             lock.heartbeat()
             samples = cache.shard_samples(src.name)
@@ -122,16 +108,6 @@ def export_selection(cache: Cache, selection_path: str, out: str, storage_option
                                   selection_file=str(selection_path), source_shards=mapping),
             rollout=m.rollout, positions=m.positions)
         dst.write_atomic(layout.MANIFEST, manifest.to_json().encode())
-    except BaseException:
-        lock.release()
-        # leave nothing behind: no manifest was written, so remove the shards of this attempt too
-        for rel in ([""] if created else [layout.SHARDS_DIR, layout.TMP_DIR, layout.MANIFEST]):
-            try:
-                dst.remove(rel)
-            except OSError:  # pragma: no cover - best effort
-                log.warning("could not remove %s/%s", dst.url, rel)
-        raise
-    lock.release()
     return ExportSummary(cache=dst.url, source=cache.url, selection=str(selection_path), samples=manifest.num_samples,
                          shards=len(shards), tokens=manifest.num_tokens, bytes=sum(s.bytes for s in shards),
                          fingerprint=cache_fingerprint(manifest))

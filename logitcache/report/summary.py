@@ -141,25 +141,26 @@ def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
     wanted = pa.array(selected if selected is not None else [], pa.string())
     shard, is_selected = None, None
     with_mass = not cache.encoding.estimated          # sampled / hybrid store estimates, not the top-k mass
-    has_selected = SELECTED in cache.manifest.arrays           # 1.6: rows with a distribution
-    n_mass = 0
+    has_selected = SELECTED in cache.manifest.arrays  # 1.6 --positions-from: rows that hold a distribution
+    mass_n = scored_n = 0
     for chunk in iter_sample_rows(cache, [ENTROPY, *([SELECTED] if has_selected else [])]):
         ent = chunk.arrays[ENTROPY]
-        ok = chunk.scored & ~np.isnan(ent)
-        if not ok.any():
-            continue
-        e = ent[ok].astype(np.float64)
-        binned = np.histogram(np.clip(e, 0, hi), bins=HIST_BINS, range=(0, hi))[0]
-        counts += binned
-        has = ok & (chunk.arrays[SELECTED] != 0) if has_selected else ok
-        n_mass += int(has.sum())
-        if with_mass:                                 # rows padded to k (-inf), and the exact tail if stored
+        has = chunk.scored & (chunk.arrays[SELECTED] != 0) if has_selected else chunk.scored
+        if with_mass and has.any():                   # rows padded to k (-inf), and the exact tail if stored
             rows = cache.teacher_rows(chunk.shard, chunk.start, chunk.stop)
             lp = rows.padded(k)[1][has]
             cum = np.cumsum(np.exp(lp.astype(np.float64)), axis=1)                          # (rows, k)
             mass_sum += cum.sum(0)
             rest = 1 - cum[:, -1] if rows.tail is None else rows.tail[has].astype(np.float64)
             tail += np.histogram(np.clip(rest, 0, 1), bins=HIST_BINS, range=(0, 1))[0]
+        mass_n += int(has.sum())
+        scored_n += int(chunk.scored.sum())
+        ok = chunk.scored & ~np.isnan(ent)            # an imported cache (format 1.6) may not know the entropy
+        if not ok.any():
+            continue
+        e = ent[ok].astype(np.float64)
+        binned = np.histogram(np.clip(e, 0, hi), bins=HIST_BINS, range=(0, hi))[0]
+        counts += binned
         ent_sum += e.sum()
         n += e.size
         pos = chunk.scored_position[ok]
@@ -178,13 +179,13 @@ def token_statistics(cache: Cache, selected: list[str] | None = None) -> dict:
     out = _entropy_summary(counts, edges, ent_sum, n)
     del out["scored_tokens"]
     if has_selected:      # 1.6 --positions-from: scored rows that hold the teacher's distribution
-        out["rows_with_distribution"] = n_mass
-        out["rows_with_distribution_share"] = n_mass / n if n else None
+        out["rows_with_distribution"] = mass_n
+        out["rows_with_distribution_share"] = mass_n / scored_n if scored_n else None
     out.update({
         "entropy_by_position": _by_position(pos_sum, pos_n),
-        "topk_mass_mean": [float(x) for x in mass_sum / max(n_mass, 1)] if with_mass else None,
+        "topk_mass_mean": [float(x) for x in mass_sum / mass_n] if with_mass and mass_n else None,
         "tail_mass_quantiles": {f"p{int(q * 100)}": _quantile(tail, tail_edges, q) for q in (0.5, 0.9, 0.99)}
-        if with_mass else None,
+        if with_mass and mass_n else None,
     })
     if selected is not None:
         out["selection"] = _entropy_summary(sel_counts, edges, sel_sum, sel_n)
@@ -213,8 +214,11 @@ def render_text(s: dict) -> str:
     if "token_stats" in s:
         ts = s["token_stats"]
         q = ts["entropy_quantiles"]
-        lines.append(f"entropy      mean {ts['entropy_mean']:.3f} nats; p10 {q['p10']:.3f}, p50 {q['p50']:.3f}, "
-                     f"p90 {q['p90']:.3f}, p99 {q['p99']:.3f}")
+        if ts["entropy_mean"] is None:
+            lines.append("entropy      not stored (every row NaN: an imported top-k cannot give it)")
+        else:
+            lines.append(f"entropy      mean {ts['entropy_mean']:.3f} nats; p10 {q['p10']:.3f}, p50 {q['p50']:.3f}, "
+                         f"p90 {q['p90']:.3f}, p99 {q['p99']:.3f}")
         if ts["topk_mass_mean"] is not None:
             k = len(ts["topk_mass_mean"])
             marks = [r for r in (1, 4, 16, 64, 128, 256) if r <= k]
@@ -264,7 +268,8 @@ def plot(s: dict, path: str) -> None:
     counts = np.array(ts["entropy_histogram"]["counts"])
     a.bar(edges[:-1], counts / max(counts.sum(), 1), width=np.diff(edges), align="edge", color="tab:blue",
           alpha=0.6 if sel else 1.0, label="whole cache")
-    a.axvline(ts["entropy_mean"], color="k", ls="--", lw=1, label=f"mean {ts['entropy_mean']:.2f}")
+    if ts["entropy_mean"] is not None:               # None: a cache that does not know its entropy (imported)
+        a.axvline(ts["entropy_mean"], color="k", ls="--", lw=1, label=f"mean {ts['entropy_mean']:.2f}")
     top = edges[1:][counts > 0].max() if (counts > 0).any() else edges[-1]
     if sel and sel["scored_tokens"]:
         sc = np.array(sel["entropy_histogram"]["counts"])

@@ -29,6 +29,7 @@ from ..format.arrays import (ATTENTION_GROUP, BEHAVIOUR_LOGPROB, ENTROPY, SELECT
                              array_specs, attention_layers)
 from ..format.encodings import DEFAULT_ENCODING, Encoding, encoding_class, encoding_from
 from ..format.errors import ConfigMismatchError, EncodingError, LogitcacheError
+from ..format.fingerprint import generation_eos_ids as _generation_eos  # the old private name: benchmarks use it
 from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
 from ..format.samples import SAMPLES_SCHEMA
 from ..store import codecs as codec_lib
@@ -693,14 +694,6 @@ def _resolve_dtype(dtype: str, device: str) -> str:
 
     on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     return "bfloat16" if on_gpu else "float32"
-
-
-def _generation_eos(path) -> list[int]:
-    cfg = os.path.join(path, "generation_config.json")
-    if not os.path.exists(cfg):
-        return []
-    eos = json.load(open(cfg)).get("eos_token_id")
-    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def choose_backend(name: str) -> tuple[str, str]:

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..format.errors import LogitcacheError
-from ..format.fingerprint import vocab_sha256
-from ..format.manifest import TokenizerInfo
+from ..format.fingerprint import tokenizer_info  # noqa: F401  (re-exported: capture and benchmarks use it here)
 from .embedded import EMBEDDED, SOURCE_FILE, embedded_teacher_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -75,20 +74,6 @@ def weights_fingerprint(path: Path) -> str:
                 fh.seek(size - EDGE_BYTES)
                 h.update(fh.read(EDGE_BYTES))
     return f"sha256-edges:{h.hexdigest()}"
-
-
-def tokenizer_info(tokenizer, extra_eos: list[int] | None = None) -> TokenizerInfo:
-    vocab_hash = vocab_sha256(tokenizer)
-    template = getattr(tokenizer, "chat_template", None) or ""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for t in extra_eos or []:
-        if t not in eos:
-            eos.append(int(t))
-    return TokenizerInfo(
-        vocab_size=len(tokenizer.get_vocab()), vocab_sha256=vocab_hash, bos_token_id=tokenizer.bos_token_id,
-        eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
-        chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if template else "",
-    )
 
 
 def describe_teacher(resolved: ResolvedTeacher, backend: str, dtype: str, max_length: int | None = None):

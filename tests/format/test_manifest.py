@@ -211,11 +211,25 @@ FIXTURE_FINGERPRINTS = {
 }
 
 
+def test_imported_from_round_trips_and_is_written_only_when_present():
+    from logitcache.format.manifest import Provenance
+
+    m = make_manifest()
+    m.provenance = Provenance("src", "sha256:x", "q", 3)
+    assert "imported_from" not in m.to_dict()["provenance"]            # an export's provenance reads as 1.5's
+    assert Manifest.from_json(m.to_json()).provenance.imported_from is None
+    m.provenance = Provenance("data/", "", "", 3, imported_from={"format": "distillkit", "files": ["data_0.parquet"]})
+    back = Manifest.from_json(m.to_json())
+    assert back.provenance.imported_from == {"format": "distillkit", "files": ["data_0.parquet"]}
+    assert back.to_dict() == m.to_dict()
+
+
 def test_rollout_round_trips_and_is_written_only_when_present():
     from logitcache.format.version import MINOR_ADDITIONS
 
     assert FORMAT_VERSION == "1.6" and "behaviour_logprob" in MINOR_ADDITIONS["1.4"] and "attn/" in MINOR_ADDITIONS["1.5"]
     assert "selected" in MINOR_ADDITIONS["1.6"]
+    assert "imported_from" in MINOR_ADDITIONS["1.6"]
     plain = make_manifest()
     assert plain.rollout is None and "rollout" not in plain.to_dict() and "rollout" not in plain.header()
     m = make_manifest()

@@ -220,7 +220,7 @@ def test_token_stats_are_materialised_once_and_recorded(cache, monkeypatch, thr)
     sql = "SELECT sample_id, high_entropy_share FROM token_stats ORDER BY high_entropy_share DESC, sample_id LIMIT 3"
     first = run_query(cache, sql, threshold=thr).table
     raw = json.loads((Path(cache.url) / "manifest.json").read_text())
-    assert raw["format_version"] == FORMAT_VERSION == "1.5"
+    assert raw["format_version"] == FORMAT_VERSION == "1.6"
     (rec,) = raw["derived"]
     assert rec["name"] == "token_stats" and rec["params"] == {"entropy_threshold": thr}
     assert rec["cache_fingerprint"] == fp and rec["columns"] == [c for c, _, _ in ts.TOKEN_STATS_COLUMNS]

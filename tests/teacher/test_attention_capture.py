@@ -41,7 +41,7 @@ def test_stored_queries_and_keys_rebuild_the_teachers_attention(tmp_path, tiny_t
                            hidden_dtype=dtype, max_new_tokens=6, samples_per_shard=2, batch_tokens=64))
     cache = open_cache(str(tmp_path / "c"), verify=True)
     m = cache.manifest
-    assert m.format_version == FORMAT_VERSION == "1.5" and attention_layers(m.arrays) == [0, 1]
+    assert m.format_version == FORMAT_VERSION == "1.6" and attention_layers(m.arrays) == [0, 1]
     assert m.arrays["attn/1_q"].row_shape == (4, 8) and m.arrays["attn/1_k"].row_shape == (2, 8)
     checked = 0
     for rec in cache.samples.to_pylist():
