@@ -96,7 +96,7 @@ def test_a_polynomial_that_misses_ragged_rows_is_reported_and_warned(generated, 
         report = export_to(open_cache(generated["compact"]), str(tmp_path / "out"), to="distillkit",
                            compression_config=str(cfg))
     worst = report.checks["approximated_values"]["max_abs_error"]
-    assert worst > 0.5 and f"misses our log-probs by up to {worst:.2f} nats" in caplog.text
+    assert worst > 2 and f"misses our log-probs by up to {worst:.2f} nats" in caplog.text
     assert report.checks["exact_values"]["max_abs_error"] <= 16 * 2.0 ** -8
 
 
