@@ -82,7 +82,18 @@ def cross_tokenizer_loss(logits: torch.Tensor, targets: CrossTokenizerTargets, w
 
 def check_loss_supported(cfg: TrainConfig, encoding: Encoding, where: str, arrays=()) -> None:
     """Estimated encodings (sampled, hybrid) hold estimates of p, not p: only forward KL at T = 1 is unbiased.
-    The policy gradient needs the behaviour log-probs of a round cache (``arrays``: the cache's array names)."""
+    The policy gradient needs the behaviour log-probs of a round cache (``arrays``: the cache's array specs by
+    name). Token selection by entropy needs the teacher's entropy, which an imported cache does not have (its
+    spec says ``exact: false``, every row NaN; format 1.6): no token would be selected."""
+    from logitcache.format.arrays import ENTROPY
+
+    selecting = [flag for flag, v in (("--entropy-above", cfg.entropy_above), ("--entropy-below", cfg.entropy_below),
+                                      ("--entropy-top-frac", cfg.entropy_top_frac),
+                                      ("--entropy-bottom-frac", cfg.entropy_bottom_frac)) if v is not None]
+    spec = arrays.get(ENTROPY) if isinstance(arrays, dict) else None
+    if selecting and spec is not None and not spec.exact:
+        raise LogitcacheError(f"{selecting[0]}: {where} does not store the teacher's entropy (imported from another "
+                              "tool's top-k: NaN on every row); select tokens by entropy on a captured cache")
     if cfg.loss == POLICY_GRADIENT:
         from logitcache.format.arrays import BEHAVIOUR_LOGPROB
 
