@@ -89,7 +89,9 @@ def check_loss_supported(cfg: TrainConfig, encoding: Encoding, where: str, array
 
     selecting = [flag for flag, v in (("--entropy-above", cfg.entropy_above), ("--entropy-below", cfg.entropy_below),
                                       ("--entropy-top-frac", cfg.entropy_top_frac),
-                                      ("--entropy-bottom-frac", cfg.entropy_bottom_frac)) if v is not None]
+                                      ("--entropy-bottom-frac", cfg.entropy_bottom_frac),
+                                      ("--token-select teacher-entropy", cfg.token_select == "teacher-entropy" or None))
+                 if v is not None]
     spec = arrays.get(ENTROPY) if isinstance(arrays, dict) else None
     if selecting and spec is not None and not spec.exact:
         raise LogitcacheError(f"{selecting[0]}: {where} does not store the teacher's entropy (imported from another "

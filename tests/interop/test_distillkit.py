@@ -225,3 +225,8 @@ def test_an_imported_cache_refuses_token_selection_by_entropy(tokenizer_dir, tmp
                              cache.manifest.arrays)
     check_loss_supported(TrainConfig(cache="c", out="r", entropy_top_frac=0.2), cache.encoding, "c",
                          open_cache(fixture("topk")).manifest.arrays)                         # a captured cache: fine
+    with pytest.raises(LogitcacheError, match="--token-select teacher-entropy: c does not store the teacher's"):
+        check_loss_supported(TrainConfig(cache="c", out="r", token_select="teacher-entropy", top_frac=0.2),
+                             cache.encoding, "c", cache.manifest.arrays)
+    check_loss_supported(TrainConfig(cache="c", out="r", token_select="student-entropy", top_frac=0.2),
+                         cache.encoding, "c", cache.manifest.arrays)              # the student's entropy: fine
