@@ -118,8 +118,8 @@ def markdown(result: dict) -> str:
         split = "-" if r["loss"] == "ce" else f"{c['aligned'] - c['uld']} / {c['uld']}"
         lines.append(f"| {name} | {e['perplexity']:.1f} | {e['kl_forward']:.3f} | {c['aligned_share']:.3f} | {split} | "
                      f"{c['mapped_mass']:.3f} | {r['seconds_per_step']:.2f} |")
-    lines += ["", f"One seed. s/step is wall time on a machine other jobs shared: not a speed comparison. Every run "
-                  f"puts rows into the student's tokens the same way; only the loss differs."]
+    lines += ["", "One seed. s/step is wall time on a machine other jobs shared: not a speed comparison. Every run "
+                  "puts rows into the student's tokens the same way; only the loss differs."]
     return "\n".join(lines) + "\n"
 
 
