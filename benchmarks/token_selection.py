@@ -35,6 +35,12 @@ CONFIGS = {
              ["--token-select", "teacher-entropy", "--top-frac", "0.2"]),
     "rand20": ("random 20% (training time)", "compact", ["--token-select", "random", "--top-frac", "0.2"]),
     "cap20": ("student entropy, 20% chosen at capture (--positions-from)", "compact-positions20", []),
+    # the same with hard-label CE on every position beside the distillation (--ce-alpha 0.5)
+    "all-ce": ("all positions + CE (alpha 0.5)", "compact", ["--ce-alpha", "0.5"]),
+    "se20-ce": ("student entropy, top 20% + CE on all (alpha 0.5)", "compact",
+                ["--token-select", "student-entropy", "--top-frac", "0.2", "--ce-alpha", "0.5"]),
+    "rand20-ce": ("random 20% + CE on all (alpha 0.5)", "compact",
+                  ["--token-select", "random", "--top-frac", "0.2", "--ce-alpha", "0.5"]),
 }
 
 
@@ -71,6 +77,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {c['name']} | {c['kl_forward_exact']:.3f} ± {c['kl_forward_exact_sd']:.3f} | {vs} | "
                      f"{c['dist_bytes_per_token']:.1f} | {'—' if share is None else f'{share:.2f}'} | "
                      f"{c['seconds_per_step']:.2f} |")
+    lines += ["", "s/step: wall clock on a 2-core machine other jobs shared; rows reused from an earlier invocation "
+                  "(--reuse) keep that invocation's timing, so compare seconds only between rows run together."]
     return "\n".join(lines) + "\n"
 
 
@@ -86,11 +94,15 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--keep-frac", type=float, default=0.2)
     p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md (and docs) from --out's JSON")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --work")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     work, out = Path(args.work), Path(args.out)
+    if args.render_only:
+        render(json.loads((out / "token_selection.json").read_text()), out, not args.no_docs)
+        return
     log = work / "log.txt"
     if not (work / "train.jsonl").exists():
         raise SystemExit(f"{work}: run benchmarks/distillation_quality.py first (its pairs and caches are reused)")
@@ -134,9 +146,13 @@ def main() -> None:
            ev["scored_tokens"], "train_pairs": sum(1 for _ in open(work / "train.jsonl")), "configs": configs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "token_selection.json").write_text(json.dumps(res, indent=1, default=str))
+    render(res, out, not args.no_docs)
+
+
+def render(res: dict, out: Path, docs: bool) -> None:
     md = markdown(res)
     (out / "token_selection.md").write_text(md)
-    if not args.no_docs:
+    if docs:
         write_block(ROOT / "docs" / "results.md", "token-selection", md,
                     heading="## Which positions to distil: student entropy, teacher entropy, random, at capture")
     print(md)
