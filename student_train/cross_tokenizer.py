@@ -72,10 +72,12 @@ class CrossTokenizer:
 
     stream: the ``CacheStream`` the rows come from (its samples table gives each sample's prompt).
     teacher_tokenizer / student_tokenizer: Hugging Face tokenizers. loss: one of ``CROSS_TOKENIZER_LOSSES``.
+    tables: their ``TokenBytes`` (teacher's, student's) when already built (a run builds them once).
     """
 
     def __init__(self, stream, teacher_tokenizer, student_tokenizer, loss: str = "map+uld",
-                 vocab_map: VocabMap | None = None, system_prompt: str | None = None):
+                 vocab_map: VocabMap | None = None, system_prompt: str | None = None,
+                 tables: tuple[TokenBytes, TokenBytes] | None = None):
         if loss not in CROSS_TOKENIZER_LOSSES:
             raise LogitcacheError(f"--cross-tokenizer-loss must be one of {', '.join(CROSS_TOKENIZER_LOSSES)}, "
                                   f"got {loss!r}")
@@ -88,8 +90,9 @@ class CrossTokenizer:
         manifest = stream.cache.manifest
         self.loss = loss
         self.seq_len = stream.seq_len
-        self.teacher_bytes = TokenBytes.from_tokenizer(teacher_tokenizer, manifest.teacher.vocab_size)
-        self.student_bytes = TokenBytes.from_tokenizer(student_tokenizer)
+        self.teacher_bytes, self.student_bytes = tables or (
+            TokenBytes.from_tokenizer(teacher_tokenizer, manifest.teacher.vocab_size),
+            TokenBytes.from_tokenizer(student_tokenizer))
         self.vocab_map = vocab_map or VocabMap.build(self.teacher_bytes, self.student_bytes)
         self.retokenizer = Retokenizer(teacher_tokenizer, student_tokenizer, self.teacher_bytes,
                                        system_prompt if system_prompt is not None else manifest.capture.system_prompt)
@@ -254,10 +257,9 @@ def cross_tokenizer_rows(cfg, manifest, tokenizer, loader, stream, eval_stream, 
     """(loader, eval stream, converter) yielding rows in the student's tokens; the vocabulary map is
     built once and kept beside the run (``out/vocab_map.npz``)."""
     teacher = teacher_tokenizer(cfg, manifest)
-    vocab_map = load_vocab_map(cfg.out if main_process else None,
-                               TokenBytes.from_tokenizer(teacher, manifest.teacher.vocab_size),
-                               TokenBytes.from_tokenizer(tokenizer))
-    converter = CrossTokenizer(stream, teacher, tokenizer, cfg.cross_tokenizer_loss, vocab_map)
+    tables = (TokenBytes.from_tokenizer(teacher, manifest.teacher.vocab_size), TokenBytes.from_tokenizer(tokenizer))
+    vocab_map = load_vocab_map(cfg.out if main_process else None, *tables)
+    converter = CrossTokenizer(stream, teacher, tokenizer, cfg.cross_tokenizer_loss, vocab_map, tables=tables)
     if main_process:
         log.warning("student tokenizer differs from the teacher's: %d of %d teacher ids have a student token "
                     "(%.1f%%); loss %s", int((converter.vocab_map.to_student >= 0).sum()),
@@ -265,5 +267,5 @@ def cross_tokenizer_rows(cfg, manifest, tokenizer, loader, stream, eval_stream, 
                     cfg.cross_tokenizer_loss)
     if eval_stream is not None:      # one measure whatever the training loss: forward KL over the mapped entries
         eval_stream = ConvertedBatches(eval_stream, CrossTokenizer(eval_stream, teacher, tokenizer, "map",
-                                                                   converter.vocab_map))
+                                                                   converter.vocab_map, tables=tables))
     return ConvertedBatches(loader, converter), eval_stream, converter
