@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from logitcache.align import Retokenizer, TokenBytes, VocabMap, align_tokens
+from logitcache.align import Retokenizer, TokenBytes, VocabMap, align_tokens, load_tokenizer
 from logitcache.align.vocab_map import table_digest
 from logitcache.format.errors import LogitcacheError
 
@@ -234,23 +234,11 @@ def check_cross_tokenizer_supported(cfg) -> None:
 def teacher_tokenizer(cfg, manifest):
     """The teacher's tokenizer (``--teacher-tokenizer`` or the teacher's directory), checked against the
     cache's vocabulary digest: the text of the cached tokens must be read with the tokenizer that wrote them."""
-    from transformers import AutoTokenizer
-
-    from logitcache.format.fingerprint import vocab_sha256
-
     from .model import teacher_directory
 
     where = cfg.teacher_tokenizer or teacher_directory(
         manifest, "a student with another tokenizer", "pass --teacher-tokenizer DIR (the teacher's tokenizer files)")
-    try:
-        tok = AutoTokenizer.from_pretrained(where)
-    except Exception as e:
-        raise LogitcacheError(f"--teacher-tokenizer {where}: could not load a tokenizer ({type(e).__name__}: {e})") \
-            from None
-    if vocab_sha256(tok) != manifest.tokenizer.vocab_sha256:
-        raise LogitcacheError(f"--teacher-tokenizer {where}: not the tokenizer the cache was written with (vocab_sha256 "
-                              f"{vocab_sha256(tok)[:12]}... != {manifest.tokenizer.vocab_sha256[:12]}...)")
-    return tok
+    return load_tokenizer(where, "--teacher-tokenizer", manifest.tokenizer.vocab_sha256)
 
 
 def cross_tokenizer_rows(cfg, manifest, tokenizer, loader, stream, eval_stream, main_process: bool):

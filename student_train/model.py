@@ -15,20 +15,7 @@ import torch
 from torch import nn
 
 from logitcache.format.errors import LogitcacheError
-
-
-def teacher_directory(manifest, flag: str = "--keep-layers", instead: str = "pass --student instead") -> str:
-    """A local directory with the cache's teacher weights (and tokenizer), to derive a student from."""
-    source = manifest.teacher.source
-    if source and os.path.isdir(source):
-        return source
-    from logitcache.teacher.identity import resolve_teacher   # embedded name or hub id (offline cache)
-
-    try:
-        return str(resolve_teacher(manifest.teacher.name).path)
-    except Exception as e:
-        raise LogitcacheError(f"{flag}: the cache's teacher {manifest.teacher.name!r} is not at "
-                              f"{source!r} and could not be resolved ({e}); {instead}") from None
+from logitcache.teacher.identity import teacher_directory  # noqa: F401  (re-exported: prune, cross_tokenizer)
 
 
 def parse_keep_layers(text: str, num_layers: int) -> list[int]:

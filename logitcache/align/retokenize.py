@@ -7,7 +7,25 @@ import json
 
 import numpy as np
 
+from ..format.errors import LogitcacheError
 from .token_bytes import TokenBytes
+
+
+def load_tokenizer(where: str, flag: str, vocab_sha256: str | None = None):
+    """A Hugging Face tokenizer from ``where``, or a one-line error naming ``flag``; with ``vocab_sha256``
+    (a cache's ``tokenizer.vocab_sha256``) it must be the tokenizer that wrote that cache."""
+    from transformers import AutoTokenizer
+
+    from ..format.fingerprint import vocab_sha256 as digest
+
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except Exception as e:
+        raise LogitcacheError(f"{flag} {where}: could not load a tokenizer ({type(e).__name__}: {e})") from None
+    if vocab_sha256 is not None and digest(tok) != vocab_sha256:
+        raise LogitcacheError(f"{flag} {where}: not the tokenizer the cache was written with (vocab_sha256 "
+                              f"{digest(tok)[:12]}... != {vocab_sha256[:12]}...)")
+    return tok
 
 
 def messages_of(prompt: str | None) -> list[dict] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import click
 
@@ -71,28 +70,11 @@ def inspect(cache, as_json, plot, verify, partial, no_token_stats, selection, st
 
 
 def _alignment(cache, student_dir: str, teacher_dir: str | None, samples: int) -> dict:
-    from transformers import AutoTokenizer
-
+    from ..align import load_tokenizer
     from ..align.stats import alignment_stats
-    from ..format.errors import LogitcacheError
-    from ..format.fingerprint import vocab_sha256
+    from ..teacher.identity import teacher_directory
 
-    def load(flag: str, where: str):
-        try:
-            return AutoTokenizer.from_pretrained(where)
-        except Exception as e:
-            raise LogitcacheError(f"{flag} {where}: could not load a tokenizer ({type(e).__name__}: {e})") from None
-
-    if teacher_dir is None:
-        from ..teacher.identity import resolve_teacher
-
-        source = cache.manifest.teacher.source
-        try:
-            teacher_dir = source if source and os.path.isdir(source) else str(resolve_teacher(cache.manifest.teacher.name).path)
-        except Exception as e:
-            raise LogitcacheError(f"--student-tokenizer: the cache's teacher {cache.manifest.teacher.name!r} is not at "
-                                  f"{source!r} ({e}); pass --teacher-tokenizer DIR") from None
-    teacher = load("--teacher-tokenizer", teacher_dir)
-    if vocab_sha256(teacher) != cache.manifest.tokenizer.vocab_sha256:
-        raise LogitcacheError(f"--teacher-tokenizer {teacher_dir}: not the tokenizer the cache was written with")
-    return alignment_stats(cache, teacher, load("--student-tokenizer", student_dir), samples)
+    m = cache.manifest
+    teacher_dir = teacher_dir or teacher_directory(m, "--student-tokenizer", "pass --teacher-tokenizer DIR")
+    teacher = load_tokenizer(teacher_dir, "--teacher-tokenizer", m.tokenizer.vocab_sha256)
+    return alignment_stats(cache, teacher, load_tokenizer(student_dir, "--student-tokenizer"), samples)

@@ -95,3 +95,15 @@ def describe_teacher(resolved: ResolvedTeacher, backend: str, dtype: str, max_le
         num_layers=int(text.num_hidden_layers), hidden_size=int(text.hidden_size),
         vocab_size=int(text.vocab_size), max_length=int(max_length or context), dtype=dtype, backend=backend,
     )
+
+
+def teacher_directory(manifest, flag: str = "--keep-layers", instead: str = "pass --student instead") -> str:
+    """A local directory with the cache's teacher weights (and tokenizer), to derive a student from."""
+    source = manifest.teacher.source
+    if source and Path(source).is_dir():
+        return source
+    try:                                   # an embedded name or a hub id (offline cache)
+        return str(resolve_teacher(manifest.teacher.name).path)
+    except Exception as e:
+        raise LogitcacheError(f"{flag}: the cache's teacher {manifest.teacher.name!r} is not at "
+                              f"{source!r} and could not be resolved ({e}); {instead}") from None
