@@ -13,7 +13,8 @@ actor. Its leftovers cannot count: a half-written ``_tmp/`` directory is never n
 directory it published but the driver never recorded is replaced by the retry (same input, settings
 and seed: same bytes). A shard that fails more than ``--ray-max-retries`` times stops the run; what
 is recorded stays, and the same command resumes. A ``LogitcacheError`` (bad settings, a teacher that
-differs between machines) is not retried: it says what to fix.
+differs between machines) is not retried: it says what to fix. An actor that dies while loading its
+engine more than ``--ray-max-retries`` times is dropped; with no actor left the run stops, naming why.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 # Test hook (LOGITCACHE_FAULT=ray-exit-after-publish:<shard>): the actor process exits after it
 # published that shard and before its record reaches the driver, on the shard's first attempt only.
 EXIT_AFTER_PUBLISH = "ray-exit-after-publish:"
+# Test hook (LOGITCACHE_FAULT=ray-exit-on-load): every actor process exits while it loads its engine.
+EXIT_ON_LOAD = "ray-exit-on-load"
 
 
 def import_ray():
@@ -150,6 +153,9 @@ class ShardActor:
         if self.engine is None:
             import ray
 
+            if self.fault == EXIT_ON_LOAD:
+                os._exit(1)
+
             self.engine = self.make_engine(self.job, ray.get(plan_ref[0]), f"Ray worker {self.host}")
         return self.host
 
@@ -186,6 +192,7 @@ class RayShards:
         self.idle: list = []                       # actors with a loaded engine and nothing to do
         self.pending = collections.deque(plan.todo)
         self.attempts: collections.Counter = collections.Counter()   # failed attempts per shard
+        self.load_deaths: collections.Counter = collections.Counter()   # per actor: deaths while loading its engine
         self.failures: list[str] = []
         try:
             while not self.idle:                   # like the local executor: nothing is written before
@@ -228,6 +235,15 @@ class RayShards:
             if getattr(e, "actor_init_failed", False):
                 self.failures.append(f"an actor could not start ({type(e).__name__})")
                 return None
+            if j is None:                        # it died loading its engine: out of memory, a broken node...
+                self.load_deaths[actor] += 1
+                n = self.load_deaths[actor]
+                if n > self.cluster.job.ray_max_retries:   # ...again and again: restarting it would never end
+                    self.failures.append(f"an actor died {n} time{'s' if n > 1 else ''} while loading its engine "
+                                         f"({type(e).__name__}; more than --ray-max-retries)")
+                    log.warning("dropping a Ray actor: %s", self.failures[-1])
+                    ray.kill(actor, no_restart=True)
+                    return None
             self.running[actor.ready.remote([self.shipped])] = (actor, None)   # back once Ray has restarted it
             return None
         self.idle.append(actor)

@@ -82,6 +82,18 @@ def test_a_shard_that_keeps_failing_stops_the_run_and_a_plain_rerun_completes(tm
     recorded_once(tmp_path / "c", names)
 
 
+def test_actors_that_die_loading_their_engine_stop_the_run_instead_of_hanging(tmp_path, tiny_teacher, texts,
+                                                                              monkeypatch):
+    """Every actor exits while it loads the teacher (as an engine out of memory would): each is restarted
+    --ray-max-retries times, then dropped, and the run stops naming why; nothing is written (as with the local
+    executor, nothing is before an engine has loaded)."""
+    monkeypatch.setenv("LOGITCACHE_FAULT", "ray-exit-on-load")
+    with pytest.raises(LogitcacheError, match=r"no actor is left to capture the remaining shards \(.*an actor died 2 "
+                                              r"times while loading its engine"):
+        run_capture(job(tmp_path / "c", tiny_teacher, texts, executor="ray", ray_actors=2, ray_max_retries=1))
+    assert not (tmp_path / "c" / "manifest.json").exists() and not list((tmp_path / "c").glob("shards/*"))
+
+
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
