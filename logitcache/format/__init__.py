@@ -6,13 +6,14 @@ from .errors import (ConfigMismatchError, CorruptCacheError, CorruptManifestErro
 from .fingerprint import cache_fingerprint
 from .manifest import (CaptureConfig, DerivedFile, DerivedTable, InputSpec, Manifest, PartInfo, Provenance,
                        ShardRecord, SkipRecord, TeacherInfo, TokenizerInfo)
-from .samples import SAMPLE_COLUMNS, SAMPLES_SCHEMA, sample_id
+from .samples import POSITIONS_COLUMNS, SAMPLE_COLUMNS, SAMPLES_SCHEMA, sample_id, samples_schema
 from .version import FORMAT_NAME, FORMAT_VERSION
 
 __all__ = [
     "ArraySpec", "array_specs", "bf16_bits_to_float32", "id_dtype", "ConfigMismatchError", "CorruptShardError",
     "CorruptCacheError", "CorruptManifestError",
     "FormatError", "InputError", "LogitcacheError", "CaptureConfig", "InputSpec", "Manifest", "PartInfo",
-    "ShardRecord", "SkipRecord", "TeacherInfo", "TokenizerInfo", "SAMPLE_COLUMNS", "SAMPLES_SCHEMA", "sample_id",
+    "ShardRecord", "SkipRecord", "TeacherInfo", "TokenizerInfo", "SAMPLE_COLUMNS", "SAMPLES_SCHEMA", "POSITIONS_COLUMNS", "sample_id",
+    "samples_schema",
     "FORMAT_NAME", "FORMAT_VERSION", "cache_fingerprint", "DerivedFile", "DerivedTable", "Provenance",
 ]

@@ -37,6 +37,27 @@ SAMPLE_COLUMNS: list[tuple[str, pa.DataType, str]] = [
 
 SAMPLES_SCHEMA = pa.schema([pa.field(name, typ) for name, typ, _ in SAMPLE_COLUMNS])
 
+# (1.6) written only by a capture that chose the rows to store (capture --positions-from; the manifest's
+# ``positions`` section): every shard of such a cache has them, after the columns above
+POSITIONS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("positions_rule", pa.string(), "(1.6, --positions-from) the rule that chose the rows holding the teacher's "
+                                    "distribution: 'student-entropy'"),
+    ("positions_kept", pa.int32(), "(1.6, --positions-from) scored rows of this sample whose distribution is stored "
+                                   "(the `selected` rows)"),
+    ("positions_share", pa.float32(), "(1.6, --positions-from) positions_kept / (scored_end - scored_start); NaN "
+                                      "when the sample has no scored row"),
+]
+OPTIONAL_COLUMNS = POSITIONS_COLUMNS
+
+
+def samples_schema(names) -> pa.Schema:
+    """The schema of a samples table whose columns are ``names``: every column of ``SAMPLES_SCHEMA``, then
+    the optional (1.6) columns among ``names``, in their documented order. A column this release does not know (a newer
+    minor version's) is not part of it: readers select the schema's names."""
+    present = set(names)
+    extra = [pa.field(name, typ) for name, typ, _ in OPTIONAL_COLUMNS if name in present]
+    return pa.schema(list(SAMPLES_SCHEMA) + extra) if extra else SAMPLES_SCHEMA
+
 
 def sample_id(source_name: str, split: str, row: int, sample_index: int) -> str:
     """A 16-hex-digit id that is the same whenever the same input row is captured again.

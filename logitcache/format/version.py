@@ -28,8 +28,8 @@ MINOR_ADDITIONS = {
            "embedding: attention transfer); 1.4 readers read 1.5 caches and ignore them",
     "1.6": "caches imported from another tool (`logitcache import`): `provenance.imported_from`, and arrays whose "
            "spec says `exact: false` (entropy NaN on every row where a top-k cannot give it); and positions chosen "
-           "before storing (capture --positions-from): the `selected` array and the manifest section `positions`, "
-           "the teacher's distribution stored on chosen rows only. 1.5 readers read 1.6 caches: they ignore the new "
+           "before storing (capture --positions-from): the `selected` array, the manifest section `positions` "
+           "and the samples columns `positions_rule`, `positions_kept`, `positions_share`, the teacher's distribution stored on chosen rows only. 1.5 readers read 1.6 caches: they ignore the new "
            "fields; left-out rows of ragged encodings have no entries (no distribution, as they already read them), "
            "those of topk and full hold NaN log-probabilities, which their loss refuses by name: never silently wrong",
 }

@@ -41,7 +41,7 @@ from ..format.arrays import SELECTED, bf16_bits_to_float32
 from ..format.encodings import Encoding, SampledRows, SparseRows, TargetRows, as_targets, encoding_from
 from ..format.errors import CorruptShardError, FormatError
 from ..format.manifest import Manifest, ShardRecord
-from ..format.samples import SAMPLES_SCHEMA
+from ..format.samples import SAMPLES_SCHEMA, samples_schema
 from .checksum import is_metadata, recipe_digest, sha256, shard_digests
 from .commit import current_state, load_manifest, load_parts
 from .fs import CacheFS
@@ -318,12 +318,23 @@ class Cache:
             bad("a sample's scored rows fall outside its tokens")
         if int((hi - lo).sum()) != record.scored_tokens:
             bad(f"{int((hi - lo).sum())} scored tokens, the manifest records {record.scored_tokens}")
+        if "positions_kept" in table.column_names:      # 1.6 --positions-from
+            kept = table.column("positions_kept").to_numpy(zero_copy_only=False).astype(np.int64)
+            if (kept < 0).any() or (kept > hi - lo).any():
+                bad("a sample keeps more rows (positions_kept) than it has scored rows")
 
     @cached_property
     def samples(self) -> pa.Table:
         """All committed samples, in manifest shard order; sample ids are unique across the cache."""
         tables = [self.shard_samples(s.name) for s in self.shards]
-        table = pa.concat_tables(tables).cast(SAMPLES_SCHEMA) if tables else SAMPLES_SCHEMA.empty_table()
+        if not tables:
+            return SAMPLES_SCHEMA.empty_table()
+        schema = samples_schema(tables[0].column_names)     # 1.6: optional columns, on every shard or none
+        for name, t in zip((s.name for s in self.shards), tables):
+            if samples_schema(t.column_names) != schema:
+                raise CorruptShardError(name, f"{layout.SAMPLES}: its columns differ from the first shard's "
+                                              f"({', '.join(schema.names)})")
+        table = pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
         ids = table.column("sample_id")
         if len(pc.unique(ids)) != table.num_rows:
             counts = pc.value_counts(ids).to_pylist()

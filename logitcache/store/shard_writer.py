@@ -26,7 +26,7 @@ import zarr
 from ..format import layout
 from ..format.arrays import ArraySpec, chunk_rows, float32_to_bf16_bits
 from ..format.manifest import ShardRecord
-from ..format.samples import SAMPLES_SCHEMA
+from ..format.samples import samples_schema
 from ..format.version import FORMAT_NAME, FORMAT_VERSION
 from .checksum import shard_digests
 from .codecs import DEFAULT_CODEC, compressors
@@ -59,7 +59,7 @@ class WrittenShard:
 def samples_parquet(samples: pa.Table) -> bytes:
     """A samples table as the format stores it: zstd, with page checksums (format 1.3)."""
     buf = io.BytesIO()
-    pq.write_table(samples.cast(SAMPLES_SCHEMA), buf, compression="zstd", write_page_checksum=True)
+    pq.write_table(samples.cast(samples_schema(samples.column_names)), buf, compression="zstd", write_page_checksum=True)
     return buf.getvalue()
 
 

@@ -31,7 +31,7 @@ from ..format.encodings import DEFAULT_ENCODING, Encoding, encoding_class, encod
 from ..format.errors import ConfigMismatchError, EncodingError, LogitcacheError
 from ..format.fingerprint import generation_eos_ids as _generation_eos  # the old private name: benchmarks use it
 from ..format.manifest import CaptureConfig, InputSpec, Manifest, PartInfo, ShardRecord, check_same_header
-from ..format.samples import SAMPLES_SCHEMA
+from ..format.samples import POSITIONS_COLUMNS, SAMPLES_SCHEMA, samples_schema
 from ..store import codecs as codec_lib
 from ..store.commit import current_state, finalize, remove_orphans, save_part
 from ..store.fs import CacheFS
@@ -42,6 +42,7 @@ from .backend import CapturedSequence, GenerationSettings
 from .embedded import DEFAULT_TEACHER
 from .identity import ResolvedTeacher, describe_teacher, resolve_teacher, tokenizer_info
 from .inputs import InputTable, load_input
+from .positions import RULE as POSITIONS_RULE
 from .prepare import PreparedSample, Tokenize, prepare_rows, validate_rows
 
 log = logging.getLogger(__name__)
@@ -361,7 +362,8 @@ def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence],
         arrays[name] = cat(chunks, spec.row_shape, np.float32)
     lengths = np.array([len(c.tokens) for c in captured], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(captured) else np.zeros(0, np.int64)
-    cols: dict[str, list] = {name: [] for name in SAMPLES_SCHEMA.names}
+    schema = samples_schema(SAMPLES_SCHEMA.names + ([n for n, _, _ in POSITIONS_COLUMNS] if kept is not None else []))
+    cols: dict[str, list] = {name: [] for name in schema.names}
     scored_total = 0
     for s, c, off in zip(samples, captured, offsets):
         ent = c.entropy[c.score_from:c.score_to]
@@ -377,9 +379,13 @@ def build_shard(samples: list[PreparedSample], captured: list[CapturedSequence],
                    p90_entropy=_percentile90(ent), teacher_logprob_sum=float(tgt.astype(np.float64).sum()),
                    finish_reason=reason, source=table.source_name, split=table.split, row=s.row,
                    sample_index=s.sample_index, prompt=s.prompt_text, response=response)
+        if kept is not None:                    # 1.6: what --positions-from kept of this sample
+            n_kept = int(stored[off:off + len(c.tokens)].sum())
+            row.update(positions_rule=POSITIONS_RULE, positions_kept=n_kept,
+                       positions_share=n_kept / len(ent) if len(ent) else float("nan"))
         for key, v in row.items():
             cols[key].append(v)
-    return arrays, pa.table(cols, schema=SAMPLES_SCHEMA), scored_total
+    return arrays, pa.table(cols, schema=schema), scored_total
 
 
 def behaviour_rows(sample: PreparedSample, seq: CapturedSequence) -> np.ndarray:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logitcache.format import FORMAT_VERSION, SAMPLE_COLUMNS, FormatError, Manifest, array_specs, sample_id
+from logitcache.format import FORMAT_VERSION, POSITIONS_COLUMNS, SAMPLE_COLUMNS, FormatError, Manifest, array_specs, sample_id
 from logitcache.format.arrays import bf16_bits_to_float32, chunk_rows, float32_to_bf16_bits, id_dtype
 from logitcache.format.manifest import (CaptureConfig, ConfigMismatchError, InputSpec, PartInfo, ShardRecord,
                                         SkipRecord, TeacherInfo, TokenizerInfo, check_same_header, manifest_checksum)
@@ -107,7 +107,7 @@ def test_sample_id_depends_on_data_identity_only():
 def test_docs_format_md_lists_every_column_array_and_the_version():
     doc = DOC.read_text()
     assert f"format_version: `{FORMAT_VERSION}`" in doc or f'"format_version": "{FORMAT_VERSION}"' in doc
-    for name, _, _ in SAMPLE_COLUMNS:
+    for name, _, _ in SAMPLE_COLUMNS + POSITIONS_COLUMNS:
         assert re.search(rf"^\| `{name}` \|", doc, re.M), f"docs/format.md lacks samples column {name}"
     for name in array_specs(49152, 4, "float16", [1], 8, "bfloat16"):
         shown = "hidden/<layer>" if name.startswith("hidden/") else name

@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -52,6 +53,7 @@ def test_only_the_chosen_rows_hold_the_distribution(setup, tiny_teacher, encodin
     part = capture(d, tiny_teacher, f"part-{encoding}", encoding, positions_from=str(student), keep_frac=0.25)
     m = part.manifest
     assert m.format_version == "1.6" and SELECTED in m.arrays and SELECTED not in full.manifest.arrays
+    assert "positions_kept" not in full.samples.column_names            # only a chosen capture has the columns
     assert m.positions["rule"] == "student-entropy" and m.positions["keep_frac"] == 0.25
     assert m.positions["student"]["fingerprint"].startswith("sha256")
     for sid in full.samples.column("sample_id").to_pylist():
@@ -65,6 +67,9 @@ def test_only_the_chosen_rows_hold_the_distribution(setup, tiny_teacher, encodin
         want[idx[np.argsort(-h[idx], kind="stable")[:math.ceil(0.25 * len(idx))]]] = True
         sel = part.sample(sid, [SELECTED])[SELECTED].astype(bool)
         np.testing.assert_array_equal(sel, want)
+        row = part.samples.filter(pc.equal(part.samples.column("sample_id"), sid)).to_pylist()[0]
+        assert (row["positions_rule"], row["positions_kept"]) == ("student-entropy", int(want.sum()))
+        assert row["positions_share"] == pytest.approx(want.sum() / len(idx), rel=1e-6)
         has = (b["ids"] >= 0).any(-1)
         np.testing.assert_array_equal(has, want)                        # left-out rows have no entries
         w = max(a["ids"].shape[1], b["ids"].shape[1])               # the widest row of each range differs
@@ -121,6 +126,36 @@ def test_inspect_reports_the_rows_kept(setup, tiny_teacher):
     ts = json.loads(r.output)["token_stats"]
     n = sum(int(part.sample(s, [SELECTED])[SELECTED].sum()) for s in part.samples.column("sample_id").to_pylist())
     assert ts["rows_with_distribution"] == n and 0.2 < ts["rows_with_distribution_share"] < 0.5
+
+
+def test_the_samples_table_records_the_rule_and_share_for_queries_and_selections(setup, tiny_teacher, tmp_path):
+    from click.testing import CliRunner
+
+    from logitcache.cli.main import cli
+
+    d, student = setup
+    part = capture(d, tiny_teacher, "part-topk", "topk", positions_from=str(student), keep_frac=0.25)
+    kept = {sid: int(part.sample(sid, [SELECTED])[SELECTED].sum()) for sid in part.samples.column("sample_id").to_pylist()}
+    r = CliRunner().invoke(cli, ["query", str(d / "part-topk"), "--json", "--no-persist",
+                                 "SELECT sample_id, positions_rule, positions_kept FROM samples ORDER BY sample_id"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert {x["sample_id"]: x["positions_kept"] for x in rows} == kept
+    assert {x["positions_rule"] for x in rows} == {"student-entropy"}
+    # a selection copied out of the cache keeps the columns, the rows and the manifest's rule
+    some = sorted(kept)[:3]
+    ids = ", ".join(f"'{s}'" for s in some)
+    r = CliRunner().invoke(cli, ["query", str(d / "part-topk"), "--no-persist", "--out", str(tmp_path / "sel.parquet"),
+                                 f"SELECT sample_id FROM samples WHERE sample_id IN ({ids})"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["export", str(d / "part-topk"), str(tmp_path / "out"), "--selection",
+                                 str(tmp_path / "sel.parquet")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = open_cache(str(tmp_path / "out"))
+    assert out.manifest.positions == part.manifest.positions
+    assert dict(zip(out.samples.column("sample_id").to_pylist(), out.samples.column("positions_kept").to_pylist())) \
+        == {s: kept[s] for s in some}
 
 
 def test_bad_positions_flags_are_refused(setup, tiny_teacher, tmp_path, smollm2_dir):
