@@ -1,6 +1,8 @@
-"""The teacher losses on the accelerator: ULD (``losses.uld_loss``) and the cross-tokenizer loss
-(``objective.cross_tokenizer_loss``: the divergence over the mapped entries + ULD where marked) against
-the forward-KL sparse loss (``losses.distillation_loss``, top-k + tail bucket), side by side in one run.
+"""The teacher losses on the accelerator: ULD (``losses.uld_loss``), the cross-tokenizer loss
+(``objective.cross_tokenizer_loss``: the divergence over the mapped entries + ULD where marked) and
+forward KL on a fifth of the positions (``--token-select student-entropy`` / ``random --top-frac 0.2``)
+against the forward-KL sparse loss on every position (``losses.distillation_loss``, top-k + tail
+bucket), side by side in one run.
 
 For every logits dtype (float32, bfloat16) and every ``chunk_rows`` (the trainer's
 ``losses.device_chunk_rows(V, device)`` and ``losses.DEFAULT_CHUNK_ROWS``), each loss runs forward +
@@ -88,6 +90,22 @@ def losses_of(inp: dict, chunk_rows: int | None) -> dict:
         "uld": lambda z: losses.uld_loss(z, inp["lp"], inp["mask"], chunk_rows=chunk_rows),
         "cross_tokenizer_map_uld": lambda z: cross_tokenizer_loss(z, inp["ct"], inp["mask"].float(), kd),
     }
+
+
+def selection_losses_of(inp: dict, chunk_rows: int | None, frac: float = 0.2) -> dict:
+    """Forward KL on a fifth of the positions (``--token-select``): chosen by the student's entropy from the
+    same logits (``losses.student_entropy`` + ``losses.top_fraction``: what the trainer adds to a step),
+    and a fixed random fifth (the loss on fewer rows alone, without choosing them)."""
+    kd = losses.DistillationConfig(kind="forward_kl", chunk_rows=chunk_rows)
+    g = torch.Generator(device=inp["mask"].device).manual_seed(1)
+    rand = losses.top_fraction(torch.rand(inp["mask"].shape, generator=g, device=inp["mask"].device), inp["mask"], frac)
+
+    def student_entropy_top(z):
+        w = losses.top_fraction(losses.student_entropy(z, inp["mask"], chunk_rows), inp["mask"], frac)
+        return losses.distillation_loss(z, inp["ids"], inp["lp"], w, **kd.kd_kwargs())
+
+    return {"forward_kl_student_entropy_top20": student_entropy_top,
+            "forward_kl_random20": lambda z: losses.distillation_loss(z, inp["ids"], inp["lp"], rand, **kd.kd_kwargs())}
 
 
 def uld_direct(z: torch.Tensor, lp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -199,7 +217,7 @@ def main() -> None:
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         for chunk_name, chunk_rows in chunks.items():
-            for loss_name, fn in losses_of(inp, chunk_rows).items():
+            for loss_name, fn in {**losses_of(inp, chunk_rows), **selection_losses_of(inp, chunk_rows)}.items():
                 row = measure(fn, inp["z"], dtype, device, a.warmup, a.repeats)
                 row.update({"loss": loss_name, "dtype": str(dtype).removeprefix("torch."), "chunk_rows": chunk_rows,
                             "chunk_setting": chunk_name})

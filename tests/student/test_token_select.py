@@ -54,6 +54,30 @@ def test_student_entropy_equals_the_full_softmax_computation():
         assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (no GPU here): the selection on the device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_student_entropy_selection_on_cuda_equals_the_cpu(dtype):
+    """On the device, in the trainer's logits dtypes: the entropy to 1e-3 of the CPU's float64, and the
+    chosen positions those a direct ranking of the device's own entropies gives (ties and rounding
+    differ between devices; the rule must not)."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(4, 256, 2048, generator=g) * 3).to(dtype)
+    mask = torch.rand(4, 256, generator=g) > 0.2
+    h = losses.student_entropy(logits.cuda(), mask.cuda(), 128)
+    p = torch.softmax(logits.double(), -1)
+    want = torch.where(mask, -(p * p.log()).sum(-1), torch.zeros(4, 256, dtype=torch.float64))
+    assert h.device.type == "cuda" and torch.allclose(h.double().cpu(), want, atol=1e-3)
+    for per in ("batch", "sequence"):
+        got = losses.top_fraction(h, mask.cuda(), 0.2, per).cpu()
+        s, v = h.cpu().numpy(), mask.numpy()
+        if per == "batch":
+            assert set(np.flatnonzero(got.numpy().reshape(-1)).tolist()) == direct_top(s.reshape(-1), v.reshape(-1), 0.2)
+        else:
+            for b in range(4):
+                assert set(np.flatnonzero(got[b].numpy()).tolist()) == direct_top(s[b], v[b], 0.2)
+
+
 def sparse_batch(B=2, T=12, V=40, k=5, seed=2):
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(B * T)]).reshape(B, T, k)
