@@ -22,6 +22,11 @@ the student's own tokens:
 over the mapped entries; a position none of whose entries maps is left out), ``uld`` (ULD everywhere),
 ``map+uld`` (the default: ``map`` where at least one entry maps, ULD where none does).
 
+Steps 1 and 2 depend only on the sample's teacher tokens, the tokenizers and ``seq_len``: given a run
+directory (``alignments=OUT``, as ``student-train`` does), each sample's student tokens and alignment
+are made once and kept in ``OUT/alignments/`` (``alignment_cache``), read back in later epochs and after
+a resume; the rows are the same as when made afresh.
+
 With the student's tokenizer equal to the teacher's, every position aligns 1:1 and every id maps to
 itself: the targets are the cache's, and the loss equals the direct one (tests/student/test_cross_tokenizer.py).
 """
