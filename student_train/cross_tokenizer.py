@@ -22,6 +22,11 @@ the student's own tokens:
 over the mapped entries; a position none of whose entries maps is left out), ``uld`` (ULD everywhere),
 ``map+uld`` (the default: ``map`` where at least one entry maps, ULD where none does).
 
+Steps 1 and 2 depend only on the sample's teacher tokens, the tokenizers and ``seq_len``: given a run
+directory (``alignments=OUT``, as ``student-train`` does), each sample's student tokens and alignment
+are made once and kept in ``OUT/alignments/`` (``alignment_cache``), read back in later epochs and after
+a resume; the rows are the same as when made afresh.
+
 With the student's tokenizer equal to the teacher's, every position aligns 1:1 and every id maps to
 itself: the targets are the cache's, and the loss equals the direct one (tests/student/test_cross_tokenizer.py).
 """
@@ -39,7 +44,9 @@ import torch
 from logitcache.align import Retokenizer, TokenBytes, VocabMap, align_tokens, load_tokenizer
 from logitcache.align.vocab_map import table_digest
 from logitcache.format.errors import LogitcacheError
+from logitcache.format.fingerprint import cache_fingerprint
 
+from .alignment_cache import AlignmentCache, SampleAlignment, ShardAlignments, alignment_key
 from .targets import CrossTokenizerTargets, SparseTargets
 
 log = logging.getLogger(__name__)
@@ -73,11 +80,15 @@ class CrossTokenizer:
     stream: the ``CacheStream`` the rows come from (its samples table gives each sample's prompt).
     teacher_tokenizer / student_tokenizer: Hugging Face tokenizers. loss: one of ``CROSS_TOKENIZER_LOSSES``.
     tables: their ``TokenBytes`` (teacher's, student's) when already built (a run builds them once).
+    alignments: a run directory: each sample's student ids and alignment are made once and kept under
+    ``alignments/`` there (``alignment_cache``), written when ``write_alignments`` (the main process);
+    None: made again at every use.
     """
 
     def __init__(self, stream, teacher_tokenizer, student_tokenizer, loss: str = "map+uld",
                  vocab_map: VocabMap | None = None, system_prompt: str | None = None,
-                 tables: tuple[TokenBytes, TokenBytes] | None = None):
+                 tables: tuple[TokenBytes, TokenBytes] | None = None, alignments: str | None = None,
+                 write_alignments: bool = True):
         if loss not in CROSS_TOKENIZER_LOSSES:
             raise LogitcacheError(f"--cross-tokenizer-loss must be one of {', '.join(CROSS_TOKENIZER_LOSSES)}, "
                                   f"got {loss!r}")
@@ -98,21 +109,57 @@ class CrossTokenizer:
                                        system_prompt if system_prompt is not None else manifest.capture.system_prompt)
         table = stream.cache.samples.select(["sample_id", "prompt", "prompt_tokens"])
         index = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
-        order = np.array([index[s] for s in stream.sample_ids], np.int64)
+        self._sample_ids = stream.sample_ids
+        order = np.array([index[s] for s in self._sample_ids], np.int64)
         self._prompt = table.column("prompt").take(pa.array(order)).to_pylist()
         self._prompt_tokens = table.column("prompt_tokens").to_numpy()[order].astype(np.int64)
         self.counts = {"student_positions": 0, "aligned": 0, "mapped": 0, "uld": 0, "mapped_mass": 0.0,
                        "truncated_samples": 0}
+        self.stream = stream
+        self.alignments = None if alignments is None else AlignmentCache(alignments, alignment_key(
+            cache_fingerprint(manifest), table_digest(self.teacher_bytes), table_digest(self.student_bytes),
+            self.retokenizer.fingerprint(), self.seq_len), write=write_alignments)
 
     def student_ids(self, sample: int, teacher_ids: np.ndarray) -> list[int]:
         """The student's tokens of sample ``sample`` (its index in the stream), whose teacher tokens (as
         loaded, possibly cut at seq_len) are ``teacher_ids``."""
         return self.retokenizer.student_ids(teacher_ids, self._prompt[sample], int(self._prompt_tokens[sample]))
 
+    def align(self, sample: int, teacher_ids: np.ndarray) -> SampleAlignment:
+        """Sample ``sample`` in the student's tokens (cut at seq_len) and aligned to ``teacher_ids``, made now."""
+        s_tokens = np.asarray(self.student_ids(sample, teacher_ids), np.int64)
+        truncated = len(s_tokens) > self.seq_len
+        s_tokens = s_tokens[:self.seq_len]
+        m = len(s_tokens)
+        t_text, t_ends = self.teacher_bytes.join(teacher_ids)
+        s_text, s_ends = self.student_bytes.join(s_tokens)
+        al = align_tokens(t_text, t_ends, s_text, s_ends)
+        return SampleAlignment(s_tokens, truncated, al.row[:m - 1], al.cover[:m - 1])   # positions with a next token
+
+    def aligned(self, sample: int, teacher_ids: np.ndarray) -> SampleAlignment:
+        """``align(sample, teacher_ids)``, from the alignments kept beside the run when there are; the first
+        sample of a shard not made yet makes the stream's samples of that shard."""
+        if self.alignments is None:
+            return self.align(sample, teacher_ids)
+        shard, sample_id = self.stream.shard_of(sample), self._sample_ids[sample]
+        found = self.alignments.lookup(shard, sample_id, teacher_ids)
+        if found is None:
+            known = self.alignments.shard(shard)
+            members, tokens = self.stream.shard_samples(shard)
+            self.alignments.add(shard, ShardAlignments.build(
+                (self._sample_ids[i], t, self.align(i, t)) for i, t in zip(members.tolist(), tokens)
+                if known is None or self._sample_ids[i] not in known))
+            found = self.alignments.lookup(shard, sample_id, teacher_ids)
+            if found is None:
+                raise LogitcacheError(f"sample {sample_id!r} is not one of the stream's samples of shard {shard!r}")
+        return found
+
     # ---- one batch ----------------------------------------------------------------------------------
     def convert(self, batch: dict) -> dict:
         """A teacher-token batch (B, T) -> the same batch in the student's tokens (B, T)."""
         B, T = batch["input_ids"].shape
+        if T != self.seq_len:
+            raise LogitcacheError(f"a batch of rows of {T} tokens, but this converter's stream has seq_len {self.seq_len}")
         teacher = batch["teacher"]
         if not isinstance(teacher, SparseTargets):
             raise LogitcacheError(f"cross-tokenizer rows need sparse teacher targets, got {type(teacher).__name__}")
@@ -138,15 +185,10 @@ class CrossTokenizer:
             t_tokens = batch["input_ids"][b, :n].numpy()
             t_loss = batch["loss_mask"][b, :n].numpy()
             sample = int(batch["sample_index"][b, 0])
-            s_tokens = np.asarray(self.student_ids(sample, t_tokens), np.int64)
-            if len(s_tokens) > T:
-                s_tokens = s_tokens[:T]
-                self.counts["truncated_samples"] += 1
+            al = self.aligned(sample, t_tokens)
+            s_tokens, row, cover = al.student_ids, al.row, al.cover
+            self.counts["truncated_samples"] += int(al.truncated)
             m = len(s_tokens)
-            t_text, t_ends = self.teacher_bytes.join(t_tokens)
-            s_text, s_ends = self.student_bytes.join(s_tokens)
-            al = align_tokens(t_text, t_ends, s_text, s_ends)
-            row, cover = al.row[:m - 1], al.cover[:m - 1]                       # positions with a next token
             ce = (cover >= 0) & t_loss[np.maximum(cover, 0)]
             kd = ce & (row >= 0) & t_loss[np.maximum(row, 0)]
             out["input_ids"][b, :m] = torch.from_numpy(s_tokens)
@@ -243,17 +285,20 @@ def teacher_tokenizer(cfg, manifest):
 
 def cross_tokenizer_rows(cfg, manifest, tokenizer, loader, stream, eval_stream, main_process: bool):
     """(loader, eval stream, converter) yielding rows in the student's tokens; the vocabulary map is
-    built once and kept beside the run (``out/vocab_map.npz``)."""
+    built once and kept beside the run (``out/vocab_map.npz``), and so is each sample's alignment
+    (``out/alignments/``, written by the main process)."""
     teacher = teacher_tokenizer(cfg, manifest)
     tables = (TokenBytes.from_tokenizer(teacher, manifest.teacher.vocab_size), TokenBytes.from_tokenizer(tokenizer))
     vocab_map = load_vocab_map(cfg.out if main_process else None, *tables)
-    converter = CrossTokenizer(stream, teacher, tokenizer, cfg.cross_tokenizer_loss, vocab_map, tables=tables)
+    converter = CrossTokenizer(stream, teacher, tokenizer, cfg.cross_tokenizer_loss, vocab_map, tables=tables,
+                               alignments=cfg.out, write_alignments=main_process)
     if main_process:
         log.warning("student tokenizer differs from the teacher's: %d of %d teacher ids have a student token "
                     "(%.1f%%); loss %s", int((converter.vocab_map.to_student >= 0).sum()),
                     len(converter.vocab_map.to_student), 100 * converter.vocab_map.mapped_share,
                     cfg.cross_tokenizer_loss)
     if eval_stream is not None:      # one measure whatever the training loss: forward KL over the mapped entries
-        eval_stream = ConvertedBatches(eval_stream, CrossTokenizer(eval_stream, teacher, tokenizer, "map",
-                                                                   converter.vocab_map, tables=tables))
+        eval_stream = ConvertedBatches(eval_stream, CrossTokenizer(
+            eval_stream, teacher, tokenizer, "map", converter.vocab_map, tables=tables, alignments=cfg.out,
+            write_alignments=main_process))
     return ConvertedBatches(loader, converter), eval_stream, converter

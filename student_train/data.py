@@ -427,6 +427,21 @@ class CacheStream(IterableDataset):
     def num_samples(self) -> int:
         return len(self._ids)
 
+    def shard_of(self, index: int) -> str:
+        """The name of the shard that holds sample ``index``."""
+        return self._shard_names[int(self._shard_code[index])]
+
+    def shard_samples(self, shard: str) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The selected samples ``shard`` holds (their indices, in stored order) and the teacher tokens of
+        each as a row holds them (its first ``seq_len``, int64): one read of the shard's tokens."""
+        members = self._members[self._shard_names.index(shard)]
+        if not len(members):
+            return members, []
+        starts, used = self._offset[members], self._used[members]
+        lo, hi = int(starts.min()), int((starts + used).max())
+        tokens = self._read(self.cache, shard, lo, hi, ["tokens"])["tokens"].astype(np.int64)
+        return members, [tokens[s - lo:s - lo + n] for s, n in zip(starts.tolist(), used.tolist())]
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.num_samples, dtype=np.int64)

@@ -3,6 +3,7 @@ conversation under that tokenizer's own chat template."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -61,6 +62,22 @@ class Retokenizer:
         special[[i for i in teacher_tokenizer.all_special_ids if 0 <= i < len(special)]] = True
         self._special = special
         self._has_template = bool(getattr(student_tokenizer, "chat_template", None))
+
+    def fingerprint(self) -> str:
+        """sha256 of everything ``student_ids`` depends on besides the sample: the teacher's byte table and
+        special ids, the student tokenizer (its whole definition for a fast tokenizer: normalizer,
+        pre-tokenizer, merges, added tokens, post-processor; its class and vocabulary otherwise), its chat
+        template and the system prompt. Equal fingerprints, equal student ids for every sample."""
+        h = hashlib.sha256(self.teacher.offsets.tobytes())
+        h.update(self.teacher.buffer.tobytes())
+        h.update(np.packbits(self._special).tobytes())
+        backend = getattr(self.student, "backend_tokenizer", None)
+        parts = [type(self.student).__name__, backend.to_str() if backend is not None else "",
+                 sorted(self.student.get_vocab().items(), key=lambda kv: kv[1]),
+                 sorted(map(str, self.student.all_special_tokens)), getattr(self.student, "chat_template", None),
+                 self.system_prompt]
+        h.update(json.dumps(parts, ensure_ascii=False, default=str).encode())
+        return h.hexdigest()
 
     def _is_special(self, ids: np.ndarray) -> np.ndarray:
         return self._special[np.clip(ids, 0, len(self._special) - 1)]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -218,6 +222,8 @@ def test_student_train_with_another_tokenizer(text_cache, other_student, tmp_pat
     assert all(np.isfinite(s["loss"]) and s["kd"] > 0 and s["ce"] > 0 for s in log if "loss" in s)
     assert report["eval_end"]["tokens"] > 0 and np.isfinite(report["eval_end"]["perplexity"])
     assert (out / "vocab_map.npz").exists()
+    (key, files), = kept_files(out).items()                  # one key: the training and held-out rows share it
+    assert "key.json" in files and any(f.endswith(".npz") for f in files)
     # run again: the map beside the run is read back; one built for other tokenizers is refused
     r = run_train(text_cache, "--out", out, "--student", other_student, "--max-steps", 3, "--seq-len", 64,
                   "--batch-size", 4, "--eval-frac", 0.2, "--ce-alpha", 0.5)
@@ -262,3 +268,94 @@ def test_inspect_reports_the_shares_a_training_run_sees(text_cache, teacher_tok,
     r = CliRunner().invoke(cli, ["inspect", text_cache, "--no-token-stats", "--student-tokenizer", other_student,
                                  "--teacher-tokenizer", other_student])
     assert r.exit_code == 1 and "not the tokenizer the cache was written with" in r.output
+
+
+# ---- alignments kept beside the run (student_train/alignment_cache.py) ------------------------------------
+
+def assert_same_rows(got: dict, want: dict) -> None:
+    """Every output of ``convert``, element by element, the teacher targets' fields included."""
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if name == "teacher":
+            for field in dataclasses.fields(value):
+                a, b = getattr(got[name], field.name), getattr(value, field.name)
+                assert (a is None) == (b is None), field.name
+                assert b is None or (a.dtype == b.dtype and torch.equal(a, b)), field.name
+        else:
+            assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+
+
+def kept_files(out) -> dict[str, list[str]]:
+    root = out / "alignments"
+    return {d.name: sorted(p.name for p in d.iterdir()) for d in root.iterdir()} if root.exists() else {}
+
+
+@pytest.mark.parametrize("which, seq_len", [("text_cache", 12), ("chat_cache", 40)])
+def test_kept_alignments_give_the_rows_made_afresh(request, which, seq_len, teacher_tok, other_tok, tmp_path,
+                                                   monkeypatch):
+    cache = request.getfixturevalue(which)
+    stream = CacheStream(cache, seq_len, 3, packing=False, seed=1, shuffle_buffer=4, rank=0, world_size=1)
+    fresh = CrossTokenizer(stream, teacher_tok, other_tok, "map+uld")
+    kept = CrossTokenizer(stream, teacher_tok, other_tok, "map+uld", alignments=str(tmp_path))
+    made = []                                                                 # (converter, sample) made
+    align = CrossTokenizer.align
+    monkeypatch.setattr(CrossTokenizer, "align", lambda self, i, t: made.append((self, i)) or align(self, i, t))
+
+    def epochs(converter, n=2):
+        for epoch in range(n):
+            stream.set_epoch(epoch)
+            for batch in stream:
+                want = fresh.convert(batch)
+                assert_same_rows(converter.convert(batch), want)
+
+    def made_by(converter):
+        return sorted(i for c, i in made if c is converter)
+
+    epochs(kept)
+    assert made_by(kept) == list(range(stream.num_samples))                  # once each; fresh: every epoch
+    assert len(made_by(fresh)) == 2 * stream.num_samples and kept.counts == fresh.counts
+    assert fresh.counts["truncated_samples"] > 0 and stream.stats["truncated_samples"] > 0   # both sides cut
+    (key, files), = kept_files(tmp_path).items()
+    shards = {stream.shard_of(i) for i in range(stream.num_samples)}
+    assert len(shards) == {"text_cache": 3, "chat_cache": 1}[which] and files == sorted([f"{s}.npz" for s in shards] + ["key.json"])
+    # a resume (a new converter on the same run directory) and another rank (writes nothing) make none
+    made.clear()
+    epochs(resumed := CrossTokenizer(stream, teacher_tok, other_tok, "map+uld", alignments=str(tmp_path)))
+    epochs(reader := CrossTokenizer(stream, teacher_tok, other_tok, "map+uld", alignments=str(tmp_path),
+                                    write_alignments=False), 1)
+    assert made_by(resumed) == made_by(reader) == [] and len(made_by(fresh)) == 3 * stream.num_samples
+    # a rank that finds no file makes the alignments in memory only, once per shard held
+    other_rank = CrossTokenizer(stream, teacher_tok, other_tok, "map+uld", alignments=str(tmp_path / "r1"),
+                                write_alignments=False)
+    epochs(other_rank)
+    assert made_by(other_rank) == list(range(stream.num_samples)) and not (tmp_path / "r1").exists()
+
+
+def test_kept_alignments_for_other_settings_are_not_used(text_cache, teacher_tok, other_tok, tmp_path, caplog):
+    def run(seq_len, student):
+        stream = CacheStream(text_cache, seq_len, 4, packing=False, shuffle=False, rank=0, world_size=1)
+        kept = CrossTokenizer(stream, teacher_tok, student, "map+uld", alignments=str(tmp_path))
+        fresh = CrossTokenizer(stream, teacher_tok, student, "map+uld")
+        for batch in stream:
+            assert_same_rows(kept.convert(batch), fresh.convert(batch))
+        return kept, stream
+
+    first, stream = run(12, other_tok)
+    with caplog.at_level(logging.INFO, logger="student_train.alignment_cache"):
+        longer, _ = run(16, other_tok)
+        same, _ = run(12, teacher_tok)
+    assert f"{first.alignments.directory} was made for seq_len 12 (this run: 16): not used" in caplog.text
+    assert f"{first.alignments.directory} was made for another student tokenizer: not used" in caplog.text
+    assert len(kept_files(tmp_path)) == 3
+    # a file whose recorded key is not its directory's is refused, saying what differs
+    shard = stream.shard_of(0)
+    shutil.copy(os.path.join(first.alignments.directory, f"{shard}.npz"),
+                os.path.join(longer.alignments.directory, f"{shard}.npz"))
+    with pytest.raises(LogitcacheError, match=r"was made for seq_len 12 \(this run: 16\), not for this run's key "
+                                              r"[0-9a-f]{16}; remove it"):
+        run(16, other_tok)
+    # an entry made from other teacher tokens than a row holds is refused
+    tokens = stream.shard_samples(shard)[1][0]
+    assert first.alignments.lookup(shard, stream.sample_id(0), tokens) is not None
+    with pytest.raises(LogitcacheError, match=r"aligned from \d+ other teacher tokens than the \d+ it has now"):
+        first.alignments.lookup(shard, stream.sample_id(0), tokens[:-1])
