@@ -314,6 +314,34 @@ def _row_chunks(x: torch.Tensor, chunk_rows: int):
         offset += block.shape[0]
 
 
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(len(rows), V) copy of the rows of x (N, V) or (B, T, V) at flattened indices ``rows``; only those
+    rows are read, also when x is a non-contiguous slice such as ``logits[:, :-1]``."""
+    if x.dim() == 2:
+        return x.index_select(0, rows)
+    try:
+        return x.view(-1, x.shape[-1]).index_select(0, rows)
+    except RuntimeError:
+        return x[rows // x.shape[1], rows % x.shape[1]]
+
+
+def _valid_row_chunks(x: torch.Tensor, valid: torch.Tensor, chunk_rows: int):
+    """(where, rows) over the rows of x (N, V) or (B, T, V) with ``valid`` (N,) True, ``chunk_rows`` at a
+    time: ``where`` a slice (every row valid: ``rows`` is a view) or an index tensor (``rows`` a copy of
+    just those rows). Rows with weight 0 (masked prompts, padding, positions ``--token-select`` left
+    out) are never read or computed; telling which costs one count of ``valid`` per call."""
+    n = valid.numel()
+    count = int(valid.sum())
+    if count == n:
+        for s, e, rows in _row_chunks(x, chunk_rows):
+            yield slice(s, e), rows
+        return
+    idx = torch.nonzero(valid).squeeze(-1)
+    for s in range(0, count, chunk_rows):
+        r = idx[s:s + chunk_rows]
+        yield r, _take_rows(x, r)
+
+
 class StudentLogProbsAtIds(torch.autograd.Function):
     """logits (N, V) or (B, T, V) with N = B*T, any float dtype, ids (N, k) int64, valid (N,) bool ->
     logq_ids (N, k) = z_id - L and logq_tail (N,) = L_rest - L, in ``compute_dtype``, where
@@ -326,29 +354,28 @@ class StudentLogProbsAtIds(torch.autograd.Function):
     Backward (s = softmax(z), r_j = exp(z_j - L_rest) off the ids, 0 on them; g = incoming grads):
         dz_j = sum_o g_o [j = id_o] + g_tail r_j - (sum_o g_o + g_tail) s_j
     recomputed chunk by chunk; only M, L - M, L_rest - M (N,) and the ids are saved besides the logits
-    themselves. Rows with valid = False are computed on zeros and get a zero gradient.
+    themselves. Rows with valid = False are not computed: they read as a row of zero logits would
+    (log q = -log V at the ids, log((V - k) / V) for the tail) and get a zero gradient.
     """
 
     @staticmethod
     def forward(ctx, logits, ids, valid, chunk_rows, with_tail, compute_dtype):
-        n = logits.numel() // logits.shape[-1]
+        n, vocab = logits.numel() // logits.shape[-1], logits.shape[-1]
         k = ids.shape[1]
         dev = logits.device
+        # rows left out read as zero logits: max 0, L = log V, L_rest = log(V - k)
         row_max = torch.zeros(n, dtype=compute_dtype, device=dev)
-        lse = torch.zeros(n, dtype=compute_dtype, device=dev)             # L - M
-        lse_rest = torch.zeros(n, dtype=compute_dtype, device=dev)        # L_rest - M
-        z_ids = torch.zeros(n, k, dtype=compute_dtype, device=dev)        # z_id - M
-        host = not logits.is_cuda            # on CUDA, testing a chunk for rows would sync the device per chunk
-        for s, e, rows in _row_chunks(logits, chunk_rows):
-            v = valid[s:e]
-            if host and not bool(v.any()):
-                continue
-            z = _shifted_rows(rows, v, compute_dtype, row_max[s:e])      # (c, V)
-            lse[s:e] = torch.logsumexp(z, -1)
-            z_ids[s:e] = z.gather(1, ids[s:e])
+        lse = torch.full((n,), math.log(vocab), dtype=compute_dtype, device=dev)             # L - M
+        lse_rest = torch.full((n,), math.log(vocab - k) if vocab > k else _NEG_INF, dtype=compute_dtype,
+                              device=dev)                                                      # L_rest - M
+        z_ids = torch.zeros(n, k, dtype=compute_dtype, device=dev)                           # z_id - M
+        for where, rows in _valid_row_chunks(logits, valid, chunk_rows):
+            z, row_max[where] = _shifted_rows(rows, compute_dtype)           # (c, V)
+            lse[where] = torch.logsumexp(z, -1)
+            z_ids[where] = z.gather(1, ids[where])
             if with_tail:
-                z.scatter_(1, ids[s:e], _NEG_INF)                          # the complement of the ids
-                lse_rest[s:e] = torch.logsumexp(z, -1)
+                z.scatter_(1, ids[where], _NEG_INF)                           # the complement of the ids
+                lse_rest[where] = torch.logsumexp(z, -1)
         ctx.save_for_backward(logits, ids, valid, row_max, lse, lse_rest)
         ctx.chunk_rows, ctx.with_tail, ctx.compute_dtype = chunk_rows, with_tail, compute_dtype
         logq_ids = z_ids - lse[:, None]
@@ -364,36 +391,30 @@ class StudentLogProbsAtIds(torch.autograd.Function):
         grad_rows = grad.view(-1, grad.shape[-1])                          # (N, V)
         g_ids = g_ids.to(cdt)
         g_tail = g_tail.to(cdt) if ctx.with_tail else torch.zeros_like(lse)
-        host = not logits.is_cuda
-        for s, e, rows in _row_chunks(logits, ctx.chunk_rows):
-            v = valid[s:e]
-            if host and not bool(v.any()):
-                continue
-            idx, gi, gt = ids[s:e], g_ids[s:e], g_tail[s:e]
-            z = _shifted_rows(rows, v, cdt, row_max[s:e].clone())          # (c, V), the forward's shift
-            out = (z - lse[s:e, None]).exp_()                              # softmax(z)
+        for where, rows in _valid_row_chunks(logits, valid, ctx.chunk_rows):
+            idx, gi, gt = ids[where], g_ids[where], g_tail[where]
+            z, _ = _shifted_rows(rows, cdt)                                 # (c, V), the forward's shift
+            out = (z - lse[where][:, None]).exp_()                          # softmax(z)
             out.mul_(-(gi.sum(-1) + gt)[:, None])
             if ctx.with_tail:
-                rest = lse_rest[s:e]
+                rest = lse_rest[where]
                 ok = torch.isfinite(rest)                                  # empty complement: r = 0
                 z.scatter_(1, idx, _NEG_INF)
                 z.sub_(torch.where(ok, rest, torch.zeros_like(rest))[:, None]).exp_()
                 z.masked_fill_(~ok[:, None], 0.0)
                 out.addcmul_(z, torch.where(ok, gt, torch.zeros_like(gt))[:, None])
             out.scatter_add_(1, idx, gi)
-            out.masked_fill_(~v[:, None], 0.0)
-            grad_rows[s:e] = out
+            grad_rows[where] = out.to(grad_rows.dtype)
         return grad, None, None, None, None, None
 
 
-def _shifted_rows(rows: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype, row_max: torch.Tensor) -> torch.Tensor:
-    """A chunk of logits in ``dtype``, invalid rows zeroed, each row minus its max (written into
-    ``row_max``; 0 for a row without a finite logit)."""
+def _shifted_rows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, M): a chunk of logits (c, V) in ``dtype``, each row minus its max M (c,) (0 for a row without
+    a finite logit)."""
     z = rows.to(dtype, copy=True)                                          # (c, V)
-    z.masked_fill_(~valid[:, None], 0.0)
     m = z.amax(-1)
-    row_max.copy_(torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-    return z.sub_(row_max[:, None])
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return z.sub_(m[:, None]), m
 
 
 # ---------------------------------------------------------------------------------------------
