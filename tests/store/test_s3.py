@@ -156,3 +156,92 @@ def test_inputs_from_s3_globs_and_compressed_files(tmp_path, tiny_teacher, s3_se
 
     r = run("logitcache", "capture", tmp_path / "none", "--input", str(parts / "nothing-*.jsonl"), *base)
     assert r.returncode == 1 and "nothing-*.jsonl: no file matches" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- chained URLs: a local cache layer over the store (simplecache::s3://...) -----------------------
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "caches" / "v1.5-compact"   # hidden layer 2
+
+
+@pytest.fixture
+def s3_cache(s3_server) -> str:
+    """A committed cache (a regression fixture, copied as it is) at a fresh s3:// prefix."""
+    import fsspec
+
+    prefix = f"bucket/{uuid.uuid4().hex}"
+    fsspec.filesystem("s3", **s3_server).put(str(FIXTURE) + "/", f"{prefix}/cache/", recursive=True)
+    return f"s3://{prefix}/cache"
+
+
+def tensors(batch: dict) -> dict:
+    """A batch's tensors, its typed teacher targets laid out as ``teacher.<field>``."""
+    import dataclasses
+
+    import torch
+
+    out = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    t = batch["teacher"]
+    out.update({f"teacher.{f.name}": getattr(t, f.name) for f in dataclasses.fields(t) if getattr(t, f.name) is not None})
+    return out
+
+
+def epoch(url: str, options: dict | None) -> list[dict]:
+    from student_train.data import CacheStream, make_dataloader
+
+    stream = CacheStream(url, seq_len=12, batch_size=2, seed=3, hidden_layers=[2], storage_options=options)
+    return [tensors(b) for b in make_dataloader(stream)]
+
+
+@pytest.mark.parametrize("layer", ["simplecache", "filecache", "blockcache"])
+def test_the_loader_reads_through_a_cache_layer(s3_cache, s3_server, layer):
+    """The same batches, element by element, from s3:// and from <layer>::s3:// (flat options reaching the
+    s3 layer, and fsspec's per-protocol form), twice: the second epoch served by the layer's copies."""
+    import torch
+
+    want = epoch(s3_cache, s3_server)
+    assert want and any(int(b["loss_mask"].sum()) for b in want)
+    for options in (s3_server, {"s3": s3_server}):
+        for _ in range(2):
+            got = epoch(f"{layer}::{s3_cache}", options)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g.keys() == w.keys()
+                for k in w:
+                    assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
+
+
+@pytest.mark.parametrize("url, message", [
+    ("nosuchcache::s3://bucket/c", ("error: nosuchcache::s3://bucket/c: unknown file system 'nosuchcache' in the "
+                                    "chained URL (cache layers: simplecache::, filecache::, blockcache::, e.g. "
+                                    "simplecache::s3://bucket/cache)")),
+    ("s3://bucket/c::simplecache", ("error: s3://bucket/c::simplecache: the chained URL ends in 'simplecache', a "
+                                    "layer over another file system; it must end in the storage that holds the cache, "
+                                    "e.g. simplecache::s3://bucket/cache")),
+    ("simplecache::", ("error: simplecache::: an empty layer in the chained URL; it must end in the storage that "
+                       "holds the cache, e.g. simplecache::s3://bucket/cache")),
+])
+def test_a_bad_chained_url_is_one_line_naming_it(url, message):
+    for cmd, args in (("logitcache", ["inspect", url]), ("logitcache", ["query", url, "SELECT 1"]),
+                      ("student-train", [url, "--out", "/tmp/never"])):
+        r = run(cmd, *args)
+        assert r.returncode == 1 and r.stderr.strip() == message, (cmd, r.stderr)
+
+
+def test_writing_through_a_chained_url_is_refused_naming_the_store(tmp_path, data, s3_cache, s3_server):
+    """capture, finalize and export destinations refuse a chained URL before writing anything."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3_server)
+    new = s3_cache.replace("/cache", "/new")
+    refusal = ("error: simplecache::{url}: a chained URL is read-only (its simplecache:: layer would keep serving "
+               "its copies of files this command replaces); write to {url} and read it through simplecache::{url}")
+    sel = tmp_path / "top.parquet"
+    assert run("logitcache", "select", s3_cache, "--by", "mean_entropy", "--top-frac", "0.5", "--out", sel,
+               "--no-persist", options=s3_server).returncode == 0
+    for args, url in ((["capture", f"simplecache::{new}", "--input", data, "--teacher", tmp_path / "none"], new),
+                      (["finalize", f"simplecache::{s3_cache}"], s3_cache),
+                      (["export", s3_cache, f"simplecache::{new}", "--selection", sel], new)):
+        before = sorted(fs.find(s3_cache))
+        r = run("logitcache", *args, options=s3_server)
+        assert r.returncode == 1 and r.stderr.strip() == refusal.format(url=url), (args[0], r.stderr)
+        assert not fs.exists(new) and sorted(fs.find(s3_cache)) == before
