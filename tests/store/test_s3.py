@@ -84,6 +84,16 @@ def test_every_command_on_s3(tmp_path, data, tiny_teacher, s3_server):
     saved = json.loads((run_dir / "report.json").read_text())["config"]["storage_options"]
     assert saved == {"key": "***", "secret": "***", "client_kwargs": s3_server["client_kwargs"]}   # no secret written
 
+    # through a local cache layer, the held-out cache too: the same run
+    layered = tmp_path / "layered"
+    r = run("student-train", f"simplecache::{url}", "--eval-cache", f"filecache::{url}", "--out", layered,
+            "--keep-layers", "0", "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--no-progress",
+            options=s3_server)
+    assert r.returncode == 0, r.stderr
+    plain, through = (json.loads((d / "report.json").read_text()) for d in (run_dir, layered))
+    assert through["train_samples"] == plain["train_samples"] == 10 and through["eval_samples"] == 10
+    assert through["final_train"] == plain["final_train"] and through["eval_end"] is not None
+
 
 def test_the_environment_variable_stands_in_for_the_flag(tmp_path, data, tiny_teacher, s3_server):
     url = f"s3://bucket/{uuid.uuid4().hex}/cache"
@@ -208,6 +218,40 @@ def test_the_loader_reads_through_a_cache_layer(s3_cache, s3_server, layer):
                 assert g.keys() == w.keys()
                 for k in w:
                     assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
+
+
+def test_inspect_query_select_and_export_read_through_a_cache_layer(tmp_path, s3_cache, s3_server):
+    """Every reading command answers for simplecache::s3:// what it answers for s3://, and writes nothing
+    into the cache (no derived tables: a chained URL is read-only)."""
+    import fsspec
+
+    chained = f"simplecache::{s3_cache}"
+    fs = fsspec.filesystem("s3", **s3_server)
+    before = sorted(fs.find(s3_cache))
+
+    def out(url, *args):
+        r = run("logitcache", *args[:1], url, *args[1:], options=s3_server)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    inspected = [json.loads(out(u, "inspect", "--json", "--verify")) for u in (s3_cache, chained)]
+    assert inspected[0]["verified_shards"] == 2
+    assert inspected[1].pop("cache") == chained and inspected[0].pop("cache") == s3_cache
+    assert inspected[1] == inspected[0]
+    queries = ("SELECT sample_id, num_tokens, mean_entropy FROM samples ORDER BY sample_id",
+               "SELECT count(*) AS n, sum(high_entropy_tokens) AS h FROM token_stats")
+    through_layer = [out(chained, "query", sql, "--json") for sql in queries]
+    assert sorted(fs.find(s3_cache)) == before, "a read through the cache layer wrote into the cache"
+    assert through_layer == [out(s3_cache, "query", sql, "--json") for sql in queries]   # (this one stores token_stats)
+
+    sel = tmp_path / "top.parquet"
+    out(chained, "select", "--by", "mean_entropy", "--top-frac", "0.5", "--out", sel)
+    exported = tmp_path / "exported"
+    out(chained, "export", exported, "--selection", sel)
+    import pyarrow.parquet as pq
+
+    assert sorted(open_cache(str(exported)).samples["sample_id"].to_pylist()) == sorted(
+        pq.read_table(sel)["sample_id"].to_pylist())
 
 
 @pytest.mark.parametrize("url, message", [
