@@ -11,6 +11,11 @@ Storage options reach the layers like this:
   ``simplecache::s3://b/c``. (fsspec itself would give flat keys to the outermost layer, the local
   cache, where an S3 endpoint or key means nothing.)
 
+A cache layer writes its local copy of a file in place on the file's first read: a second reader
+meanwhile would read it half written. Reads through a layer therefore take the file's lock
+(``first_read_lock``), so threads of one process read each file one at a time; processes that share a
+copy directory (``{"simplecache": {"cache_storage": DIR}}``) are not covered: fill it first (docs).
+
 A chained URL is for reading. Commands that write (capture, finalize, export and import destinations,
 stored derived tables) refuse one: a cache layer keeps the first copy of every file it reads and would
 answer later reads of files the writer replaces (the manifest, locks) from that copy.
@@ -18,11 +23,14 @@ answer later reads of files the writer replaces (the manifest, locks) from that 
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 from ..format.errors import LogitcacheError
 
 SEPARATOR = "::"
+_FILE_LOCKS: dict[str, threading.Lock] = {}     # path in a cache layer -> its lock (module docstring)
 
 
 def is_chained(url: str) -> bool:
@@ -113,3 +121,21 @@ def refuse_write(url: str) -> LogitcacheError:
     outer = SEPARATOR.join(str(url).split(SEPARATOR)[:-1])
     return LogitcacheError(f"{url}: a chained URL is read-only (its {outer}:: layer would keep serving its copies of "
                            f"files this command replaces); write to {storage_url(url)} and read it through {url}")
+
+
+def first_read_lock(path: str) -> threading.Lock:
+    """The lock that reads of ``path`` through a cache layer take (module docstring)."""
+    return _FILE_LOCKS.setdefault(path, threading.Lock())
+
+
+def locked_cat_file(layer):
+    """``_cat_file`` for the async wrapper of ``layer`` (a cache layer's file system) that zarr reads
+    through: each read holds its file's lock, in a thread, so that the event loop never waits on it."""
+    def read(path, start, end):
+        with first_read_lock(path):
+            return layer.cat_file(path, start=start, end=end)
+
+    async def cat_file(path, start=None, end=None, **kwargs):
+        return await asyncio.to_thread(read, path, start, end)
+
+    return cat_file

@@ -15,6 +15,7 @@ read-only: every write primitive here refuses it with one line naming the URL to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -92,12 +93,16 @@ class CacheFS:
         return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        if self.writable:
+            return self.fs.cat_file(self.path(rel))
+        with chain.first_read_lock(self.path(rel)):
+            return self.fs.cat_file(self.path(rel))
 
     def sha256(self, rel: str, block: int = 1 << 22) -> str:
         """``"sha256:<hex>"`` of a file, read a block at a time (derived tables can be large)."""
         h = hashlib.sha256()
-        with self.fs.open(self.path(rel), "rb") as f:
+        lock = contextlib.nullcontext() if self.writable else chain.first_read_lock(self.path(rel))
+        with lock, self.fs.open(self.path(rel), "rb") as f:
             while chunk := f.read(block):
                 h.update(chunk)
         return "sha256:" + h.hexdigest()
@@ -219,8 +224,10 @@ class CacheFS:
         if self.is_local:
             return zarr.storage.LocalStore(self.path(rel), read_only=read_only)
         if not isinstance(self.fs, AsyncFileSystem):
-            return zarr.storage.FsspecStore(AsyncFileSystemWrapper(self.fs, asynchronous=True), path=self.path(rel),
-                                            read_only=read_only)
+            wrapped = AsyncFileSystemWrapper(self.fs, asynchronous=True)
+            if not self.writable:      # a cache layer: one read of a file at a time (chain.first_read_lock)
+                wrapped._cat_file = chain.locked_cat_file(self.fs)
+            return zarr.storage.FsspecStore(wrapped, path=self.path(rel), read_only=read_only)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         url = f"{protocol}://{self.path(rel).lstrip('/')}"
         return zarr.storage.FsspecStore.from_url(url, storage_options=self.fs_options or None,

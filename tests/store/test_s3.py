@@ -220,18 +220,26 @@ def test_the_loader_reads_through_a_cache_layer(s3_cache, s3_server, layer):
                     assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
 
 
-def test_partial_reads_through_a_cache_layer(tmp_path, s3_server):
-    """Rows from inside a shard of a cache whose arrays span several chunks: zarr first asks for the
-    shard's index as the object's last bytes (a suffix request), which a cache layer's local copy cannot
-    count back from; the reader turns it into a range from the listed size. Same rows as from s3://."""
+@pytest.fixture(scope="module")
+def s3_multichunk(s3_server, tmp_path_factory) -> str:
+    """A compact cache whose arrays span several Zarr chunks (3 shards, a hidden layer) at an s3:// prefix."""
     import fsspec
-    import numpy as np
 
     from tests.student.test_loader_identity import write_synthetic
 
-    local = write_synthetic(tmp_path / "synthetic", "compact")
+    local = write_synthetic(tmp_path_factory.mktemp("synthetic") / "cache", "compact")
     url = f"s3://bucket/{uuid.uuid4().hex}/cache"
     fsspec.filesystem("s3", **s3_server).put(local + "/", url[len("s3://"):] + "/", recursive=True)
+    return url
+
+
+def test_partial_reads_through_a_cache_layer(s3_multichunk, s3_server):
+    """Rows from inside a shard of a cache whose arrays span several chunks: zarr first asks for the
+    shard's index as the object's last bytes (a suffix request), which a cache layer's local copy cannot
+    count back from; the reader turns it into a range from the listed size. Same rows as from s3://."""
+    import numpy as np
+
+    url = s3_multichunk
     plain, layered = (open_cache(u, storage_options=s3_server) for u in (url, f"simplecache::{url}"))
     for s in plain.shards:
         for start, stop in ((3, 9), (s.tokens // 2, s.tokens // 2 + 40), (s.tokens - 5, s.tokens)):
@@ -239,6 +247,29 @@ def test_partial_reads_through_a_cache_layer(tmp_path, s3_server):
             assert want.keys() == got.keys() and "hidden/2" in got
             for k in want:
                 np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_threads_reading_one_file_through_a_cache_layer_see_it_whole(tmp_path, s3_multichunk, s3_server):
+    """fsspec's layers write a file's local copy in place on its first read: threads opening the same
+    cold shard at once would read half-written copies (every round failed before reads took the file's
+    lock). Each round: a fresh copy directory, six threads, the whole shard, equal to s3://'s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    shard = open_cache(s3_multichunk, storage_options=s3_server).shards[0]
+    want = open_cache(s3_multichunk, storage_options=s3_server).read_rows(shard.name, 0, shard.tokens)
+    for round_ in range(2):
+        options = {**s3_server, "simplecache": {"cache_storage": str(tmp_path / f"copies-{round_}")}}
+
+        def read(_):
+            cache = open_cache(f"simplecache::{s3_multichunk}", storage_options=options)
+            return cache.read_rows(shard.name, 0, shard.tokens)
+
+        with ThreadPoolExecutor(6) as pool:
+            for got in pool.map(read, range(6)):
+                for k in want:
+                    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_inspect_query_select_and_export_read_through_a_cache_layer(tmp_path, s3_cache, s3_server):
