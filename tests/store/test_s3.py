@@ -1,6 +1,8 @@
 """Object storage as a first-class store, against a real S3 protocol server (moto's, on loopback):
 every command takes --storage-options, a cache written to S3 equals one written locally element by
-element, capture resumes there, and an unreachable store is one line naming the cache."""
+element, capture resumes there, and an unreachable store is one line naming the cache. Chained URLs
+(``simplecache::s3://...``, a local cache layer) read the same as plain ones everywhere, refuse writes,
+and a bad one is one line."""
 
 from __future__ import annotations
 
@@ -304,6 +306,26 @@ def test_inspect_query_select_and_export_read_through_a_cache_layer(tmp_path, s3
 
     assert sorted(open_cache(str(exported)).samples["sample_id"].to_pylist()) == sorted(
         pq.read_table(sel)["sample_id"].to_pylist())
+
+
+def test_the_docs_example_of_a_cache_layer_runs_as_written(tmp_path, s3_server, monkeypatch):
+    """docs/distributed.md's simplecache:: example, its credentials and endpoint from the environment."""
+    import re
+
+    import fsspec
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "distributed.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "simplecache::" in b]
+    fsspec.filesystem("s3", **s3_server).put(str(FIXTURE) + "/", "bucket/cache/", recursive=True)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["client_kwargs"]["endpoint_url"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "docs/distributed.md", "exec"), scope)
+    assert scope["batches"] and any(int(b["loss_mask"].sum()) for b in scope["batches"])
+    assert len(list((tmp_path / "s3-copies").iterdir())) >= len(scope["cache"].shards)
 
 
 @pytest.mark.parametrize("url, message", [
