@@ -7,6 +7,11 @@ started here on a free loopback port). Each round runs one epoch of ``CacheStrea
 opened fresh each time, as a new training process would), and counts the requests the S3 server
 answered during the S3 epoch, by method (GET: metadata and chunk byte ranges; HEAD; LIST). Reported:
 scored tokens/s of each, their ratio (goal: S3 >= 50% of local), requests per epoch and per batch.
+Then epochs through a local cache layer, ``simplecache::s3://`` with its copies in one fresh directory
+(``{"simplecache": {"cache_storage": DIR}}``): cold (every object fetched once; in one process only, since
+processes filling one directory at once can read each other's half-written copies) and warm (a later
+process on the same machine, DataLoader workers included: the copies answer; with workers the directory
+is filled first by ``open_cache(..., verify=True)``, which reads every file).
 
     python benchmarks/loader_s3.py                         # ~1M tokens: a few minutes on 2 CPU cores
     python benchmarks/loader_s3.py --tokens 200000 --out /tmp/ls3
@@ -110,6 +115,8 @@ def main() -> None:
     import fsspec
     import torch
 
+    from logitcache.store.reader import open_cache
+
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="loader-s3-"))
     server = Server()
@@ -123,6 +130,8 @@ def main() -> None:
         runs = []
         for workers in [int(w) for w in args.num_workers.split(",")]:
             local, remote, requests = [], [], []
+            layered = {"cold": [], "warm": []}
+            layered_requests = {"cold": [], "warm": []}
             for _ in range(args.rounds):                 # interleaved, so drift hits both
                 local.append(epoch(str(work / "cache"), None, args.batch, args.seq_len, workers))
                 time.sleep(0.5)                           # the server's log of earlier requests flushed
@@ -130,6 +139,14 @@ def main() -> None:
                 remote.append(epoch(s3_url, options, args.batch, args.seq_len, workers))
                 time.sleep(0.5)
                 requests.append(server.counts())
+                copies = {**options, "simplecache": {"cache_storage": tempfile.mkdtemp(dir=work, prefix="copies-")}}
+                if workers:
+                    open_cache(f"simplecache::{s3_url}", storage_options=copies, verify=True)
+                for kind in ("warm",) if workers else ("cold", "warm"):
+                    server.reset()
+                    layered[kind].append(epoch(f"simplecache::{s3_url}", copies, args.batch, args.seq_len, workers))
+                    time.sleep(0.5)
+                    layered_requests[kind].append(server.counts())
             best = lambda xs: max(xs, key=lambda x: x["scored"] / x["seconds"])
             lr, rr = best(local), best(remote)
             row = {"num_workers": workers, "local_scored_per_s": lr["scored"] / lr["seconds"],
@@ -137,9 +154,17 @@ def main() -> None:
                    "requests_per_epoch": requests[-1], "local_rounds": local, "s3_rounds": remote,
                    "requests_rounds": requests}
             row["ratio"] = row["s3_scored_per_s"] / row["local_scored_per_s"]
+            for kind in ("cold", "warm") if not workers else ("warm",):
+                b = best(layered[kind])
+                row[f"simplecache_{kind}_scored_per_s"] = b["scored"] / b["seconds"]
+                row[f"simplecache_{kind}_requests_per_epoch"] = layered_requests[kind][-1]
+                row[f"simplecache_{kind}_rounds"] = layered[kind]
             runs.append(row)
             print(f"workers={workers}: local {row['local_scored_per_s']:,.0f}, S3 {row['s3_scored_per_s']:,.0f} scored "
-                  f"tok/s ({row['ratio']:.2f}); requests per epoch {requests[-1]} for {rr['batches']} batches", flush=True)
+                  f"tok/s ({row['ratio']:.2f}); requests per epoch {requests[-1]} for {rr['batches']} batches; "
+                  + "; ".join(f"simplecache:: {kind} {row[f'simplecache_{kind}_scored_per_s']:,.0f} tok/s, "
+                              f"{row[f'simplecache_{kind}_requests_per_epoch']}"
+                              for kind in ("cold", "warm") if f"simplecache_{kind}_scored_per_s" in row), flush=True)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -162,6 +187,17 @@ def main() -> None:
         lines.append(f"| {r['num_workers']} | {r['local_scored_per_s']:,.0f} | {r['s3_scored_per_s']:,.0f} | "
                      f"{r['ratio']:.2f} | {r['batches']} | {q.get('GET', 0)} | {q.get('HEAD', 0)} | {q.get('LIST', 0)} | "
                      f"{other} |")
+    lines += ["", "Through a local cache layer, `simplecache::s3://` (its copies in one directory the workers share): "
+              "cold, the copies empty (one process); warm, a later process on the same machine.", "",
+              "| DataLoader workers | epoch | scored tok/s | / local | GET | HEAD | LIST | other |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        for kind in [k for k in ("cold", "warm") if f"simplecache_{k}_requests_per_epoch" in r]:
+            q = r[f"simplecache_{kind}_requests_per_epoch"]
+            other = sum(v for k, v in q.items() if k not in ("GET", "HEAD", "LIST"))
+            speed = r[f"simplecache_{kind}_scored_per_s"]
+            lines.append(f"| {r['num_workers']} | {kind} | {speed:,.0f} | {speed / r['local_scored_per_s']:.2f} | "
+                         f"{q.get('GET', 0)} | {q.get('HEAD', 0)} | {q.get('LIST', 0)} | {other} |")
     lines += ["", f"Wall time {results['wall_seconds'] / 60:.1f} min. Raw numbers: `loader_s3.json`.", ""]
     (out / "loader_s3.md").write_text("\n".join(lines))
     print("\n".join(lines))

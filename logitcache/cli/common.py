@@ -48,8 +48,9 @@ def echo_json(obj) -> None:
 
 STORAGE_OPTIONS_ENV = "LOGITCACHE_STORAGE_OPTIONS"
 STORAGE_OPTIONS_HELP = ("fsspec options for the cache's file system, as JSON (e.g. an S3-compatible endpoint: "
-                        "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'); default: "
-                        f"${STORAGE_OPTIONS_ENV}, else the file system's own (environment, instance role).")
+                        "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'); for a chained URL "
+                        "(simplecache::s3://...) flat keys reach the innermost layer, {\"simplecache\": {...}} that "
+                        f"layer; default: ${STORAGE_OPTIONS_ENV}, else the file system's own (environment, instance role).")
 
 
 def storage_options_option(fn):

@@ -77,8 +77,9 @@ def find(cache: Cache, name: str, params: dict) -> DerivedTable | None:
 
 
 def _can_persist(cache: Cache, persist: bool) -> bool:
-    """Only a finalized cache whose manifest.json is what we read gets derived tables."""
-    if not persist or not cache.cfs.exists(layout.MANIFEST):
+    """Only a finalized cache whose manifest.json is what we read gets derived tables (never one read
+    through a chained URL: those are read-only)."""
+    if not persist or not cache.cfs.writable or not cache.cfs.exists(layout.MANIFEST):
         return False
     from ..store.commit import load_manifest
 

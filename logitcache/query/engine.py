@@ -40,6 +40,8 @@ import pyarrow as pa
 
 from ..format import layout
 from ..format.samples import SAMPLES_SCHEMA
+from ..store.chain import is_chained
+from ..store.fs import CacheFS
 from ..store.reader import Cache
 from . import derived
 from . import token_stats as ts
@@ -51,6 +53,7 @@ VIEWS = ("samples", "token_stats", "tokens")
 # From this many shards on, the samples index pays for itself (one file per shard costs ~0.25 ms
 # to open per query; benchmarks/results/query_samples.md).
 INDEX_MIN_SHARDS = 256
+_CHAINED_PROTOCOL = "dir"   # DirFileSystem's: how DuckDB reaches a cache through a chained URL
 NAN_AS_NULL = ("mean_entropy", "max_entropy", "p90_entropy", "teacher_logprob_sum")
 # (name, SQL over the stored columns, meaning): docs/query.md mirrors these.
 COMPUTED_COLUMNS = [
@@ -60,6 +63,18 @@ COMPUTED_COLUMNS = [
     ("perplexity", "exp(-(teacher_logprob_sum / nullif(scored_end - scored_start, 0)))",
      "exp(-teacher_logprob_mean): the teacher's perplexity on the scored text"),
 ]
+
+
+def _duckdb_filesystem(cfs: CacheFS):
+    """The file system DuckDB reads a remote cache through: its own, or for a chained URL
+    (``simplecache::s3://...``) the cache layer seen as a directory rooted at the cache. DuckDB hands
+    every call the whole URL, and a cache layer passes the calls it does not answer itself (glob, size,
+    modified) to the storage under it unchanged, where ``simplecache://`` is no protocol."""
+    if not is_chained(cfs.url):
+        return cfs.fs
+    from fsspec.implementations.dirfs import DirFileSystem
+
+    return DirFileSystem(path=cfs.root, fs=cfs.fs)
 
 
 def _quote(s: str) -> str:
@@ -120,9 +135,10 @@ class Engine:
         self.index_min_shards = index_min_shards
         self.con = duckdb.connect(config={"threads": threads} if threads else {})
         if not cache.cfs.is_local:
-            self.con.register_filesystem(cache.cfs.fs)
+            self.con.register_filesystem(_duckdb_filesystem(cache.cfs))
         # queries read the cache and nothing else: no other file, no setting changed back
-        root = self.url("").rstrip("/") + "/"
+        root = self.url("")
+        root = root if root.endswith("/") else root + "/"
         self.con.execute(f"SET allowed_directories = [{_quote(root)}, {_quote(_literal_path(root))}]")
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
@@ -143,6 +159,8 @@ class Engine:
         cfs = self.cache.cfs
         if cfs.is_local:
             return cfs.path(rel)
+        if is_chained(cfs.url):
+            return f"{_CHAINED_PROTOCOL}://{rel}"     # relative to the cache's root (_duckdb_filesystem)
         protocol = cfs.fs.protocol if isinstance(cfs.fs.protocol, str) else cfs.fs.protocol[0]
         return f"{protocol}://{cfs.path(rel)}"
 

@@ -8,10 +8,14 @@ what commits it).
 Paths are literal: a cache at ``runs/g[1]`` is that directory, never a glob pattern matching
 ``runs/g1`` (fsspec's ``rm`` expands patterns, so removal goes through ``remove`` here). Every
 relative path must stay inside the root: ``path`` refuses ``..`` components and absolute paths.
+
+A chained URL (``simplecache::s3://bucket/cache``: a local cache layer over the store; ``chain``) is
+read-only: every write primitive here refuses it with one line naming the URL to write to instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -24,6 +28,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..format.errors import FormatError, LogitcacheError
+from . import chain
 
 TMP_MARK = ".tmp-"          # write_atomic's temporary files: <target>.tmp-<uuid>
 _GLOB_CHARS = set("*?[")
@@ -32,9 +37,11 @@ _GLOB_CHARS = set("*?[")
 class CacheFS:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url = str(url)
-        self.storage_options = storage_options or {}
+        self.storage_options = storage_options or {}     # as given (workers reopen the URL with them)
+        self.writable = not chain.is_chained(self.url)
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self.fs_options = chain.layer_options(self.url, self.storage_options)   # what each layer gets
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.fs_options)
         except ImportError as e:      # fsspec names the package: s3fs, gcsfs, adlfs, ...
             raise LogitcacheError(f"{self.url}: {e} (the extras: pip install 'logitcache[s3]' or "
                                   "'logitcache[gcs]')") from None
@@ -45,6 +52,11 @@ class CacheFS:
 
     def __repr__(self) -> str:
         return f"CacheFS({self.url!r})"
+
+    def require_writable(self) -> None:
+        """Refuse to write through a chained URL (``chain``): its cache layer would serve stale copies."""
+        if not self.writable:
+            raise chain.refuse_write(self.url)
 
     def path(self, rel: str = "") -> str:
         """The full path of ``rel`` (relative to the root); a path that would leave the root is refused."""
@@ -81,17 +93,22 @@ class CacheFS:
         return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        if self.writable:
+            return self.fs.cat_file(self.path(rel))
+        with chain.first_read_lock(self.path(rel)):
+            return self.fs.cat_file(self.path(rel))
 
     def sha256(self, rel: str, block: int = 1 << 22) -> str:
         """``"sha256:<hex>"`` of a file, read a block at a time (derived tables can be large)."""
         h = hashlib.sha256()
-        with self.fs.open(self.path(rel), "rb") as f:
+        lock = contextlib.nullcontext() if self.writable else chain.first_read_lock(self.path(rel))
+        with lock, self.fs.open(self.path(rel), "rb") as f:
             while chunk := f.read(block):
                 h.update(chunk)
         return "sha256:" + h.hexdigest()
 
     def write_atomic(self, rel: str, data: bytes) -> None:
+        self.require_writable()
         target = self.path(rel)
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
         if self.is_local:
@@ -136,6 +153,7 @@ class CacheFS:
 
     def remove(self, rel: str) -> None:
         """Delete a file or a directory tree, literally (no pattern expansion)."""
+        self.require_writable()
         target = self.path(rel)
         if self.is_local:
             if os.path.isdir(target) and not os.path.islink(target):
@@ -158,6 +176,7 @@ class CacheFS:
     def remove_stale_temporaries(self, rel: str, older_than: float) -> list[str]:
         """Delete ``write_atomic`` temporaries (``*.tmp-*``) under ``rel`` last modified more than
         ``older_than`` seconds ago (left by crashes and full disks; a younger one may be in use)."""
+        self.require_writable()
         removed = []
         now = time.time()
         base = self.path(rel)
@@ -178,6 +197,7 @@ class CacheFS:
 
     def publish_dir(self, tmp_rel: str, final_rel: str) -> None:
         """Give a finished temporary directory its final name, replacing a stale one."""
+        self.require_writable()
         self.remove(final_rel)
         src, dst = self.path(tmp_rel), self.path(final_rel)
         self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
@@ -191,12 +211,24 @@ class CacheFS:
         self.remove(tmp_rel)
 
     def zarr_store(self, rel: str, read_only: bool = False):
-        """A zarr v3 store rooted at ``rel``: LocalStore on disk, FsspecStore elsewhere."""
+        """A zarr v3 store rooted at ``rel``: LocalStore on disk, FsspecStore elsewhere. A file system
+        with an async API (s3fs, gcsfs, ...) is reopened from its URL in async mode; any other (memory://,
+        a chained URL's cache layer) is wrapped as it is: the same instance, so one cache layer serves
+        every read of this cache (a URL rebuilt from the layer's protocol would lose the layers under it)."""
         import zarr.storage
+        from fsspec.asyn import AsyncFileSystem
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
+        if not read_only:
+            self.require_writable()
         if self.is_local:
             return zarr.storage.LocalStore(self.path(rel), read_only=read_only)
+        if not isinstance(self.fs, AsyncFileSystem):
+            wrapped = AsyncFileSystemWrapper(self.fs, asynchronous=True)
+            if not self.writable:      # a cache layer: one read of a file at a time (chain.first_read_lock)
+                wrapped._cat_file = chain.locked_cat_file(self.fs)
+            return zarr.storage.FsspecStore(wrapped, path=self.path(rel), read_only=read_only)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        url = f"{protocol}://{self.path(rel).lstrip('/')}" if protocol != "memory" else f"memory://{self.path(rel)}"
-        return zarr.storage.FsspecStore.from_url(url, storage_options=self.storage_options or None,
+        url = f"{protocol}://{self.path(rel).lstrip('/')}"
+        return zarr.storage.FsspecStore.from_url(url, storage_options=self.fs_options or None,
                                                  read_only=read_only)

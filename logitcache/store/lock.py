@@ -124,6 +124,7 @@ class CacheLock:
                                   json.dumps({**_holder(), "token": self._token}).encode())
 
     def acquire(self, timeout: float) -> "CacheLock":
+        self.cfs.require_writable()     # only writers lock, and a chained URL is read-only
         deadline = time.monotonic() + max(timeout, 0.0)
         if self.cfs.is_local:
             self._acquire_local(deadline)

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
-from zarr.abc.store import RangeByteRequest
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.storage import WrapperStore
 
 from ..format import layout
@@ -65,8 +65,10 @@ class TokenChunk:
 class _ShardStore(WrapperStore):
     """The zarr store of one shard, over the file system's own. Metadata requests (``zarr.json``) are
     answered from a copy already checked against the shard record: what was verified is what zarr uses.
-    A whole-file read of a file whose size the shard's listing gave becomes the byte range [0, size):
-    s3fs asks the object's size (a HEAD request) before every whole read, and the listing already said."""
+    A read of a file whose size the shard's listing gave becomes an explicit byte range [start, end): a
+    whole read, since s3fs asks the object's size (a HEAD request) before every whole read and the listing
+    already said; a suffix or offset read (a shard's index: its last bytes), since a cache layer
+    (``simplecache::``) answers from a local file that cannot count from its end."""
 
     def __init__(self, store, documents: dict[str, bytes] | None, sizes: dict[str, int]):
         super().__init__(store)
@@ -85,8 +87,14 @@ class _ShardStore(WrapperStore):
             if doc is None or byte_range is not None:   # zarr reads metadata whole
                 return None if doc is None else await self._store.get(key, prototype, byte_range)
             return prototype.buffer.from_bytes(doc)
-        if byte_range is None and self._sizes.get(key):
-            byte_range = RangeByteRequest(0, self._sizes[key])
+        size = self._sizes.get(key)
+        if size:
+            if byte_range is None:
+                byte_range = RangeByteRequest(0, size)
+            elif isinstance(byte_range, SuffixByteRequest):
+                byte_range = RangeByteRequest(max(size - byte_range.suffix, 0), size)
+            elif isinstance(byte_range, OffsetByteRequest):
+                byte_range = RangeByteRequest(min(byte_range.offset, size), size)
         return await self._store.get(key, prototype, byte_range)
 
     async def exists(self, key):

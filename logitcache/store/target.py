@@ -35,6 +35,7 @@ def new_output(out: str, storage_options: dict | None, what: str) -> Iterator[tu
     """``(directory, its held lock)`` for writing into ``out`` (``what`` names the writer in the lock's
     message); on an exception everything under it is removed before the exception goes on."""
     dst = CacheFS(out, storage_options)
+    dst.require_writable()
     created = check_target(dst)
     lock = CacheLock(dst, MANIFEST_LOCK, what, stale_after=600).acquire(0)
     try:

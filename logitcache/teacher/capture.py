@@ -520,6 +520,7 @@ def run_capture(job: CaptureJob) -> CaptureSummary:
     t0 = time.perf_counter()
     validate(job)
     cfs = CacheFS(job.cache, job.storage_options)
+    cfs.require_writable()
     cfs.check_directory()
     existed = cfs.exists("")
     # one process per worker index: two captures of one index would interleave their part manifests

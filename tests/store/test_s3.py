@@ -1,6 +1,8 @@
 """Object storage as a first-class store, against a real S3 protocol server (moto's, on loopback):
 every command takes --storage-options, a cache written to S3 equals one written locally element by
-element, capture resumes there, and an unreachable store is one line naming the cache."""
+element, capture resumes there, and an unreachable store is one line naming the cache. Chained URLs
+(``simplecache::s3://...``, a local cache layer) read the same as plain ones everywhere, refuse writes,
+and a bad one is one line."""
 
 from __future__ import annotations
 
@@ -84,6 +86,16 @@ def test_every_command_on_s3(tmp_path, data, tiny_teacher, s3_server):
     saved = json.loads((run_dir / "report.json").read_text())["config"]["storage_options"]
     assert saved == {"key": "***", "secret": "***", "client_kwargs": s3_server["client_kwargs"]}   # no secret written
 
+    # through a local cache layer, the held-out cache too: the same run
+    layered = tmp_path / "layered"
+    r = run("student-train", f"simplecache::{url}", "--eval-cache", f"filecache::{url}", "--out", layered,
+            "--keep-layers", "0", "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--no-progress",
+            options=s3_server)
+    assert r.returncode == 0, r.stderr
+    plain, through = (json.loads((d / "report.json").read_text()) for d in (run_dir, layered))
+    assert through["train_samples"] == plain["train_samples"] == 10 and through["eval_samples"] == 10
+    assert through["final_train"] == plain["final_train"] and through["eval_end"] is not None
+
 
 def test_the_environment_variable_stands_in_for_the_flag(tmp_path, data, tiny_teacher, s3_server):
     url = f"s3://bucket/{uuid.uuid4().hex}/cache"
@@ -156,3 +168,198 @@ def test_inputs_from_s3_globs_and_compressed_files(tmp_path, tiny_teacher, s3_se
 
     r = run("logitcache", "capture", tmp_path / "none", "--input", str(parts / "nothing-*.jsonl"), *base)
     assert r.returncode == 1 and "nothing-*.jsonl: no file matches" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- chained URLs: a local cache layer over the store (simplecache::s3://...) -----------------------
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "caches" / "v1.5-compact"   # hidden layer 2
+
+
+@pytest.fixture
+def s3_cache(s3_server) -> str:
+    """A committed cache (a regression fixture, copied as it is) at a fresh s3:// prefix."""
+    import fsspec
+
+    prefix = f"bucket/{uuid.uuid4().hex}"
+    fsspec.filesystem("s3", **s3_server).put(str(FIXTURE) + "/", f"{prefix}/cache/", recursive=True)
+    return f"s3://{prefix}/cache"
+
+
+def tensors(batch: dict) -> dict:
+    """A batch's tensors, its typed teacher targets laid out as ``teacher.<field>``."""
+    import dataclasses
+
+    import torch
+
+    out = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    t = batch["teacher"]
+    out.update({f"teacher.{f.name}": getattr(t, f.name) for f in dataclasses.fields(t) if getattr(t, f.name) is not None})
+    return out
+
+
+def epoch(url: str, options: dict | None) -> list[dict]:
+    from student_train.data import CacheStream, make_dataloader
+
+    stream = CacheStream(url, seq_len=12, batch_size=2, seed=3, hidden_layers=[2], storage_options=options)
+    return [tensors(b) for b in make_dataloader(stream)]
+
+
+@pytest.mark.parametrize("layer", ["simplecache", "filecache", "blockcache"])
+def test_the_loader_reads_through_a_cache_layer(s3_cache, s3_server, layer):
+    """The same batches, element by element, from s3:// and from <layer>::s3:// (flat options reaching the
+    s3 layer, and fsspec's per-protocol form), twice: the second epoch served by the layer's copies."""
+    import torch
+
+    want = epoch(s3_cache, s3_server)
+    assert want and any(int(b["loss_mask"].sum()) for b in want)
+    for options in (s3_server, {"s3": s3_server}):
+        for _ in range(2):
+            got = epoch(f"{layer}::{s3_cache}", options)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g.keys() == w.keys()
+                for k in w:
+                    assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
+
+
+@pytest.fixture(scope="module")
+def s3_multichunk(s3_server, tmp_path_factory) -> str:
+    """A compact cache whose arrays span several Zarr chunks (3 shards, a hidden layer) at an s3:// prefix."""
+    import fsspec
+
+    from tests.student.test_loader_identity import write_synthetic
+
+    local = write_synthetic(tmp_path_factory.mktemp("synthetic") / "cache", "compact")
+    url = f"s3://bucket/{uuid.uuid4().hex}/cache"
+    fsspec.filesystem("s3", **s3_server).put(local + "/", url[len("s3://"):] + "/", recursive=True)
+    return url
+
+
+def test_partial_reads_through_a_cache_layer(s3_multichunk, s3_server):
+    """Rows from inside a shard of a cache whose arrays span several chunks: zarr first asks for the
+    shard's index as the object's last bytes (a suffix request), which a cache layer's local copy cannot
+    count back from; the reader turns it into a range from the listed size. Same rows as from s3://."""
+    import numpy as np
+
+    url = s3_multichunk
+    plain, layered = (open_cache(u, storage_options=s3_server) for u in (url, f"simplecache::{url}"))
+    for s in plain.shards:
+        for start, stop in ((3, 9), (s.tokens // 2, s.tokens // 2 + 40), (s.tokens - 5, s.tokens)):
+            want, got = plain.read_rows(s.name, start, stop), layered.read_rows(s.name, start, stop)
+            assert want.keys() == got.keys() and "hidden/2" in got
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_threads_reading_one_file_through_a_cache_layer_see_it_whole(tmp_path, s3_multichunk, s3_server):
+    """fsspec's layers write a file's local copy in place on its first read: threads opening the same
+    cold shard at once would read half-written copies (every round failed before reads took the file's
+    lock). Each round: a fresh copy directory, six threads, the whole shard, equal to s3://'s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    shard = open_cache(s3_multichunk, storage_options=s3_server).shards[0]
+    want = open_cache(s3_multichunk, storage_options=s3_server).read_rows(shard.name, 0, shard.tokens)
+    for round_ in range(2):
+        options = {**s3_server, "simplecache": {"cache_storage": str(tmp_path / f"copies-{round_}")}}
+
+        def read(_):
+            cache = open_cache(f"simplecache::{s3_multichunk}", storage_options=options)
+            return cache.read_rows(shard.name, 0, shard.tokens)
+
+        with ThreadPoolExecutor(6) as pool:
+            for got in pool.map(read, range(6)):
+                for k in want:
+                    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_inspect_query_select_and_export_read_through_a_cache_layer(tmp_path, s3_cache, s3_server):
+    """Every reading command answers for simplecache::s3:// what it answers for s3://, and writes nothing
+    into the cache (no derived tables: a chained URL is read-only)."""
+    import fsspec
+
+    chained = f"simplecache::{s3_cache}"
+    fs = fsspec.filesystem("s3", **s3_server)
+    before = sorted(fs.find(s3_cache))
+
+    def out(url, *args):
+        r = run("logitcache", *args[:1], url, *args[1:], options=s3_server)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    inspected = [json.loads(out(u, "inspect", "--json", "--verify")) for u in (s3_cache, chained)]
+    assert inspected[0]["verified_shards"] == 2
+    assert inspected[1].pop("cache") == chained and inspected[0].pop("cache") == s3_cache
+    assert inspected[1] == inspected[0]
+    queries = ("SELECT sample_id, num_tokens, mean_entropy FROM samples ORDER BY sample_id",
+               "SELECT count(*) AS n, sum(high_entropy_tokens) AS h FROM token_stats")
+    through_layer = [out(chained, "query", sql, "--json") for sql in queries]
+    assert sorted(fs.find(s3_cache)) == before, "a read through the cache layer wrote into the cache"
+    assert through_layer == [out(s3_cache, "query", sql, "--json") for sql in queries]   # (this one stores token_stats)
+
+    sel = tmp_path / "top.parquet"
+    out(chained, "select", "--by", "mean_entropy", "--top-frac", "0.5", "--out", sel)
+    exported = tmp_path / "exported"
+    out(chained, "export", exported, "--selection", sel)
+    import pyarrow.parquet as pq
+
+    assert sorted(open_cache(str(exported)).samples["sample_id"].to_pylist()) == sorted(
+        pq.read_table(sel)["sample_id"].to_pylist())
+
+
+def test_the_docs_example_of_a_cache_layer_runs_as_written(tmp_path, s3_server, monkeypatch):
+    """docs/distributed.md's simplecache:: example, its credentials and endpoint from the environment."""
+    import re
+
+    import fsspec
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "distributed.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "simplecache::" in b]
+    fsspec.filesystem("s3", **s3_server).put(str(FIXTURE) + "/", "bucket/cache/", recursive=True)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["client_kwargs"]["endpoint_url"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "docs/distributed.md", "exec"), scope)
+    assert scope["batches"] and any(int(b["loss_mask"].sum()) for b in scope["batches"])
+    assert len(list((tmp_path / "s3-copies").iterdir())) >= len(scope["cache"].shards)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("nosuchcache::s3://bucket/c", ("error: nosuchcache::s3://bucket/c: unknown file system 'nosuchcache' in the "
+                                    "chained URL (cache layers: simplecache::, filecache::, blockcache::, e.g. "
+                                    "simplecache::s3://bucket/cache)")),
+    ("s3://bucket/c::simplecache", ("error: s3://bucket/c::simplecache: the chained URL ends in 'simplecache', a "
+                                    "layer over another file system; it must end in the storage that holds the cache, "
+                                    "e.g. simplecache::s3://bucket/cache")),
+    ("simplecache::", ("error: simplecache::: an empty layer in the chained URL; it must end in the storage that "
+                       "holds the cache, e.g. simplecache::s3://bucket/cache")),
+])
+def test_a_bad_chained_url_is_one_line_naming_it(url, message):
+    for cmd, args in (("logitcache", ["inspect", url]), ("logitcache", ["query", url, "SELECT 1"]),
+                      ("student-train", [url, "--out", "/tmp/never"])):
+        r = run(cmd, *args)
+        assert r.returncode == 1 and r.stderr.strip() == message, (cmd, r.stderr)
+
+
+def test_writing_through_a_chained_url_is_refused_naming_the_store(tmp_path, data, s3_cache, s3_server):
+    """capture, finalize and export destinations refuse a chained URL before writing anything."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3_server)
+    new = s3_cache.replace("/cache", "/new")
+    refusal = ("error: simplecache::{url}: a chained URL is read-only (its simplecache:: layer would keep serving "
+               "its copies of files this command replaces); write to {url} and read it through simplecache::{url}")
+    sel = tmp_path / "top.parquet"
+    assert run("logitcache", "select", s3_cache, "--by", "mean_entropy", "--top-frac", "0.5", "--out", sel,
+               "--no-persist", options=s3_server).returncode == 0
+    for args, url in ((["capture", f"simplecache::{new}", "--input", data, "--teacher", tmp_path / "none"], new),
+                      (["finalize", f"simplecache::{s3_cache}"], s3_cache),
+                      (["export", s3_cache, f"simplecache::{new}", "--selection", sel], new)):
+        before = sorted(fs.find(s3_cache))
+        r = run("logitcache", *args, options=s3_server)
+        assert r.returncode == 1 and r.stderr.strip() == refusal.format(url=url), (args[0], r.stderr)
+        assert not fs.exists(new) and sorted(fs.find(s3_cache)) == before
