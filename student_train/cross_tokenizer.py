@@ -228,10 +228,18 @@ class CrossTokenizer:
             torch.from_numpy(use_uld))
         return out
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, device: torch.device | str | None = None) -> dict[str, Any]:
         """Counts so far: student loss positions, aligned ones and their share, those with a mapped entry,
-        those trained by ULD, the mean teacher mass carried by mapped entries at aligned positions."""
+        those trained by ULD, the mean teacher mass carried by mapped entries at aligned positions. Under a
+        process group of several ranks the counts are summed over all of them (every rank must call;
+        ``device``: where the group's backend reduces, the rank's GPU under NCCL)."""
         c = dict(self.counts)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            keys = sorted(c)
+            total = torch.tensor([float(c[k]) for k in keys], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            c = {k: float(v) if k == "mapped_mass" else int(round(v)) for k, v in zip(keys, total.tolist())}
         c["aligned_share"] = c["aligned"] / c["student_positions"] if c["student_positions"] else 0.0
         c["mapped_mass"] = c["mapped_mass"] / c["aligned"] if c["aligned"] else 0.0
         c["vocab_mapped_share"] = self.vocab_map.mapped_share

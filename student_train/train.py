@@ -417,13 +417,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         history["eval"].append({"step": step, **evaluate(model, eval_stream, device, amp_dtype, cfg.eval_batches,
                                                          attention)})
     weights = parallel.full_state_dict(model)         # gathered from the shards under FSDP (every rank takes part)
+    cross_stats = converter.stats(device) if cross else None     # summed over the ranks (every rank takes part)
     projector_weights = parallel.full_state_dict(projector) if projector is not None else None
     if main_process:
         report = _finish(cfg, model, weights, projector_weights, tokenizer_dir, history, dict(
             steps=step, total_steps=total_steps, world_size=world, parallel=cfg.parallel,
             attention=attention.to_dict(), fused_loss={"on": head is not None, "reason": unfused_because},
             train_samples=stream.num_samples,
-            **({"cross_tokenizer": converter.stats()} if cross else {}),
+            **({"cross_tokenizer": cross_stats} if cross else {}),
             eval_samples=len(eval_ids), tokens_this_run=tokens_seen * world, seconds_this_run=train_seconds,
             tokens_per_second=tokens_seen * world / max(train_seconds, 1e-9),
             parameters=count_parameters(model),         # DTensors count their global size

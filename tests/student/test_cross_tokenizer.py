@@ -359,3 +359,29 @@ def test_kept_alignments_for_other_settings_are_not_used(text_cache, teacher_tok
     assert first.alignments.lookup(shard, stream.sample_id(0), tokens) is not None
     with pytest.raises(LogitcacheError, match=r"aligned from \d+ other teacher tokens than the \d+ it has now"):
         first.alignments.lookup(shard, stream.sample_id(0), tokens[:-1])
+
+
+def _stats_on_rank(rank: int, init_file: str, out: str) -> None:
+    """One of two gloo ranks: its own counts in, the summed statistics out (a JSON file per rank)."""
+    import types
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", world_size=2, rank=rank)
+    try:
+        counts = {"student_positions": 10 + rank, "aligned": 6 + 2 * rank, "mapped": 5 + rank, "uld": 1,
+                  "mapped_mass": 3.0 + 0.5 * rank, "truncated_samples": rank}
+        me = types.SimpleNamespace(counts=counts, vocab_map=types.SimpleNamespace(mapped_share=0.25))
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(CrossTokenizer.stats(me), f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_statistics_are_summed_over_the_ranks(tmp_path):
+    """Under DDP the report's cross_tokenizer counts are every rank's together, not rank 0's alone."""
+    torch.multiprocessing.spawn(_stats_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0] == got[1]
+    assert {k: got[0][k] for k in ("student_positions", "aligned", "mapped", "uld", "truncated_samples")} == \
+        {"student_positions": 21, "aligned": 14, "mapped": 11, "uld": 2, "truncated_samples": 1}
+    assert got[0]["aligned_share"] == pytest.approx(14 / 21) and got[0]["mapped_mass"] == pytest.approx(6.5 / 14)
+    assert got[0]["vocab_mapped_share"] == 0.25
