@@ -353,8 +353,8 @@ class StudentLogProbsAtIds(torch.autograd.Function):
 
     Backward (s = softmax(z), r_j = exp(z_j - L_rest) off the ids, 0 on them; g = incoming grads):
         dz_j = sum_o g_o [j = id_o] + g_tail r_j - (sum_o g_o + g_tail) s_j
-    recomputed chunk by chunk; only M, L - M, L_rest - M (N,) and the ids are saved besides the logits
-    themselves. Rows with valid = False are not computed: they read as a row of zero logits would
+    recomputed chunk by chunk (M with it); only L - M, L_rest - M (N,) and the ids are saved besides
+    the logits themselves. Rows with valid = False are not computed: they read as a row of zero logits would
     (log q = -log V at the ids, log((V - k) / V) for the tail) and get a zero gradient.
     """
 
@@ -364,19 +364,18 @@ class StudentLogProbsAtIds(torch.autograd.Function):
         k = ids.shape[1]
         dev = logits.device
         # rows left out read as zero logits: max 0, L = log V, L_rest = log(V - k)
-        row_max = torch.zeros(n, dtype=compute_dtype, device=dev)
         lse = torch.full((n,), math.log(vocab), dtype=compute_dtype, device=dev)             # L - M
         lse_rest = torch.full((n,), math.log(vocab - k) if vocab > k else _NEG_INF, dtype=compute_dtype,
                               device=dev)                                                      # L_rest - M
         z_ids = torch.zeros(n, k, dtype=compute_dtype, device=dev)                           # z_id - M
         for where, rows in _valid_row_chunks(logits, valid, chunk_rows):
-            z, row_max[where] = _shifted_rows(rows, compute_dtype)           # (c, V)
+            z = _shifted_rows(rows, compute_dtype)                           # (c, V)
             lse[where] = torch.logsumexp(z, -1)
             z_ids[where] = z.gather(1, ids[where])
             if with_tail:
                 z.scatter_(1, ids[where], _NEG_INF)                           # the complement of the ids
                 lse_rest[where] = torch.logsumexp(z, -1)
-        ctx.save_for_backward(logits, ids, valid, row_max, lse, lse_rest)
+        ctx.save_for_backward(logits, ids, valid, lse, lse_rest)
         ctx.chunk_rows, ctx.with_tail, ctx.compute_dtype = chunk_rows, with_tail, compute_dtype
         logq_ids = z_ids - lse[:, None]
         logq_tail = lse_rest - lse if with_tail else torch.zeros_like(lse)
@@ -385,7 +384,7 @@ class StudentLogProbsAtIds(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_ids, g_tail):
-        logits, ids, valid, row_max, lse, lse_rest = ctx.saved_tensors
+        logits, ids, valid, lse, lse_rest = ctx.saved_tensors
         cdt = ctx.compute_dtype
         grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)  # logits' shape and dtype
         grad_rows = grad.view(-1, grad.shape[-1])                          # (N, V)
@@ -393,7 +392,7 @@ class StudentLogProbsAtIds(torch.autograd.Function):
         g_tail = g_tail.to(cdt) if ctx.with_tail else torch.zeros_like(lse)
         for where, rows in _valid_row_chunks(logits, valid, ctx.chunk_rows):
             idx, gi, gt = ids[where], g_ids[where], g_tail[where]
-            z, _ = _shifted_rows(rows, cdt)                                 # (c, V), the forward's shift
+            z = _shifted_rows(rows, cdt)                                    # (c, V), the forward's shift
             out = (z - lse[where][:, None]).exp_()                          # softmax(z)
             out.mul_(-(gi.sum(-1) + gt)[:, None])
             if ctx.with_tail:
@@ -408,13 +407,12 @@ class StudentLogProbsAtIds(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _shifted_rows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, M): a chunk of logits (c, V) in ``dtype``, each row minus its max M (c,) (0 for a row without
-    a finite logit)."""
+def _shifted_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A chunk of logits (c, V) in ``dtype``, each row minus its max (0 for a row without a finite
+    logit): the same shift whenever the same rows are read, so the backward pass recomputes it."""
     z = rows.to(dtype, copy=True)                                          # (c, V)
     m = z.amax(-1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return z.sub_(m[:, None]), m
+    return z.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m))[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
