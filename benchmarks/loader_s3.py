@@ -8,10 +8,9 @@ opened fresh each time, as a new training process would), and counts the request
 answered during the S3 epoch, by method (GET: metadata and chunk byte ranges; HEAD; LIST). Reported:
 scored tokens/s of each, their ratio (goal: S3 >= 50% of local), requests per epoch and per batch.
 Then epochs through a local cache layer, ``simplecache::s3://`` with its copies in one fresh directory
-(``{"simplecache": {"cache_storage": DIR}}``): cold (every object fetched once; in one process only, since
-processes filling one directory at once can read each other's half-written copies) and warm (a later
-process on the same machine, DataLoader workers included: the copies answer; with workers the directory
-is filled first by ``open_cache(..., verify=True)``, which reads every file).
+(``{"simplecache": {"cache_storage": DIR}}``): cold (every object fetched once; DataLoader workers fill
+the directory together, each file's first read under its lock there) and warm (a later process on the
+same machine: the copies answer).
 
     python benchmarks/loader_s3.py                         # ~1M tokens: a few minutes on 2 CPU cores
     python benchmarks/loader_s3.py --tokens 200000 --out /tmp/ls3
@@ -115,8 +114,6 @@ def main() -> None:
     import fsspec
     import torch
 
-    from logitcache.store.reader import open_cache
-
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="loader-s3-"))
     server = Server()
@@ -140,9 +137,7 @@ def main() -> None:
                 time.sleep(0.5)
                 requests.append(server.counts())
                 copies = {**options, "simplecache": {"cache_storage": tempfile.mkdtemp(dir=work, prefix="copies-")}}
-                if workers:
-                    open_cache(f"simplecache::{s3_url}", storage_options=copies, verify=True)
-                for kind in ("warm",) if workers else ("cold", "warm"):
+                for kind in ("cold", "warm"):
                     server.reset()
                     layered[kind].append(epoch(f"simplecache::{s3_url}", copies, args.batch, args.seq_len, workers))
                     time.sleep(0.5)
@@ -154,7 +149,7 @@ def main() -> None:
                    "requests_per_epoch": requests[-1], "local_rounds": local, "s3_rounds": remote,
                    "requests_rounds": requests}
             row["ratio"] = row["s3_scored_per_s"] / row["local_scored_per_s"]
-            for kind in ("cold", "warm") if not workers else ("warm",):
+            for kind in ("cold", "warm"):
                 b = best(layered[kind])
                 row[f"simplecache_{kind}_scored_per_s"] = b["scored"] / b["seconds"]
                 row[f"simplecache_{kind}_requests_per_epoch"] = layered_requests[kind][-1]
@@ -188,7 +183,8 @@ def main() -> None:
                      f"{r['ratio']:.2f} | {r['batches']} | {q.get('GET', 0)} | {q.get('HEAD', 0)} | {q.get('LIST', 0)} | "
                      f"{other} |")
     lines += ["", "Through a local cache layer, `simplecache::s3://` (its copies in one directory the workers share): "
-              "cold, the copies empty (one process); warm, a later process on the same machine.", "",
+              "cold, the copies empty (the DataLoader workers fill them together); warm, a later process on the same "
+              "machine.", "",
               "| DataLoader workers | epoch | scored tok/s | / local | GET | HEAD | LIST | other |",
               "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in runs:

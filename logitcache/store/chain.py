@@ -13,8 +13,9 @@ Storage options reach the layers like this:
 
 A cache layer writes its local copy of a file in place on the file's first read: a second reader
 meanwhile would read it half written. Reads through a layer therefore take the file's lock
-(``first_read_lock``), so threads of one process read each file one at a time; processes that share a
-copy directory (``{"simplecache": {"cache_storage": DIR}}``) are not covered: fill it first (docs).
+(``first_read_lock``): a thread lock, and a lock file in the layer's copy directory, so that threads
+and processes sharing the directory (``{"simplecache": {"cache_storage": DIR}}``: DataLoader workers,
+the ranks of a node) read each file one at a time.
 
 A chained URL is for reading. Commands that write (capture, finalize, export and import destinations,
 stored derived tables) refuse one: a cache layer keeps the first copy of every file it reads and would
@@ -24,13 +25,22 @@ answer later reads of files the writer replaces (the manifest, locks) from that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import os
 import threading
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:       # not POSIX: processes sharing a copy directory are not coordinated
+    fcntl = None
 
 from ..format.errors import LogitcacheError
 
 SEPARATOR = "::"
 _FILE_LOCKS: dict[str, threading.Lock] = {}     # path in a cache layer -> its lock (module docstring)
+LOCK_DIR = ".logitcache-locks"                  # in a layer's copy directory: one lock file per path read
 
 
 def is_chained(url: str) -> bool:
@@ -123,16 +133,32 @@ def refuse_write(url: str) -> LogitcacheError:
                            f"files this command replaces); write to {storage_url(url)} and read it through {url}")
 
 
-def first_read_lock(path: str) -> threading.Lock:
-    """The lock that reads of ``path`` through a cache layer take (module docstring)."""
-    return _FILE_LOCKS.setdefault(path, threading.Lock())
+@contextlib.contextmanager
+def first_read_lock(path: str, layer=None) -> Iterator[None]:
+    """Held by every read of ``path`` through ``layer`` (a cache layer's file system; module docstring):
+    the path's lock among this process's threads, then, where the layer keeps its copies in a directory
+    (``storage``), an exclusive ``flock`` on the path's lock file there, among the processes sharing it."""
+    with _FILE_LOCKS.setdefault(path, threading.Lock()):
+        storage = getattr(layer, "storage", None)
+        if not storage or fcntl is None:
+            yield
+            return
+        where = os.path.join(storage[-1], LOCK_DIR)
+        os.makedirs(where, exist_ok=True)
+        name = hashlib.sha256(str(path).encode()).hexdigest()[:24]
+        with open(os.path.join(where, name), "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def locked_cat_file(layer):
     """``_cat_file`` for the async wrapper of ``layer`` (a cache layer's file system) that zarr reads
     through: each read holds its file's lock, in a thread, so that the event loop never waits on it."""
     def read(path, start, end):
-        with first_read_lock(path):
+        with first_read_lock(path, layer):
             return layer.cat_file(path, start=start, end=end)
 
     async def cat_file(path, start=None, end=None, **kwargs):

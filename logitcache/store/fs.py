@@ -95,13 +95,13 @@ class CacheFS:
     def read_bytes(self, rel: str) -> bytes:
         if self.writable:
             return self.fs.cat_file(self.path(rel))
-        with chain.first_read_lock(self.path(rel)):
+        with chain.first_read_lock(self.path(rel), self.fs):
             return self.fs.cat_file(self.path(rel))
 
     def sha256(self, rel: str, block: int = 1 << 22) -> str:
         """``"sha256:<hex>"`` of a file, read a block at a time (derived tables can be large)."""
         h = hashlib.sha256()
-        lock = contextlib.nullcontext() if self.writable else chain.first_read_lock(self.path(rel))
+        lock = contextlib.nullcontext() if self.writable else chain.first_read_lock(self.path(rel), self.fs)
         with lock, self.fs.open(self.path(rel), "rb") as f:
             while chunk := f.read(block):
                 h.update(chunk)

@@ -274,6 +274,34 @@ def test_threads_reading_one_file_through_a_cache_layer_see_it_whole(tmp_path, s
                     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def _read_shard_through_layer(url: str, options: dict, shard: str, tokens: int) -> dict:
+    """In a process of its own: one shard's rows through a cache layer (copies in a shared directory)."""
+    return open_cache(url, storage_options=options).read_rows(shard, 0, tokens)
+
+
+def test_processes_sharing_one_copy_directory_see_every_file_whole(tmp_path, s3_multichunk, s3_server):
+    """Processes that share one cache_storage directory (DataLoader workers, the ranks of a node) and read
+    the same cold shard at once: each read takes the file's lock in that directory, so no process reads
+    a copy another is still writing. Each round: a fresh directory, four processes, equal to s3://'s."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+
+    shard = open_cache(s3_multichunk, storage_options=s3_server).shards[0]
+    want = open_cache(s3_multichunk, storage_options=s3_server).read_rows(shard.name, 0, shard.tokens)
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(abs, range(4)))                                   # started and warm: they read at once
+        for round_ in range(3):
+            options = {**s3_server, "simplecache": {"cache_storage": str(tmp_path / f"copies-{round_}")}}
+            jobs = [pool.submit(_read_shard_through_layer, f"simplecache::{s3_multichunk}", options, shard.name,
+                                shard.tokens) for _ in range(4)]
+            for job in jobs:
+                got = job.result()
+                for k in want:
+                    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def test_inspect_query_select_and_export_read_through_a_cache_layer(tmp_path, s3_cache, s3_server):
     """Every reading command answers for simplecache::s3:// what it answers for s3://, and writes nothing
     into the cache (no derived tables: a chained URL is read-only)."""
