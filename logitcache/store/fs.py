@@ -92,17 +92,19 @@ class CacheFS:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    def _read_lock(self, rel: str):
+        """What a read of ``rel`` holds: the file's lock through a cache layer (``chain.first_read_lock``),
+        nothing on a plain store."""
+        return contextlib.nullcontext() if self.writable else chain.first_read_lock(self.path(rel), self.fs)
+
     def read_bytes(self, rel: str) -> bytes:
-        if self.writable:
-            return self.fs.cat_file(self.path(rel))
-        with chain.first_read_lock(self.path(rel), self.fs):
+        with self._read_lock(rel):
             return self.fs.cat_file(self.path(rel))
 
     def sha256(self, rel: str, block: int = 1 << 22) -> str:
         """``"sha256:<hex>"`` of a file, read a block at a time (derived tables can be large)."""
         h = hashlib.sha256()
-        lock = contextlib.nullcontext() if self.writable else chain.first_read_lock(self.path(rel), self.fs)
-        with lock, self.fs.open(self.path(rel), "rb") as f:
+        with self._read_lock(rel), self.fs.open(self.path(rel), "rb") as f:
             while chunk := f.read(block):
                 h.update(chunk)
         return "sha256:" + h.hexdigest()
