@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..format.errors import LogitcacheError
-from .base import ExportReport, ForeignFormat, Option, check_exportable, list_array, parquet_bytes, register, \
-    selected, windows, write_record
+from .base import TOP_K_OPTION, ExportReport, ForeignFormat, Option, check_exportable, default_top_k, list_array, \
+    parquet_bytes, register, selected, windows, write_record
 
 FOLLOWS = ("axolotl 0.18.0 (github.com/axolotl-ai-cloud/axolotl 067b021): the KD plugin's pre-tokenized "
            "dataset (input_ids, attention_mask, labels, target_token_ids, target_logprobs, target_mask)")
@@ -57,7 +57,7 @@ class AxolotlKDFormat(ForeignFormat):
     summary = "axolotl's KD plugin dataset (pre-tokenized top-k targets), export"
     follows = FOLLOWS
     export_options = (
-        Option("top_k", "--top-k", int, "Values per position (k). Default: the cache's top-k, at most 128.", "K"),
+        TOP_K_OPTION,
         Option("kd_temperature", "--kd-temperature", float,
                "axolotl's kd_temperature: the targets are renormalised at it (default 1).", "T"),
     )
@@ -68,7 +68,7 @@ class AxolotlKDFormat(ForeignFormat):
         from ..store.target import new_output
 
         width = check_exportable(cache, "axolotl's KD targets")
-        k = top_k if top_k is not None else min(width, 128)
+        k = top_k if top_k is not None else default_top_k(width)
         if k < 1 or k > width:
             raise LogitcacheError(f"--top-k must be in 1..{width} (the entries a row of {cache.url} holds), got {k}")
         temperature = 1.0 if kd_temperature is None else float(kd_temperature)

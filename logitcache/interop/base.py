@@ -44,6 +44,16 @@ class Option:
     metavar: str | None = None
 
 
+MAX_DEFAULT_TOP_K = 128         # the exports' default k: the cache's row width, at most this
+TOP_K_OPTION = Option("top_k", "--top-k", int,
+                      f"Values per position (k). Default: the cache's top-k, at most {MAX_DEFAULT_TOP_K}.", "K")
+
+
+def default_top_k(width: int) -> int:
+    """The k an export writes when --top-k is not given, for rows of ``width`` entries."""
+    return min(width, MAX_DEFAULT_TOP_K)
+
+
 @dataclass
 class ExportReport:
     """What an export wrote and what it checked (``checks``: the format's own numbers, e.g. decode errors)."""

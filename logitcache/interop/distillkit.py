@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..format.errors import LogitcacheError
-from .base import (ExportReport, ForeignFormat, ImportReport, Option, check_exportable, list_array, parquet_bytes,
-                   register, selected, windows, write_record)
+from .base import (TOP_K_OPTION, ExportReport, ForeignFormat, ImportReport, Option, check_exportable, default_top_k,
+                   list_array, parquet_bytes, register, selected, windows, write_record)
 from .distillkit_codec import (CONFIG_FILE, FOLLOWS, IGNORE, CompressionConfig, compress_logprobs, decompress_logprobs,
                                load_config, pack_bits, unpack_bits)
 
@@ -103,7 +103,7 @@ class DistillKitFormat(ForeignFormat):
     summary = "DistillKit's parquet (compressed log-probs, bit-packed ids), both ways"
     follows = FOLLOWS
     export_options = (
-        Option("top_k", "--top-k", int, "Values per position (k). Default: the cache's top-k, at most 128.", "K"),
+        TOP_K_OPTION,
         Option("compression_config", "--compression-config", str,
                "DistillKit compression config (YAML: its compression_config.yaml, or a training config's "
                "teacher.logprob_compressor). Export default: its README's recommended settings at --top-k; "
@@ -133,7 +133,7 @@ class DistillKitFormat(ForeignFormat):
         else:
             if top_k is not None and top_k < 1:
                 raise LogitcacheError(f"--top-k must be at least 1, got {top_k}")
-            cfg = default_config(vocab, top_k or min(width, 128), cache.encoding.ragged)
+            cfg = default_config(vocab, top_k or default_top_k(width), cache.encoding.ragged)
         if cfg.k > width:
             raise LogitcacheError(f"k = {cfg.k} is more than the {width} entries a row of {cache.url} holds")
         if cfg.d < vocab:
